@@ -1,0 +1,18 @@
+"""PatchCore industrial anomaly detection as scikit-learn estimators."""
+
+__version__ = "0.1.0"
+
+from .coreset import CoresetSampler  # noqa: E402
+from .detector import PatchCoreDetector  # noqa: E402
+from .features import PatchFeatureTransformer  # noqa: E402
+from .pipeline import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore  # noqa: E402
+
+__all__ = [
+    "CoresetSampler",
+    "NormalOnlyKFold",
+    "PatchCoreDetector",
+    "PatchCorePipeline",
+    "PatchFeatureTransformer",
+    "anomaly_auroc_scorer",
+    "make_patchcore",
+]

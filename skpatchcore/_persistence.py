@@ -1,0 +1,39 @@
+"""Version stamps in pickled estimators, checked when a model is loaded."""
+
+from __future__ import annotations
+
+#: Bumped whenever fitted attributes change meaning or layout. A model saved
+#: under another format version is refused with a clear error instead of
+#: scoring silently wrong.
+MODEL_FORMAT_VERSION = 1
+
+
+class IncompatibleModelError(ValueError):
+    """A saved model was written by an incompatible skpatchcore version."""
+
+
+class VersionedStateMixin:
+    """Adds skpatchcore's version to the pickled state and checks it on load."""
+
+    def __getstate__(self):
+        from . import __version__
+
+        state = super().__getstate__()
+        state = dict(state)
+        state["_skpatchcore_format"] = MODEL_FORMAT_VERSION
+        state["_skpatchcore_version"] = __version__
+        return state
+
+    def __setstate__(self, state):
+        from . import __version__
+
+        saved_format = state.pop("_skpatchcore_format", None)
+        saved_version = state.pop("_skpatchcore_version", "unknown")
+        if saved_format != MODEL_FORMAT_VERSION:
+            raise IncompatibleModelError(
+                f"This {type(self).__name__} was saved by skpatchcore {saved_version} "
+                f"(model format {saved_format}); skpatchcore {__version__} reads model "
+                f"format {MODEL_FORMAT_VERSION}. Refit the model, or load it with "
+                f"skpatchcore {saved_version}."
+            )
+        super().__setstate__(state)

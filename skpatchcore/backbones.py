@@ -1,0 +1,248 @@
+"""Backbone construction, weight loading and truncated forward passes.
+
+A backbone is a torchvision model name, a timm model name (``"timm:<name>"``
+or any name timm knows that torchvision does not), or an ``nn.Module``.
+Intermediate layers are read with forward hooks; the forward pass stops as
+soon as every requested layer has produced its output, so later layers are
+never computed, and modules that never run are replaced by ``nn.Identity``
+to keep saved models small.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+class _AllLayersCaptured(Exception):
+    """Raised inside the forward pass once every requested layer is captured."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn ``"auto"`` into CUDA when available, else CPU; validate others."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available.")
+    return resolved
+
+
+def _is_weights_path(weights) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    text = str(weights)
+    return os.sep in text or text.lower().endswith(_WEIGHT_FILE_SUFFIXES) or Path(text).is_file()
+
+
+def _torchvision_names() -> set[str]:
+    import torchvision
+
+    return set(torchvision.models.list_models())
+
+
+def _download_hint(name: str, error: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Could not download pretrained weights for {name!r} ({type(error).__name__}: "
+        f"{error}). Without network access pass a local state-dict file: "
+        "weights='/path/to/weights.pth' (or --weights PATH on the command line)."
+    )
+
+
+def _build_timm(name: str, pretrained: bool) -> nn.Module:
+    try:
+        import timm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"Backbone {name!r} needs timm: pip install 'skpatchcore[timm]'."
+        ) from error
+    if not timm.is_model(name):
+        raise ValueError(f"Unknown timm backbone {name!r}.")
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except Exception as error:  # network / hub failures come in many types
+        if pretrained:
+            raise _download_hint(name, error) from error
+        raise
+
+
+def _build_torchvision(name: str, weights) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as error:
+        if weights is not None and ("urlopen" in repr(error) or isinstance(error, OSError)):
+            raise _download_hint(name, error) from error
+        raise
+    except ValueError as error:
+        raise ValueError(f"Invalid weights {weights!r} for backbone {name!r}: {error}") from error
+
+
+def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local state-dict file into ``model`` (strict key and shape match).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The freshly built backbone.
+    path : str or path-like
+        ``.pth``/``.pt`` file saved with ``torch.save(model.state_dict())`` or
+        a ``.safetensors`` file. A checkpoint dict holding ``"state_dict"`` or
+        ``"model"`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"Weights file {path} does not match the backbone architecture: {error}"
+        ) from error
+
+
+def build_backbone(backbone: str | nn.Module, weights) -> nn.Module:
+    """Create the backbone network in evaluation mode.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module
+        torchvision model name (e.g. ``"wide_resnet50_2"``), ``"timm:<name>"``
+        (or a bare timm name unknown to torchvision), or a module to use as-is.
+    weights : str, path-like or None
+        ``None``: random initialisation. A torchvision weights name such as
+        ``"IMAGENET1K_V1"`` or ``"DEFAULT"`` (for timm any name means timm's
+        default pretrained weights); these download through the framework's
+        own cache. A path to a local state-dict file is loaded strictly.
+
+    Returns
+    -------
+    model : nn.Module
+    """
+    if isinstance(backbone, nn.Module):
+        model = backbone
+        if weights is not None and _is_weights_path(weights):
+            load_state_dict_file(model, weights)
+        return model.eval()
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a model name or an nn.Module, got {type(backbone).__name__}.")
+    from_file = weights is not None and _is_weights_path(weights)
+    name = backbone
+    if name.startswith("timm:"):
+        model = _build_timm(name[len("timm:"):], pretrained=weights is not None and not from_file)
+    elif name in _torchvision_names():
+        model = _build_torchvision(name, None if (weights is None or from_file) else weights)
+    else:
+        try:
+            import timm
+        except ImportError:
+            timm = None
+        if timm is None or not timm.is_model(name):
+            raise ValueError(
+                f"Unknown backbone {name!r}: not a torchvision model"
+                + (" nor a timm model." if timm else " (and timm is not installed).")
+            )
+        model = _build_timm(name, pretrained=weights is not None and not from_file)
+    if from_file:
+        load_state_dict_file(model, weights)
+    return model.eval()
+
+
+def _find_module(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"Layer {layer!r} not found in the backbone; top-level modules are {top}. "
+            "Nested layers use dots, e.g. 'blocks.2'."
+        )
+    return modules[layer]
+
+
+def extract_layers(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
+    """Run ``model`` on ``images`` until all ``layers`` have produced outputs.
+
+    Parameters
+    ----------
+    model : nn.Module
+    images : Tensor of shape (batch, 3, height, width)
+    layers : sequence of str
+        Module names as in ``model.named_modules()``.
+
+    Returns
+    -------
+    outputs : list of Tensor
+        One ``(batch, channels, h, w)`` tensor per layer, in ``layers`` order.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    wanted = set(layers)
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            outputs[name] = output
+            if wanted.issubset(outputs):
+                raise _AllLayersCaptured
+
+        return hook
+
+    handles = [_find_module(model, name).register_forward_hook(make_hook(name)) for name in layers]
+    try:
+        model(images)
+    except _AllLayersCaptured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = wanted.difference(outputs)
+    if missing:
+        raise ValueError(f"Layers {sorted(missing)} produced no output in the forward pass.")
+    for name in layers:
+        if not isinstance(outputs[name], torch.Tensor) or outputs[name].ndim != 4:
+            raise ValueError(f"Layer {name!r} must output a (batch, channels, h, w) tensor.")
+    return [outputs[name] for name in layers]
+
+
+def prune_unused_modules(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> int:
+    """Replace every module that never runs before the last layer by ``nn.Identity``.
+
+    Returns
+    -------
+    n_pruned : int
+        How many modules were replaced.
+    """
+    started: set[int] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda m, _inputs: started.add(id(m)))
+        for module in model.modules()
+    ]
+    try:
+        extract_layers(model, images, layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_pruned = 0
+    for parent in list(model.modules()):
+        if id(parent) not in started:
+            continue
+        for child_name, child in list(parent.named_children()):
+            has_parameters = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
+            if id(child) not in started and has_parameters:
+                setattr(parent, child_name, nn.Identity())
+                n_pruned += 1
+    return n_pruned

@@ -1,0 +1,397 @@
+"""Memory-bank nearest-neighbour anomaly scoring (PatchCore, section 3.3)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from ._persistence import VersionedStateMixin
+from .backbones import resolve_device
+from .coreset import PatchRows, validate_features
+from .search import build_nndescent, exact_kneighbors, nndescent_kneighbors
+
+#: ``algorithm="auto"`` searches exactly while queries x bank rows x dims stays
+#: below this many multiply-adds (about 2-3 s of float32 matmul on 2 CPU cores)
+#: or the bank is small; beyond it a pynndescent index pays for itself.
+AUTO_EXACT_WORK = 2e11
+AUTO_EXACT_BANK_ROWS = 20_000
+#: Images (or rows, for 2-D input) scored to calibrate ``offset_``.
+CALIBRATION_GROUPS = 64
+CALIBRATION_ROWS = 2048
+#: Standard deviation of the Gaussian smoothing of anomaly maps, in pixels.
+MAP_SIGMA = 4.0
+
+
+class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
+    """PatchCore anomaly detector: nearest-neighbour distance to a memory bank.
+
+    ``fit`` stores what it receives as the memory bank: 2-D rows (e.g. the
+    coreset chosen by :class:`CoresetSampler`) or 4-D patch features
+    ``(n_images, h, w, D)``, whose patches are pooled. Scoring follows the
+    scikit-learn outlier-detection conventions (``score_samples``: higher
+    means more normal).
+
+    * 4-D input: each patch is scored by its distance to the nearest bank
+      row; an image's anomaly score is its largest patch score (optionally
+      reweighted, eq. 7 of the paper); ``score_samples`` returns minus that.
+    * 2-D input: every row is one sample scored by its own nearest-neighbour
+      distance, which makes the estimator a coreset k-NN novelty detector
+      for tabular data.
+
+    Distances are true Euclidean distances; the official implementation
+    (faiss ``IndexFlatL2``) reports squared distances. Rankings, and so
+    AUROC, are the same for ``n_neighbors=1``.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=1
+        Bank neighbours whose mean distance scores a patch.
+    algorithm : {"auto", "exact", "pynndescent"}, default="auto"
+        Exact chunked search, an approximate pynndescent index, or ``"auto"``:
+        exact while the bank has at most 20,000 rows or a query batch costs
+        less than 2e11 multiply-adds, else pynndescent.
+    reweight : bool, default=False
+        Apply the paper's eq. 7 to image scores: the largest patch score is
+        scaled by ``1 - softmax`` weight of its nearest bank row among that
+        row's ``reweight_neighbors`` bank neighbours. Off by default, as in
+        the official code.
+    reweight_neighbors : int, default=9
+        Size of that neighbourhood (anomalib's choice; the paper's ``b``).
+    contamination : "auto" or float in (0, 0.5], default="auto"
+        Sets ``offset_`` from calibration scores: training images (or rows)
+        scored without matching themselves. Each calibration image is
+        scored against the bank rows that came from *other* training images
+        (leave-image-out; needs 4-D input or the :class:`PatchRows` that
+        :class:`CoresetSampler` returns); plain 2-D rows are scored without
+        their own row (leave-one-out). ``"auto"`` puts the threshold at the
+        largest calibration score (every training image is normal); a float
+        ``c`` puts it at the ``1 - c`` quantile. In-sample scores, which are
+        about zero, are never used.
+    device : str, default="auto"
+        Device of the exact search: CUDA when available.
+    n_jobs : int or None, default=None
+        Threads of pynndescent's index construction.
+    random_state : int, RandomState instance or None, default=None
+        Seeds pynndescent and the choice of calibration images.
+
+    Attributes
+    ----------
+    memory_bank_ : ndarray of shape (n_bank, n_features), float32
+    offset_ : float
+        ``decision_function = score_samples - offset_``.
+    calibration_scores_ : ndarray
+        Anomaly scores (positive) of the calibration images or rows.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchCoreDetector
+    >>> rng = np.random.default_rng(0)
+    >>> detector = PatchCoreDetector().fit(rng.normal(size=(200, 4)))
+    >>> detector.predict([[0, 0, 0, 0], [9, 9, 9, 9]])
+    array([ 1, -1])
+    """
+
+    def __init__(
+        self,
+        n_neighbors=1,
+        algorithm="auto",
+        reweight=False,
+        reweight_neighbors=9,
+        contamination="auto",
+        device="auto",
+        n_jobs=None,
+        random_state=None,
+    ):
+        self.n_neighbors = n_neighbors
+        self.algorithm = algorithm
+        self.reweight = reweight
+        self.reweight_neighbors = reweight_neighbors
+        self.contamination = contamination
+        self.device = device
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fit
+    def _validate_params(self) -> None:
+        if not isinstance(self.n_neighbors, numbers.Integral) or self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}.")
+        if self.algorithm not in ("auto", "exact", "pynndescent"):
+            raise ValueError(f"algorithm must be 'auto', 'exact' or 'pynndescent', got {self.algorithm!r}.")
+        if not isinstance(self.reweight_neighbors, numbers.Integral) or self.reweight_neighbors < 1:
+            raise ValueError(f"reweight_neighbors must be a positive int, got {self.reweight_neighbors!r}.")
+        c = self.contamination
+        if not (c == "auto" or (isinstance(c, numbers.Real) and 0.0 < c <= 0.5)):
+            raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], got {c!r}.")
+
+    def fit(self, X, y=None):
+        """Store the memory bank and calibrate the decision threshold.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+            Bank rows (e.g. a coreset) or patch features of normal images.
+        y : ignored
+
+        Returns
+        -------
+        self : PatchCoreDetector
+        """
+        self._validate_params()
+        image_index = getattr(X, "image_index", None) if isinstance(X, PatchRows) else None
+        rows, pooled_index = validate_features(self, X, reset=True)
+        if pooled_index is not None:
+            image_index = pooled_index
+        if rows.shape[0] < self.n_neighbors + 1:
+            raise ValueError(
+                f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows, "
+                f"got {rows.shape[0]}."
+            )
+        self.memory_bank_ = np.array(rows, dtype=np.float32, order="C")
+        self._reset_caches()
+        self.calibration_scores_ = self._calibration_scores(image_index)
+        if self.contamination == "auto":
+            threshold = float(self.calibration_scores_.max())
+        else:
+            threshold = float(np.quantile(self.calibration_scores_, 1.0 - self.contamination))
+        self.offset_ = -threshold
+        return self
+
+    def _calibration_scores(self, image_index: np.ndarray | None) -> np.ndarray:
+        """Scores of training images (rows) against the bank without themselves."""
+        rng = check_random_state(self.random_state)
+        n_bank = self.memory_bank_.shape[0]
+        groups = np.arange(n_bank) if image_index is None else np.asarray(image_index)
+        unique = np.unique(groups)
+        limit = CALIBRATION_ROWS if image_index is None else CALIBRATION_GROUPS
+        if unique.size < 2:
+            raise ValueError(
+                "Calibration needs bank rows from at least two training images; "
+                f"got rows from {unique.size}."
+            )
+        if unique.size > limit:
+            unique = np.sort(rng.choice(unique, limit, replace=False))
+        chosen = np.flatnonzero(np.isin(groups, unique))
+        largest_group = int(np.max(np.bincount(np.searchsorted(unique, groups[chosen]))))
+        k = min(n_bank, self.n_neighbors + largest_group)
+        distances, indices = self._kneighbors(self.memory_bank_[chosen], k)
+        other = groups[indices] != groups[chosen][:, None]
+        # Keep, per row, the first n_neighbors neighbours from other groups.
+        rank = np.cumsum(other, axis=1)
+        keep = other & (rank <= self.n_neighbors)
+        n_kept = keep.sum(axis=1)
+        if np.any(n_kept < self.n_neighbors):
+            raise ValueError(
+                f"Too few bank rows outside each training image for n_neighbors={self.n_neighbors}."
+            )
+        row_scores = np.where(keep, distances, 0.0).sum(axis=1) / self.n_neighbors
+        if self.reweight:
+            first_other = np.argmax(other, axis=1)
+            nearest = indices[np.arange(len(chosen)), first_other]
+            queries = self.memory_bank_[chosen]
+        group_ids = np.searchsorted(unique, groups[chosen])
+        scores = np.full(unique.size, -np.inf)
+        np.maximum.at(scores, group_ids, row_scores)
+        if self.reweight:
+            order = np.lexsort((-row_scores, group_ids))
+            top = order[np.r_[True, group_ids[order][1:] != group_ids[order][:-1]]]
+            scores = scores * self._reweight_factors(queries[top], nearest[top])
+        return scores.astype(np.float64)
+
+    # -------------------------------------------------------------- search
+    def _reset_caches(self) -> None:
+        self._bank_tensors = {}
+        self._nndescent = None
+        self._bank_neighbors = None
+
+    def _use_exact(self, n_queries: int) -> bool:
+        if self.algorithm != "auto":
+            return self.algorithm == "exact"
+        n_bank, n_dims = self.memory_bank_.shape
+        return n_bank <= AUTO_EXACT_BANK_ROWS or n_queries * n_bank * n_dims <= AUTO_EXACT_WORK
+
+    def _kneighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "_bank_tensors"):
+            self._reset_caches()
+        if self._use_exact(len(queries)):
+            device = resolve_device(self.device)
+            if device not in self._bank_tensors:
+                bank = torch.as_tensor(self.memory_bank_).to(device)
+                self._bank_tensors[device] = (bank, (bank * bank).sum(dim=1))
+            bank, squared = self._bank_tensors[device]
+            return exact_kneighbors(queries, self.memory_bank_, k, device, squared, bank)
+        if self._nndescent is None:
+            self._nndescent = build_nndescent(self.memory_bank_, self.random_state, self.n_jobs)
+        return nndescent_kneighbors(self._nndescent, queries, k)
+
+    def kneighbors(self, X, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest bank rows of every row or patch.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+        n_neighbors : int, default=self.n_neighbors
+
+        Returns
+        -------
+        distances : ndarray of shape (n_rows_or_patches, n_neighbors)
+        indices : ndarray of shape (n_rows_or_patches, n_neighbors)
+            Row indices into ``memory_bank_``.
+        """
+        check_is_fitted(self, "memory_bank_")
+        rows, _ = validate_features(self, X, reset=False)
+        return self._kneighbors(rows, n_neighbors or self.n_neighbors)
+
+    # ------------------------------------------------------------- scoring
+    def _reweight_factors(self, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """Eq. 7: ``1 - softmax`` weight of the nearest bank row among its neighbours."""
+        b = min(self.reweight_neighbors, self.memory_bank_.shape[0])
+        if self._bank_neighbors is None or self._bank_neighbors.shape[1] != b:
+            _, self._bank_neighbors = self._kneighbors(self.memory_bank_, b)
+        support = self._bank_neighbors[nearest]
+        # The nearest row comes first among its own neighbours (distance 0).
+        support = np.concatenate([nearest[:, None], support[:, 1:]], axis=1)
+        distances = np.linalg.norm(
+            self.memory_bank_[support].astype(np.float64) - queries[:, None, :].astype(np.float64), axis=2
+        )
+        shifted = np.exp(distances - distances.max(axis=1, keepdims=True))
+        return 1.0 - shifted[:, 0] / shifted.sum(axis=1)
+
+    def _score(self, X) -> tuple[np.ndarray, np.ndarray | None]:
+        """Anomaly scores (positive) per sample, and patch-score grids for 4-D input."""
+        check_is_fitted(self, "memory_bank_")
+        rows, image_index = validate_features(self, X, reset=False)
+        distances, indices = self._kneighbors(rows, self.n_neighbors)
+        patch_scores = distances.mean(axis=1)
+        if image_index is None:
+            scores = patch_scores.astype(np.float64)
+            if self.reweight:
+                scores *= self._reweight_factors(rows, indices[:, 0])
+            return scores, None
+        n_images, height, width = np.asarray(X).shape[:3]
+        grids = patch_scores.reshape(n_images, height, width)
+        flat = grids.reshape(n_images, -1)
+        top = np.argmax(flat, axis=1)
+        scores = flat[np.arange(n_images), top].astype(np.float64)
+        if self.reweight:
+            top_rows = np.arange(n_images) * height * width + top
+            scores *= self._reweight_factors(rows[top_rows], indices[top_rows, 0])
+        return scores, grids
+
+    def score_samples(self, X) -> np.ndarray:
+        """Opposite of the anomaly score: higher means more normal.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+            Minus the PatchCore score (an image's largest patch distance, or
+            a row's nearest-neighbour distance).
+        """
+        return -self._score(X)[0]
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for predicted anomalies."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """+1 for normal samples, -1 for anomalies."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def patch_scores(self, X) -> np.ndarray:
+        """Distance of every patch to the memory bank.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+
+        Returns
+        -------
+        patch_scores : ndarray of shape (n_images, h, w), float32
+        """
+        _check_four_d(X)
+        return self._score(X)[1]
+
+    def anomaly_maps(self, X, output_size) -> np.ndarray:
+        """Pixel anomaly maps: patch scores upsampled and smoothed.
+
+        As the official code: bilinear upsampling of the patch-score grid to
+        ``output_size``, then a Gaussian filter with sigma 4 pixels.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+        output_size : int or (int, int)
+            Map size, normally the backbone input size
+            (``PatchFeatureTransformer.input_size_``).
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W), float32
+        """
+        return self.score_and_maps(X, output_size)[1]
+
+    def score_and_maps(self, X, output_size) -> tuple[np.ndarray, np.ndarray]:
+        """``score_samples`` and ``anomaly_maps`` from one nearest-neighbour search.
+
+        Returns
+        -------
+        score_samples : ndarray of shape (n_images,)
+        maps : ndarray of shape (n_images, H, W), float32
+        """
+        _check_four_d(X)
+        scores, grids = self._score(X)
+        return -scores, upsample_patch_scores(grids, output_size)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for cache in ("_bank_tensors", "_nndescent", "_bank_neighbors"):
+            state.pop(cache, None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        return tags
+
+
+def _check_four_d(X) -> None:
+    if np.ndim(X) != 4:
+        raise ValueError(
+            "Patch scores and anomaly maps need image features of shape "
+            f"(n_images, h, w, n_features); got an array with {np.ndim(X)} dimensions."
+        )
+
+
+def upsample_patch_scores(grids: np.ndarray, output_size) -> np.ndarray:
+    """Bilinear upsampling to ``output_size`` and Gaussian smoothing (sigma 4).
+
+    Parameters
+    ----------
+    grids : ndarray of shape (n_images, h, w)
+    output_size : int or (int, int)
+
+    Returns
+    -------
+    maps : ndarray of shape (n_images, H, W), float32
+    """
+    size = (output_size, output_size) if isinstance(output_size, numbers.Integral) else tuple(output_size)
+    with torch.inference_mode():
+        upsampled = F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None],
+            size=size,
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0].numpy()
+    return np.stack([gaussian_filter(grid, sigma=MAP_SIGMA) for grid in upsampled]).astype(np.float32)

@@ -1,0 +1,286 @@
+"""Locally aware patch features from a pretrained CNN (PatchCore, section 3.1)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._persistence import VersionedStateMixin
+from .backbones import build_backbone, extract_layers, prune_unused_modules, resolve_device
+from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
+
+AGGREGATIONS = ("mean_pool", "concat")
+
+
+def aggregate_official(
+    layer_maps: Sequence[torch.Tensor], patch_size: int, pretrain_embed_dim: int, target_embed_dim: int
+) -> torch.Tensor:
+    """The official ``patchcore-inspection`` patch embedding.
+
+    Each layer is unfolded into ``patch_size x patch_size`` neighbourhoods
+    (zero padded, stride 1); every flattened ``(channels, p, p)`` neighbourhood
+    is adaptively average-pooled to ``pretrain_embed_dim`` values; deeper
+    layers are bilinearly upsampled to the first layer's grid; the per-layer
+    vectors are concatenated and adaptively average-pooled to
+    ``target_embed_dim``.
+
+    The official code upsamples the unfolded neighbourhoods and then pools;
+    pooling acts on channels and bilinear upsampling on positions, both
+    linearly, so pooling first gives the same numbers with far less work.
+
+    Parameters
+    ----------
+    layer_maps : sequence of Tensor of shape (batch, channels, h, w)
+    patch_size : int
+    pretrain_embed_dim : int
+    target_embed_dim : int
+
+    Returns
+    -------
+    features : Tensor of shape (batch, h0, w0, target_embed_dim)
+    """
+    batch, _, ref_h, ref_w = layer_maps[0].shape
+    pooled = []
+    for layer_map in layer_maps:
+        _, channels, height, width = layer_map.shape
+        neighbourhoods = F.unfold(layer_map, kernel_size=patch_size, padding=(patch_size - 1) // 2)
+        neighbourhoods = neighbourhoods.transpose(1, 2).reshape(-1, 1, channels * patch_size**2)
+        vectors = F.adaptive_avg_pool1d(neighbourhoods, pretrain_embed_dim)
+        vectors = vectors.reshape(batch, height, width, pretrain_embed_dim).permute(0, 3, 1, 2)
+        if (height, width) != (ref_h, ref_w):
+            vectors = F.interpolate(vectors, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+        pooled.append(vectors)
+    stacked = torch.cat(pooled, dim=1).permute(0, 2, 3, 1).reshape(-1, 1, len(pooled) * pretrain_embed_dim)
+    return F.adaptive_avg_pool1d(stacked, target_embed_dim).reshape(batch, ref_h, ref_w, target_embed_dim)
+
+
+def aggregate_concat(layer_maps: Sequence[torch.Tensor], patch_size: int) -> torch.Tensor:
+    """anomalib-style patch embedding: local average, upsample, concatenate.
+
+    Each layer is average-pooled over ``patch_size x patch_size``
+    neighbourhoods (stride 1, zero padding counted), deeper layers are
+    bilinearly upsampled to the first layer's grid and all channels are
+    concatenated (1536 dimensions for WRN50 layer2 + layer3).
+
+    Returns
+    -------
+    features : Tensor of shape (batch, h0, w0, sum of channels)
+    """
+    ref_h, ref_w = layer_maps[0].shape[-2:]
+    pooled = []
+    for layer_map in layer_maps:
+        smoothed = F.avg_pool2d(layer_map, patch_size, stride=1, padding=(patch_size - 1) // 2)
+        if smoothed.shape[-2:] != (ref_h, ref_w):
+            smoothed = F.interpolate(smoothed, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+        pooled.append(smoothed)
+    return torch.cat(pooled, dim=1).permute(0, 2, 3, 1)
+
+
+class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimator):
+    """Locally aware patch features of images from a pretrained CNN.
+
+    Images are resized (and by default centre-cropped), normalised and passed
+    through the backbone up to the last requested layer. Every feature-map
+    position becomes a patch vector that aggregates its 3x3 neighbourhood,
+    with deeper layers upsampled to the first layer's grid (PatchCore,
+    Roth et al. 2022, section 3.1). The default is the official
+    ``patchcore-inspection`` recipe.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module, default="wide_resnet50_2"
+        A torchvision model name, ``"timm:<name>"`` for a timm model (extra
+        ``skpatchcore[timm]``), or a module.
+    layers : tuple of str, default=("layer2", "layer3")
+        Module names (``named_modules()``) whose outputs are used; the first
+        sets the patch grid.
+    weights : str, path-like or None, default="IMAGENET1K_V1"
+        Pretrained weights: a torchvision weights name (``"IMAGENET1K_V1"``,
+        the weights used by the paper, or ``"DEFAULT"``), ``None`` for random
+        initialisation, or a path to a local state-dict file (for machines
+        without network access). Named weights download on first use through
+        torchvision's / timm's own cache.
+    resize : int, default=256
+        With ``crop_size`` set, the shorter image side is resized to this
+        length before the centre crop. With ``crop_size=None`` images are
+        resized to ``resize x resize`` without cropping (keeps defects at the
+        border of non-square parts).
+    crop_size : int or None, default=224
+        Side of the centre crop.
+    interpolation : {"bilinear", "bicubic", "nearest", "lanczos"}, default="bilinear"
+        PIL resampling filter of the resize.
+    mean, std : tuple of 3 floats, default=ImageNet statistics
+        Normalisation of the RGB channels.
+    patch_size : int, default=3
+        Side of the neighbourhood aggregated into each patch feature.
+    pretrain_embed_dim : int, default=1024
+        Per-layer dimension after pooling (``aggregation="mean_pool"``).
+    target_embed_dim : int, default=1024
+        Output dimension (``aggregation="mean_pool"``).
+    aggregation : {"mean_pool", "concat"}, default="mean_pool"
+        ``"mean_pool"`` is the official recipe (see :func:`aggregate_official`).
+        ``"concat"`` is anomalib's: 3x3 average, upsample, concatenate all
+        channels (embedding dimensions are ignored). A documented deviation.
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available, else the CPU.
+    batch_size : int, default=8
+        Images per forward pass.
+    progress : bool, default=False
+        Show a progress bar.
+
+    Attributes
+    ----------
+    backbone_ : nn.Module
+        The backbone with unused trailing modules replaced by ``nn.Identity``.
+    feature_shape_ : tuple of int
+        ``(h, w, n_dims)`` of one image's output.
+    input_size_ : tuple of int
+        ``(height, width)`` of the images the backbone sees.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchFeatureTransformer
+    >>> images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    >>> features = PatchFeatureTransformer(backbone="resnet18", weights=None,
+    ...     resize=64, crop_size=None).fit_transform(images)
+    >>> features.shape
+    (2, 8, 8, 1024)
+    """
+
+    def __init__(
+        self,
+        backbone="wide_resnet50_2",
+        layers=("layer2", "layer3"),
+        weights="IMAGENET1K_V1",
+        resize=256,
+        crop_size=224,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=3,
+        pretrain_embed_dim=1024,
+        target_embed_dim=1024,
+        aggregation="mean_pool",
+        device="auto",
+        batch_size=8,
+        progress=False,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.resize = resize
+        self.crop_size = crop_size
+        self.interpolation = interpolation
+        self.mean = mean
+        self.std = std
+        self.patch_size = patch_size
+        self.pretrain_embed_dim = pretrain_embed_dim
+        self.target_embed_dim = target_embed_dim
+        self.aggregation = aggregation
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def _validate_params(self) -> None:
+        if isinstance(self.layers, str) or len(self.layers) == 0:
+            raise ValueError(f"layers must be a non-empty tuple of layer names, got {self.layers!r}.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        for name in ("resize", "patch_size", "pretrain_embed_dim", "target_embed_dim", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd, got {self.patch_size}.")
+        if self.crop_size is not None and not (1 <= self.crop_size <= self.resize):
+            raise ValueError(f"crop_size must be None or in [1, resize={self.resize}], got {self.crop_size!r}.")
+        if self.interpolation not in ("nearest", "bilinear", "bicubic", "lanczos"):
+            raise ValueError(f"Unknown interpolation {self.interpolation!r}.")
+
+    def fit(self, X=None, y=None):
+        """Build the backbone and record the output shape.
+
+        No statistics are learned from ``X``; it is accepted (and may be
+        ``None``) so that the transformer fits in a ``Pipeline``.
+
+        Returns
+        -------
+        self : PatchFeatureTransformer
+        """
+        self._validate_params()
+        model = self.backbone
+        if isinstance(model, nn.Module):
+            model = copy.deepcopy(model)
+        model = build_backbone(model, self.weights)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        side = self.crop_size or self.resize
+        self.input_size_ = (side, side)
+        probe = torch.zeros(1, 3, side, side)
+        with torch.inference_mode():
+            prune_unused_modules(model, probe, self.layers)
+            features = self._aggregate(extract_layers(model, probe, self.layers))
+        self.backbone_ = model
+        self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
+        return self
+
+    def _aggregate(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
+        if self.aggregation == "concat":
+            return aggregate_concat(layer_maps, self.patch_size)
+        return aggregate_official(layer_maps, self.patch_size, self.pretrain_embed_dim, self.target_embed_dim)
+
+    def _preprocess(self, image) -> np.ndarray:
+        return preprocess_image(
+            image, self.resize, self.crop_size, self.interpolation, self.mean, self.std
+        )
+
+    def transform(self, X) -> np.ndarray:
+        """Compute patch features.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, H, W, 3) or (n_images, H, W), or list
+            uint8 (0-255) or float (0-1) images, a list of arrays of differing
+            sizes, or a list of image file paths.
+
+        Returns
+        -------
+        features : ndarray of shape (n_images, h, w, n_dims), float32
+            One feature vector per patch; written once into a pre-allocated
+            array.
+        """
+        check_is_fitted(self, "backbone_")
+        images = as_image_list(X)
+        device = resolve_device(self.device)
+        model = self.backbone_.to(device)
+        output = np.empty((len(images), *self.feature_shape_), dtype=np.float32)
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc="Patch features", unit="batch", disable=not self.progress):
+            stop = min(start + self.batch_size, len(images))
+            batch = np.stack([self._preprocess(image) for image in images[start:stop]])
+            with torch.inference_mode():
+                tensor = torch.from_numpy(batch).to(device)
+                features = self._aggregate(extract_layers(model, tensor, self.layers))
+                output[start:stop] = features.float().cpu().numpy()
+        return output
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "backbone_" in state:
+            state["backbone_"] = state["backbone_"].to("cpu")
+        return state
