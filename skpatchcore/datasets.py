@@ -288,7 +288,8 @@ def make_synthetic_defects(
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
     if int(image_size) != image_size or image_size < 32:
         raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
-    n_train, n_test_good, n_test_defect = int(n_train), int(n_test_good), int(n_test_defect)
+    n_train, n_test_good = int(n_train), int(n_test_good)
+    n_test_defect = int(n_test_defect)
     size = int(image_size)
     rng = np.random.default_rng(random_state)
 
@@ -509,7 +510,8 @@ def _defect_mask(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
         theta = np.arctan2(yy - center[0], xx - center[1])
         wobble = np.ones_like(theta)
         for k in (2, 3, 5):
-            wobble += rng.uniform(0.03, 0.12) * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
+            amplitude, phase = rng.uniform(0.03, 0.12), rng.uniform(0, 2 * np.pi)
+            wobble += amplitude * np.sin(k * theta + phase)
         return np.hypot(yy - center[0], xx - center[1]) <= radius * wobble
     if kind == "crack":
         width = max(2.0, round(size / 42))

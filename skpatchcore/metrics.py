@@ -107,7 +107,7 @@ def pixel_auroc(masks, maps) -> float:
     All pixels are gathered into one ``float32`` score vector and one boolean
     label vector; the ROC curve is computed from a single sort, with tied
     scores handled like :func:`sklearn.metrics.roc_auc_score`. Peak extra
-    memory is roughly 18 bytes per pixel.
+    memory is about 20 bytes per pixel.
     """
     scores, labels = _pool(masks, maps)
     n_pos = int(np.count_nonzero(labels))
@@ -241,7 +241,9 @@ def _binary(values: np.ndarray, name: str) -> np.ndarray:
     if values.dtype == bool:
         return values
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{name} must be numeric or boolean, got dtype {values.dtype}.")
+        raise ValueError(
+            f"{name} must be numeric or boolean, got dtype {values.dtype}."
+        )
     bad = ~((values == 0) | (values == 1))
     if np.any(bad):
         offending = np.unique(values[bad])[:5]

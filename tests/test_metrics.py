@@ -30,7 +30,9 @@ def _naive_aupro(masks, maps, fpr_limit=0.3):
     for mask, amap in zip(masks, maps):
         labeled, n = ndimage.label(mask, structure=np.ones((3, 3)))
         regions += [amap[labeled == k] for k in range(1, n + 1)]
-    normal = np.concatenate([amap[~mask.astype(bool)] for mask, amap in zip(masks, maps)])
+    normal = np.concatenate(
+        [amap[~mask.astype(bool)] for mask, amap in zip(masks, maps)]
+    )
     fprs, pros = [0.0], [0.0]
     thresholds = np.unique(np.concatenate([np.ravel(m) for m in maps]))[::-1]
     for t in thresholds:
@@ -155,7 +157,8 @@ def test_aupro_continuous_scores_and_lists():
     masks[1][2:5, 2:9] = True
     maps = [m * 0.7 + rng.random(m.shape) for m in masks]
     expected = _naive_aupro(masks, maps)
-    assert aupro([m.astype(np.uint8) * 255 for m in masks], maps) == pytest.approx(expected)
+    masks_255 = [m.astype(np.uint8) * 255 for m in masks]
+    assert aupro(masks_255, maps) == pytest.approx(expected)
 
 
 def test_aupro_regions_use_8_connectivity():

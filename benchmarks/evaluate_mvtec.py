@@ -1,0 +1,177 @@
+"""Fit and evaluate PatchCore on MVTec-layout folders; print accuracy and cost.
+
+Example (the reference set-up on Magnetic Tile Defects)::
+
+    python benchmarks/evaluate_mvtec.py ../shared/data/mtd \\
+        --backbone timm:tf_efficientnet_lite0 \\
+        --weights ../shared/weights/tf_efficientnet_lite0_imagenet.pth \\
+        --layers blocks.2 blocks.4 --resize 224 --no-crop --interpolation bicubic \\
+        --sampling-ratio 0.01 0.1
+
+``ROOT`` is either one category folder (holding ``train/``) or a folder of
+categories (pick them with ``--categories``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
+from skpatchcore.datasets import load_mvtec
+from skpatchcore.images import image_size
+from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def load_eval_masks(mask_paths, image_paths, resize: int, crop_size: int | None) -> np.ndarray:
+    """Ground-truth masks brought to the backbone input geometry (nearest)."""
+    side = crop_size or resize
+    masks = np.zeros((len(image_paths), side, side), dtype=bool)
+    for i, (mask_path, image_path) in enumerate(zip(mask_paths, image_paths)):
+        if mask_path is None:
+            continue
+        mask = Image.open(mask_path).convert("L")
+        if crop_size is None:
+            mask = mask.resize((resize, resize), Image.Resampling.NEAREST)
+        else:
+            width, height = mask.size
+            scale = resize / min(width, height)
+            new = (max(resize, int(width * scale)), max(resize, int(height * scale)))
+            mask = mask.resize(new, Image.Resampling.NEAREST)
+            left, top = int(round((new[0] - crop_size) / 2)), int(round((new[1] - crop_size) / 2))
+            mask = mask.crop((left, top, left + crop_size, top + crop_size))
+        masks[i] = np.asarray(mask) > 0
+    return masks
+
+
+def subsample(items: list, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    index = np.arange(len(items))
+    if limit is not None and limit < len(items):
+        index = np.sort(rng.choice(index, limit, replace=False))
+    return index
+
+
+def run_category(path: Path, args, ratio: float) -> dict:
+    data = load_mvtec(path)
+    rng = np.random.default_rng(0)
+    train = [data.train_images[i] for i in subsample(data.train_images, args.max_train, rng)]
+    test_index = subsample(data.test_images, args.max_test, rng)
+    test = [data.test_images[i] for i in test_index]
+    labels = data.test_labels[test_index]
+    transformer = PatchFeatureTransformer(
+        backbone=args.backbone,
+        layers=tuple(args.layers),
+        weights=args.weights,
+        resize=args.resize,
+        crop_size=None if args.no_crop else args.crop_size,
+        interpolation=args.interpolation,
+        pretrain_embed_dim=args.embed_dim,
+        target_embed_dim=args.embed_dim,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=args.progress,
+    )
+    sampler = CoresetSampler(sampling_ratio=ratio, random_state=args.seed, device=args.device)
+    detector = PatchCoreDetector(
+        n_neighbors=args.n_neighbors, algorithm=args.algorithm, random_state=args.seed, device=args.device
+    )
+    start = time.perf_counter()
+    features = transformer.fit(train).transform(train)
+    features_s = time.perf_counter() - start
+    start = time.perf_counter()
+    bank = sampler.fit_transform(features)
+    coreset_s = time.perf_counter() - start
+    n_rows = features.shape[0] * features.shape[1] * features.shape[2]
+    del features
+    start = time.perf_counter()
+    detector.fit(bank)
+    detector_fit_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores, maps = [], []
+    for chunk in range(0, len(test), args.batch_size * 4):
+        test_features = transformer.transform(test[chunk : chunk + args.batch_size * 4])
+        chunk_scores, chunk_maps = detector.score_and_maps(test_features, transformer.input_size_)
+        scores.append(-chunk_scores)
+        maps.append(chunk_maps)
+    predict_s = time.perf_counter() - start
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    masks = load_eval_masks(
+        [data.test_masks[i] for i in test_index], test, args.resize, None if args.no_crop else args.crop_size
+    )
+    return {
+        "category": path.name,
+        "ratio": ratio,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_patches": n_rows,
+        "bank": len(bank),
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "aupro": aupro(masks, maps) if masks.any() else float("nan"),
+        "features_s": features_s,
+        "coreset_s": coreset_s,
+        "ms_per_pick": 1000 * coreset_s / max(len(bank), 1),
+        "detector_fit_s": detector_fit_s,
+        "predict_ms": 1000 * predict_s / len(test),
+        "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--categories", nargs="*", default=None)
+    parser.add_argument("--backbone", default="wide_resnet50_2")
+    parser.add_argument("--weights", default="IMAGENET1K_V1", help="weights name, path, or 'none'")
+    parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
+    parser.add_argument("--resize", type=int, default=256)
+    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--no-crop", action="store_true", help="square resize, no centre crop")
+    parser.add_argument("--interpolation", default="bilinear")
+    parser.add_argument("--embed-dim", type=int, default=1024)
+    parser.add_argument("--sampling-ratio", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--n-neighbors", type=int, default=1)
+    parser.add_argument("--algorithm", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    if args.weights.lower() == "none":
+        args.weights = None
+    if (args.root / "train").is_dir():
+        paths = [args.root]
+    else:
+        names = args.categories or sorted(p.name for p in args.root.iterdir() if (p / "train").is_dir())
+        paths = [args.root / name for name in names]
+    header = (
+        f"{'category':<12}{'ratio':>6}{'train':>6}{'test':>6}{'bank':>8}{'imgAUROC':>9}{'pixAUROC':>9}"
+        f"{'AUPRO':>7}{'feat s':>8}{'coreset s':>10}{'ms/pick':>8}{'det s':>7}{'pred ms/img':>12}{'RSS GB':>7}"
+    )
+    print(header, flush=True)
+    for path in paths:
+        for ratio in args.sampling_ratio:
+            r = run_category(path, args, ratio)
+            print(
+                f"{r['category']:<12}{r['ratio']:>6g}{r['n_train']:>6}{r['n_test']:>6}{r['bank']:>8}"
+                f"{r['image_auroc']:>9.3f}{r['pixel_auroc']:>9.3f}{r['aupro']:>7.3f}{r['features_s']:>8.1f}"
+                f"{r['coreset_s']:>10.1f}{r['ms_per_pick']:>8.2f}{r['detector_fit_s']:>7.1f}"
+                f"{r['predict_ms']:>12.1f}{r['peak_rss_gb']:>7.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
