@@ -65,10 +65,11 @@ def validate_features(estimator, X, reset: bool) -> tuple[np.ndarray, np.ndarray
         if min(X_array.shape) == 0:
             raise ValueError(f"Found empty patch features of shape {X_array.shape}.")
         rows, image_index = pool_patches(X_array)
-    elif X_array is not None and X_array.ndim not in (2,):
+    elif X_array is not None and X_array.ndim not in (1, 2):
         raise ValueError(
             f"Expected 2-D rows (n_samples, n_features) or 4-D patch features "
-            f"(n_images, h, w, n_features); got an array of shape {X_array.shape}."
+            f"(n_images, h, w, n_features); got an array of shape {X_array.shape}. "
+            "Reshape your data."
         )
     else:
         rows, image_index = X, None

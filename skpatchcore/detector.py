@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._persistence import VersionedStateMixin
@@ -27,6 +28,14 @@ CALIBRATION_GROUPS = 64
 CALIBRATION_ROWS = 2048
 #: Standard deviation of the Gaussian smoothing of anomaly maps, in pixels.
 MAP_SIGMA = 4.0
+
+
+def _no_fit_predict(estimator) -> bool:
+    raise AttributeError(
+        "PatchCoreDetector is a novelty detector and has no fit_predict: every training "
+        "sample is in the memory bank, so it would match itself. Fit on normal data and "
+        "predict new data; offset_ is calibrated with training samples left out."
+    )
 
 
 class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
@@ -152,8 +161,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             image_index = pooled_index
         if rows.shape[0] < self.n_neighbors + 1:
             raise ValueError(
-                f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows, "
-                f"got {rows.shape[0]}."
+                f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows; "
+                f"got {rows.shape[0]} sample(s)."
             )
         self.memory_bank_ = np.array(rows, dtype=np.float32, order="C")
         self._reset_caches()
@@ -285,6 +294,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             top_rows = np.arange(n_images) * height * width + top
             scores *= self._reweight_factors(rows[top_rows], indices[top_rows, 0])
         return scores, grids
+
+    @available_if(_no_fit_predict)
+    def fit_predict(self, X, y=None):  # pragma: no cover - never available
+        """Not available: see :func:`_no_fit_predict`."""
 
     def score_samples(self, X) -> np.ndarray:
         """Opposite of the anomaly score: higher means more normal.

@@ -54,9 +54,14 @@ def exact_kneighbors(
             chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32)).to(device)
             squared = torch.addmm(bank_squared[None, :], chunk, bank_tensor.T, beta=1.0, alpha=-2.0)
             squared += (chunk * chunk).sum(dim=1, keepdim=True)
-            values, positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True)
-            distances[start : start + step] = values.clamp_min_(0).sqrt_().cpu().numpy()
-            indices[start : start + step] = positions.cpu().numpy()
+            positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
+            # Recompute the chosen distances directly: the expanded formula
+            # loses precision for close pairs and its rounding depends on the
+            # batch, so scores would change with how queries are grouped.
+            exact = torch.linalg.vector_norm(chunk[:, None, :] - bank_tensor[positions], dim=2)
+            exact, order = torch.sort(exact, dim=1, stable=True)
+            distances[start : start + step] = exact.cpu().numpy()
+            indices[start : start + step] = torch.gather(positions, 1, order).cpu().numpy()
     return distances, indices
 
 
@@ -76,7 +81,14 @@ def build_nndescent(bank: np.ndarray, random_state=None, n_jobs: int | None = No
     return index
 
 
+#: pynndescent is queried for at least this many neighbours: its search
+#: finds the true nearest neighbour far more often when it tracks several
+#: candidates (recall 0.80 -> 0.98 on a test manifold for k=1, at ~no cost).
+MIN_NNDESCENT_CANDIDATES = 8
+
+
 def nndescent_kneighbors(index, queries: np.ndarray, n_neighbors: int, epsilon: float = 0.1):
-    """Query a pynndescent index; distances are Euclidean, float32."""
-    indices, distances = index.query(np.asarray(queries, dtype=np.float32), k=n_neighbors, epsilon=epsilon)
-    return distances.astype(np.float32), indices.astype(np.int64)
+    """Query a pynndescent index; distances are Euclidean, float32, ascending."""
+    k = max(n_neighbors, MIN_NNDESCENT_CANDIDATES)
+    indices, distances = index.query(np.asarray(queries, dtype=np.float32), k=k, epsilon=epsilon)
+    return distances[:, :n_neighbors].astype(np.float32), indices[:, :n_neighbors].astype(np.int64)

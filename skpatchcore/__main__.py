@@ -1,0 +1,8 @@
+"""``python -m skpatchcore``: the command line (see :mod:`skpatchcore.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Figures and heatmap overlays of anomaly maps (needs ``skpatchcore[plot]``).
+
+matplotlib is imported only inside the functions, so the rest of the
+package works without it. Figures are built with
+:class:`matplotlib.figure.Figure` directly, without ``pyplot``: nothing is
+shown, no global backend is switched, and figures are saved with
+``fig.savefig(path)`` (or displayed inline by Jupyter).
+
+- :func:`overlay_heatmap` -- draw an anomaly map over its image on axes.
+- :func:`plot_triptych` -- image, anomaly map and ground truth side by side.
+- :func:`plot_examples` -- several triptychs, one per row.
+- :func:`plot_roc_curves` -- image-level and pixel-level ROC curves.
+- :func:`save_overlay_png` -- write an overlay PNG at the image's own size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageLike, read_image
+from .metrics import image_auroc, pixel_auroc
+
+__all__ = [
+    "overlay_heatmap",
+    "plot_examples",
+    "plot_roc_curves",
+    "plot_triptych",
+    "save_overlay_png",
+]
+
+#: Colour map of anomaly maps: blue (normal) to red (anomalous).
+DEFAULT_CMAP = "jet"
+#: Most points drawn per ROC curve (pixel curves have millions of thresholds).
+MAX_ROC_POINTS = 2000
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "Plotting needs matplotlib, which is not installed: "
+            "pip install 'skpatchcore[plot]' (or pip install matplotlib)."
+        ) from error
+    return matplotlib
+
+
+def _new_figure(width: float, height: float):
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _rgb_array(image: ImageLike) -> np.ndarray:
+    """Return an image (path, uint8 or float 0-1 array) as uint8 RGB (H, W, 3)."""
+    if isinstance(image, (str, os.PathLike)):
+        return np.asarray(read_image(os.fspath(image)), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {array.shape}."
+        )
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == bool:
+        return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def _resize_map(anomaly_map, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map to ``size = (H, W)``."""
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    if amap.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {amap.shape}.")
+    if amap.shape == tuple(size):
+        return amap
+    resized = Image.fromarray(np.ascontiguousarray(amap)).resize(
+        (int(size[1]), int(size[0])), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _value_range(anomaly_map: np.ndarray, vmin, vmax) -> tuple[float, float]:
+    low = float(np.min(anomaly_map)) if vmin is None else float(vmin)
+    high = float(np.max(anomaly_map)) if vmax is None else float(vmax)
+    if not high > low:
+        high = low + 1e-12
+    return low, high
+
+
+def overlay_heatmap(
+    image: ImageLike,
+    anomaly_map,
+    ax=None,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = DEFAULT_CMAP,
+):
+    """Draw an anomaly map as a semi-transparent heatmap over its image.
+
+    Parameters
+    ----------
+    image : str, path-like or ndarray
+        Image file, or array of shape (H, W[, 3]) (uint8 or float in [0, 1]).
+    anomaly_map : array-like of shape (h, w)
+        Higher means more anomalous; resized (bilinear) to the image size if
+        it differs.
+    ax : matplotlib Axes, default=None
+        Axes to draw on; a new figure with one axes is made when None.
+    alpha : float, default=0.5
+        Opacity of the heatmap.
+    vmin, vmax : float, default=None
+        Colour scale limits; the map's own minimum and maximum when None.
+        Pass fixed values to compare several images.
+    cmap : str, default="jet"
+        matplotlib colour map.
+
+    Returns
+    -------
+    ax : matplotlib Axes
+        The axes drawn on (``ax.figure`` is its figure).
+    """
+    if ax is None:
+        ax = _new_figure(4.0, 4.0).add_subplot()
+    rgb = _rgb_array(image)
+    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    low, high = _value_range(amap, vmin, vmax)
+    ax.imshow(rgb)
+    ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=low, vmax=high)
+    ax.set_axis_off()
+    return ax
+
+
+def _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cmap) -> None:
+    """Fill three axes with image / anomaly map / ground truth (or overlay)."""
+    rgb = _rgb_array(image)
+    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    low, high = _value_range(amap, vmin, vmax)
+    axes[0].imshow(rgb)
+    heading = title or "image"
+    if score is not None:
+        heading = f"{heading}\nscore {score:.4g}"
+    axes[0].set_title(heading, fontsize=9)
+    shown = axes[1].imshow(amap, cmap=cmap, vmin=low, vmax=high)
+    axes[1].set_title("anomaly map", fontsize=9)
+    axes[1].figure.colorbar(shown, ax=axes[1], shrink=0.8)
+    if mask is not None:
+        mask_array = np.asarray(mask)
+        if mask_array.ndim == 3:
+            mask_array = mask_array.any(axis=-1)
+        axes[2].imshow(mask_array != 0, cmap="gray", vmin=0, vmax=1)
+        axes[2].set_title("ground truth", fontsize=9)
+    else:
+        axes[2].imshow(rgb)
+        axes[2].imshow(amap, cmap=cmap, alpha=0.5, vmin=low, vmax=high)
+        axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+
+
+def plot_triptych(
+    image: ImageLike,
+    anomaly_map,
+    mask=None,
+    score: float | None = None,
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = DEFAULT_CMAP,
+):
+    """Image, anomaly map and ground-truth mask side by side.
+
+    Parameters
+    ----------
+    image : str, path-like or ndarray
+        The image (path, uint8 or float 0-1 array).
+    anomaly_map : array-like of shape (h, w)
+        Resized to the image size if it differs.
+    mask : array-like of shape (H, W), default=None
+        Ground truth (nonzero = defect). Without a mask the third panel shows
+        the map overlaid on the image.
+    score : float, default=None
+        Image anomaly score, shown under the title.
+    title : str, default=None
+        Title of the first panel.
+    vmin, vmax : float, default=None
+        Colour scale limits of the map (its own range when None).
+    cmap : str, default="jet"
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    figure = _new_figure(10.0, 3.4)
+    axes = figure.subplots(1, 3)
+    _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cmap)
+    return figure
+
+
+def plot_examples(
+    images: Sequence[ImageLike],
+    anomaly_maps: Sequence,
+    masks: Sequence | None = None,
+    scores: Sequence[float] | None = None,
+    titles: Sequence[str] | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = DEFAULT_CMAP,
+):
+    """Several triptychs (image / map / ground truth), one image per row.
+
+    Parameters
+    ----------
+    images : sequence of images
+    anomaly_maps : sequence of 2-D arrays
+    masks : sequence of (2-D array or None), default=None
+        None entries (or no masks at all) show an overlay instead.
+    scores : sequence of float, default=None
+    titles : sequence of str, default=None
+    vmin, vmax : float, default=None
+        One colour scale for all rows; each map's own range when None.
+    cmap : str, default="jet"
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("plot_examples needs at least one image.")
+    if len(anomaly_maps) != n:
+        raise ValueError(f"Got {n} images but {len(anomaly_maps)} anomaly maps.")
+    for name, values in (("masks", masks), ("scores", scores), ("titles", titles)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"Got {n} images but {len(values)} {name}.")
+    figure = _new_figure(10.0, 3.2 * n)
+    axes = np.atleast_2d(figure.subplots(n, 3))
+    for i in range(n):
+        _draw_triptych(
+            axes[i],
+            images[i],
+            anomaly_maps[i],
+            None if masks is None else masks[i],
+            None if scores is None else scores[i],
+            None if titles is None else titles[i],
+            vmin,
+            vmax,
+            cmap,
+        )
+    return figure
+
+
+def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score, thinned for drawing."""
+    order = np.argsort(scores, kind="stable")[::-1]
+    sorted_scores = scores[order]
+    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
+    del sorted_scores
+    tps = np.cumsum(labels[order], dtype=np.int64)[ends]
+    del order
+    fps = ends + 1 - tps
+    tpr = np.concatenate(([0.0], tps / max(int(labels.sum()), 1)))
+    fpr = np.concatenate(([0.0], fps / max(int(labels.size - labels.sum()), 1)))
+    if fpr.size > MAX_ROC_POINTS:
+        keep = np.unique(np.linspace(0, fpr.size - 1, MAX_ROC_POINTS).astype(np.int64))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return fpr, tpr
+
+
+def _pooled_pixels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    mask_list = list(masks)
+    map_list = list(maps)
+    if len(mask_list) != len(map_list):
+        raise ValueError(f"Got {len(mask_list)} masks but {len(map_list)} maps.")
+    labels = np.concatenate([np.asarray(m).ravel() != 0 for m in mask_list])
+    scores = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in map_list])
+    return labels, scores
+
+
+def plot_roc_curves(labels, scores, masks=None, maps=None):
+    """Image-level ROC curve and, with masks and maps, the pixel-level one.
+
+    Parameters
+    ----------
+    labels : array-like of shape (n_images,)
+        1 for anomalous, 0 for normal images.
+    scores : array-like of shape (n_images,)
+        Image anomaly scores, higher means more anomalous.
+    masks : array-like of shape (n_images, H, W) or list of 2-D arrays, default=None
+        Ground-truth masks (nonzero = defect).
+    maps : array-like of shape (n_images, H, W) or list of 2-D arrays, default=None
+        Anomaly maps of the same shapes as the masks.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+        One panel per level, AUROC in the legends.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    auroc = image_auroc(labels, scores)
+    with_pixels = masks is not None and maps is not None
+    figure = _new_figure(9.0 if with_pixels else 4.8, 4.4)
+    axes = np.atleast_1d(figure.subplots(1, 2 if with_pixels else 1))
+    fpr, tpr = _roc_points(labels != 0, scores)
+    axes[0].plot(fpr, tpr, color="tab:blue", label=f"image AUROC = {auroc:.3f}")
+    axes[0].set_title("Image-level ROC")
+    if with_pixels:
+        pixel_labels, pixel_scores = _pooled_pixels(masks, maps)
+        pixel_value = pixel_auroc(list(masks), list(maps))
+        fpr, tpr = _roc_points(pixel_labels, pixel_scores)
+        axes[1].plot(fpr, tpr, color="tab:red", label=f"pixel AUROC = {pixel_value:.3f}")
+        axes[1].set_title("Pixel-level ROC")
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_aspect("equal")
+        ax.legend(loc="lower right")
+    return figure
+
+
+def save_overlay_png(
+    path: str | os.PathLike,
+    image: ImageLike,
+    anomaly_map,
+    vmin: float | None,
+    vmax: float | None,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+) -> Path:
+    """Write the anomaly map blended over the image as a PNG of the image's size.
+
+    The map is coloured with a matplotlib colour map and alpha-blended into
+    the image pixel by pixel (no axes, no margins), so the PNG has exactly
+    the image's height and width.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Output file; parent folders are created.
+    image : str, path-like or ndarray
+        Image file, or array (H, W[, 3]), uint8 or float in [0, 1].
+    anomaly_map : array-like of shape (h, w)
+        Resized (bilinear) to the image size if it differs.
+    vmin, vmax : float or None
+        Values mapped to the ends of the colour map (the map's own range
+        when None); use the same values for every image of a set.
+    alpha : float, default=0.5
+        Weight of the heatmap colour.
+    cmap : str, default="jet"
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    matplotlib = _require_matplotlib()
+    rgb = _rgb_array(image)
+    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    low, high = _value_range(amap, vmin, vmax)
+    normalised = np.clip((amap - low) / (high - low), 0.0, 1.0)
+    colours = matplotlib.colormaps[cmap](normalised)[..., :3]
+    blended = (1.0 - alpha) * (rgb / 255.0) + alpha * colours
+    output = Path(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)).save(output)
+    return output

@@ -1,0 +1,172 @@
+"""PatchCoreDetector: search correctness, scores, maps, calibration, errors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from sklearn.exceptions import NotFittedError
+
+from skpatchcore import CoresetSampler, PatchCoreDetector
+from skpatchcore.coreset import PatchRows
+from skpatchcore.search import build_nndescent, exact_kneighbors, nndescent_kneighbors
+
+
+def brute_force(queries, bank, k):
+    distances = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64), axis=2)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, order, axis=1), order
+
+
+def test_exact_search_equals_brute_force(rng, monkeypatch):
+    import skpatchcore.search as search
+
+    monkeypatch.setattr(search, "CHUNK_ENTRIES", 1000)  # force many chunks
+    bank = rng.normal(size=(300, 24)).astype(np.float32)
+    queries = rng.normal(size=(70, 24)).astype(np.float32)
+    distances, indices = exact_kneighbors(queries, bank, 3)
+    expected_distances, expected_indices = brute_force(queries, bank, 3)
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
+
+
+def test_pynndescent_agrees_with_exact(rng):
+    # Patch features lie near a low-dimensional manifold: emulate with a
+    # random 6-D subspace of a 64-D space plus a little noise.
+    basis = rng.normal(size=(6, 64))
+    bank = (rng.normal(size=(4000, 6)) @ basis + 0.05 * rng.normal(size=(4000, 64))).astype(np.float32)
+    queries = (rng.normal(size=(500, 6)) @ basis + 0.05 * rng.normal(size=(500, 64))).astype(np.float32)
+    exact_d, exact_i = exact_kneighbors(queries, bank, 1)
+    approx_d, approx_i = nndescent_kneighbors(build_nndescent(bank, random_state=0), queries, 1)
+    assert np.mean(approx_i[:, 0] == exact_i[:, 0]) > 0.95
+    ratio = approx_d[:, 0] / exact_d[:, 0]
+    assert ratio.min() >= 1 - 1e-5  # never closer than the true nearest neighbour
+    assert np.quantile(ratio, 0.99) < 1.05
+
+
+def test_detector_algorithms_give_close_scores(rng):
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(200, 16))
+    exact = PatchCoreDetector(algorithm="exact").fit(bank).score_samples(queries)
+    approx = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(bank).score_samples(queries)
+    assert np.corrcoef(exact, approx)[0, 1] > 0.99
+
+
+def test_image_score_is_largest_patch_distance(rng):
+    train = rng.normal(size=(4, 5, 5, 6)).astype(np.float32)
+    test = rng.normal(size=(3, 5, 5, 6)).astype(np.float32)
+    detector = PatchCoreDetector().fit(train)
+    patch, _ = brute_force(test.reshape(-1, 6), train.reshape(-1, 6), 1)
+    grids = patch[:, 0].reshape(3, 5, 5)
+    np.testing.assert_allclose(detector.patch_scores(test), grids, rtol=1e-5)
+    np.testing.assert_allclose(detector.score_samples(test), -grids.max(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(detector.decision_function(test), detector.score_samples(test) - detector.offset_)
+
+
+def test_k_neighbours_average(rng):
+    bank = rng.normal(size=(100, 4))
+    queries = rng.normal(size=(10, 4))
+    expected, _ = brute_force(queries, bank, 3)
+    got = PatchCoreDetector(n_neighbors=3).fit(bank).score_samples(queries)
+    np.testing.assert_allclose(got, -expected.mean(axis=1), rtol=1e-5)
+
+
+def test_anomaly_maps_follow_the_official_recipe(rng):
+    train = rng.normal(size=(3, 7, 7, 8)).astype(np.float32)
+    test = rng.normal(size=(2, 7, 7, 8)).astype(np.float32)
+    test[1, 2, 5] += 25.0  # one anomalous patch
+    detector = PatchCoreDetector().fit(train)
+    grids = detector.patch_scores(test)
+    upsampled = F.interpolate(torch.from_numpy(grids)[:, None], size=(56, 56), mode="bilinear", align_corners=False)
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in upsampled[:, 0].numpy()])
+    scores, maps = detector.score_and_maps(test, 56)
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, detector.score_samples(test))
+    peak = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
+    assert abs(peak[0] - (2 + 0.5) * 8) <= 8 and abs(peak[1] - (5 + 0.5) * 8) <= 8
+    assert detector.anomaly_maps(test, (40, 30)).shape == (2, 40, 30)
+
+
+def test_reweighting_matches_equation_seven(rng):
+    bank = rng.normal(size=(60, 5))
+    query = rng.normal(size=(1, 5)) * 3
+    detector = PatchCoreDetector(reweight=True, reweight_neighbors=4).fit(bank)
+    distances = np.linalg.norm(bank - query, axis=1)
+    nearest = np.argmin(distances)
+    support = np.argsort(np.linalg.norm(bank - bank[nearest], axis=1), kind="stable")[:4]
+    weights = np.exp(distances[support])
+    expected = (1 - np.exp(distances[nearest]) / weights.sum()) * distances[nearest]
+    assert -detector.score_samples(query)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_offset_comes_from_leave_image_out_scores(rng):
+    train = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
+    detector = PatchCoreDetector().fit(train)
+    rows = train.reshape(6, 16, 3)
+    expected = []
+    for i in range(6):
+        others = np.concatenate([rows[j] for j in range(6) if j != i])
+        expected.append(brute_force(rows[i], others, 1)[0].max())
+    np.testing.assert_allclose(np.sort(detector.calibration_scores_), np.sort(expected), rtol=1e-5)
+    assert detector.offset_ == pytest.approx(-max(expected), rel=1e-5)
+    # In-sample scores are zero; the calibrated threshold is far from them.
+    assert np.all(detector.score_samples(train) == 0)
+    assert detector.offset_ < -0.1
+
+
+def test_coreset_rows_keep_their_image_for_calibration(rng):
+    train = rng.normal(size=(8, 6, 6, 4)).astype(np.float32)
+    bank = CoresetSampler(sampling_ratio=0.5, random_state=0).fit_transform(train)
+    assert isinstance(bank, PatchRows)
+    with_images = PatchCoreDetector().fit(bank)
+    rows_only = PatchCoreDetector().fit(np.asarray(bank))
+    assert len(with_images.calibration_scores_) == 8  # one score per training image
+    assert len(rows_only.calibration_scores_) == len(bank)  # leave-one-out rows
+
+
+def test_contamination_sets_the_quantile(rng):
+    X = rng.normal(size=(400, 3))
+    detector = PatchCoreDetector(contamination=0.1).fit(X)
+    threshold = np.quantile(detector.calibration_scores_, 0.9)
+    assert detector.offset_ == pytest.approx(-threshold)
+    new = rng.normal(size=(2000, 3))
+    rate = np.mean(detector.predict(new) == -1)
+    assert 0.03 < rate < 0.25
+    assert set(np.unique(PatchCoreDetector().fit(X).predict(np.vstack([X[:5], X[:5] + 50])))) == {-1, 1}
+
+
+def test_no_fit_predict_for_a_novelty_detector():
+    assert not hasattr(PatchCoreDetector(), "fit_predict")
+    with pytest.raises(AttributeError) as error:
+        PatchCoreDetector().fit_predict
+    assert "novelty detector" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(n_neighbors=0), "n_neighbors"),
+        (dict(algorithm="faiss"), "algorithm"),
+        (dict(contamination=0.7), "contamination"),
+        (dict(reweight_neighbors=0), "reweight_neighbors"),
+    ],
+)
+def test_bad_parameters(params, match, rng):
+    with pytest.raises(ValueError, match=match):
+        PatchCoreDetector(**params).fit(rng.normal(size=(20, 3)))
+
+
+def test_bad_inputs(rng):
+    detector = PatchCoreDetector().fit(rng.normal(size=(2, 3, 3, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="8 features"):
+        detector.score_samples(rng.normal(size=(1, 3, 3, 16)))
+    with pytest.raises(ValueError, match="NaN"):
+        detector.score_samples(np.full((1, 3, 3, 8), np.nan))
+    with pytest.raises(ValueError, match="4 dimensions|n_images, h, w"):
+        detector.anomaly_maps(rng.normal(size=(5, 8)), 32)
+    with pytest.raises(ValueError, match="shape"):
+        detector.score_samples(rng.normal(size=(1, 3, 8)))
+    with pytest.raises(NotFittedError):
+        PatchCoreDetector().score_samples(rng.normal(size=(3, 8)))
+    with pytest.raises(ValueError, match="at least two training images"):
+        PatchCoreDetector().fit(rng.normal(size=(1, 3, 3, 8)))

@@ -1,0 +1,207 @@
+"""PatchFeatureTransformer: aggregation math, backbone handling, inputs, errors."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.exceptions import NotFittedError
+
+from skpatchcore import PatchFeatureTransformer
+from skpatchcore.features import aggregate_concat, aggregate_official
+
+from _helpers import LITE0_WEIGHTS, small_transformer
+
+
+def official_reference(layer_maps, patch_size, pre_dim, target_dim):
+    """The official patchcore-inspection steps, written out literally."""
+    padding = (patch_size - 1) // 2
+    patches, shapes = [], []
+    for x in layer_maps:
+        unfolded = F.unfold(x, kernel_size=patch_size, padding=padding)  # (B, C*p*p, L)
+        unfolded = unfolded.reshape(x.shape[0], x.shape[1], patch_size, patch_size, -1)
+        patches.append(unfolded.permute(0, 4, 1, 2, 3))  # (B, L, C, p, p)
+        shapes.append(x.shape[-2:])
+    ref_h, ref_w = shapes[0]
+    for i in range(1, len(patches)):
+        p = patches[i]
+        h, w = shapes[i]
+        p = p.reshape(p.shape[0], h, w, *p.shape[2:]).permute(0, 3, 4, 5, 1, 2)
+        base = p.shape
+        p = p.reshape(-1, h, w)
+        p = F.interpolate(p.unsqueeze(1), size=(ref_h, ref_w), mode="bilinear", align_corners=False).squeeze(1)
+        p = p.reshape(*base[:-2], ref_h, ref_w).permute(0, 4, 5, 1, 2, 3)
+        patches[i] = p.reshape(len(p), -1, *p.shape[-3:])
+    flat = [p.reshape(-1, *p.shape[-3:]) for p in patches]
+    pooled = [F.adaptive_avg_pool1d(f.reshape(len(f), 1, -1), pre_dim).squeeze(1) for f in flat]
+    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)
+    out = F.adaptive_avg_pool1d(stacked, target_dim).reshape(len(pooled[0]), -1)
+    return out.reshape(layer_maps[0].shape[0], ref_h, ref_w, target_dim)
+
+
+@pytest.mark.parametrize("channels,pre,target", [((8, 16), 32, 24), ((40, 112), 1024, 1024), ((5, 7), 64, 16)])
+def test_official_aggregation_matches_literal_reference(channels, pre, target):
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, channels[0], 8, 6, generator=gen), torch.randn(2, channels[1], 4, 3, generator=gen)]
+    expected = official_reference(maps, 3, pre, target)
+    got = aggregate_official(maps, 3, pre, target)
+    assert got.shape == (2, 8, 6, target)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concat_aggregation_is_local_mean_upsampled_and_concatenated():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(1, 4, 6, 6, generator=gen), torch.randn(1, 3, 3, 3, generator=gen)
+    got = aggregate_concat([a, b], 3)
+    assert got.shape == (1, 6, 6, 7)
+    # Centre position of layer a: plain mean of its 3x3 neighbourhood.
+    torch.testing.assert_close(got[0, 2, 3, :4], a[0, :, 1:4, 2:5].mean(dim=(1, 2)))
+    smoothed_b = F.avg_pool2d(b, 3, stride=1, padding=1)
+    upsampled = F.interpolate(smoothed_b, size=(6, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got[0, :, :, 4:], upsampled[0].permute(1, 2, 0))
+
+
+def test_wide_resnet_default_grid_and_no_later_layers():
+    transformer = PatchFeatureTransformer(weights=None)
+    images = np.zeros((1, 300, 260, 3), dtype=np.uint8)
+    features = transformer.fit_transform(images)
+    assert features.shape == (1, 28, 28, 1024)
+    assert features.dtype == np.float32
+    assert transformer.input_size_ == (224, 224)
+    # layer4 and the classifier never run, so they are dropped from the model.
+    assert isinstance(transformer.backbone_.layer4, torch.nn.Identity)
+    assert isinstance(transformer.backbone_.fc, torch.nn.Identity)
+
+
+def test_layers_after_the_last_requested_one_are_never_computed():
+    transformer = small_transformer(layers=("layer1", "layer2")).fit()
+    calls = []
+    transformer.backbone_.layer3.register_forward_hook(lambda *args: calls.append(1))
+    transformer.transform(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+    assert calls == []
+
+
+def test_input_forms_give_the_same_features(tmp_path, rng):
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "part.png"
+    Image.fromarray(image).save(path)
+    transformer = small_transformer().fit()
+    from_array = transformer.transform(image[None])
+    from_path = transformer.transform([str(path)])
+    from_list = transformer.transform([image])
+    from_float = transformer.transform(image[None].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(from_array, from_path)
+    np.testing.assert_array_equal(from_array, from_list)
+    np.testing.assert_allclose(from_array, from_float, atol=1e-4)
+
+
+def test_grayscale_and_differing_sizes(rng):
+    grey = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    transformer = small_transformer().fit()
+    np.testing.assert_array_equal(
+        transformer.transform(grey[None]), transformer.transform(np.repeat(grey[None, ..., None], 3, axis=-1))
+    )
+    mixed = [rng.integers(0, 256, (50, 80, 3), dtype=np.uint8), rng.integers(0, 256, (90, 40), dtype=np.uint8)]
+    assert transformer.transform(mixed).shape == (2, 8, 8, 1024)
+
+
+def test_resize_and_crop_geometry():
+    cropped = small_transformer(resize=80, crop_size=64).fit()
+    assert cropped.input_size_ == (64, 64)
+    assert cropped.transform(np.zeros((1, 100, 200, 3), dtype=np.uint8)).shape == (1, 8, 8, 1024)
+    square = small_transformer(resize=96, crop_size=None).fit()
+    assert square.input_size_ == (96, 96)
+
+
+def test_concat_option_dimension():
+    transformer = small_transformer(aggregation="concat").fit()
+    assert transformer.feature_shape_ == (8, 8, 128 + 256)
+
+
+def test_local_weights_file_round_trip(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    transformer = small_transformer(weights=str(path)).fit()
+    torch.testing.assert_close(transformer.backbone_.conv1.weight, reference.conv1.weight)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
+    with pytest.raises(ValueError, match="does not match the backbone"):
+        small_transformer(weights=str(wrong)).fit()
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        small_transformer(weights=str(tmp_path / "missing.pth")).fit()
+
+
+def test_named_weights_offline_error_suggests_a_local_file(monkeypatch):
+    import torchvision.models._api as api
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="weights='/path/to/weights.pth'"):
+        small_transformer(weights="IMAGENET1K_V1").fit()
+
+
+def test_custom_module_backbone():
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    )
+    transformer = PatchFeatureTransformer(backbone=module, layers=("0", "1"), weights=None, resize=32, crop_size=None)
+    features = transformer.fit_transform(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    assert features.shape == (1, 16, 16, 1024)
+    assert transformer.backbone_ is not module  # the user's module is not modified
+
+
+@pytest.mark.skipif(not LITE0_WEIGHTS.is_file(), reason="../shared/weights (EfficientNet-Lite0) not present")
+def test_timm_efficientnet_lite0_with_local_weights():
+    pytest.importorskip("timm")
+    transformer = PatchFeatureTransformer(
+        backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=str(LITE0_WEIGHTS),
+        resize=224, crop_size=None,
+    )
+    features = transformer.fit_transform(np.full((1, 224, 224, 3), 128, dtype=np.uint8))
+    assert features.shape == (1, 28, 28, 1024)
+    assert isinstance(transformer.backbone_.conv_head, torch.nn.Identity)
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (np.zeros((2, 32, 32, 4), dtype=np.uint8), ValueError, "4 channels"),
+        (np.zeros((2, 32), dtype=np.uint8), ValueError, "shape"),
+        (np.full((1, 32, 32, 3), np.nan, dtype=np.float32), ValueError, "NaN"),
+        (np.full((1, 32, 32, 3), 255.0, dtype=np.float32), ValueError, r"scaled to \[0, 1\]"),
+        (np.zeros((1, 32, 32, 3), dtype=np.int64), ValueError, "dtype int64"),
+        ([], ValueError, "no images"),
+        ("part.png", TypeError, "single path"),
+        (["/nonexistent/part.png"], FileNotFoundError, "/nonexistent/part.png"),
+    ],
+)
+def test_bad_images_raise_clear_errors(X, error, match):
+    transformer = small_transformer().fit()
+    with pytest.raises(error, match=match):
+        transformer.transform(X)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        small_transformer().fit().transform([str(bad)])
+
+
+def test_unfitted_and_bad_parameters():
+    with pytest.raises(NotFittedError):
+        small_transformer().transform(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="Layer 'layer9' not found"):
+        small_transformer(layers=("layer2", "layer9")).fit()
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        small_transformer(backbone="no_such_net").fit()
+    with pytest.raises(ValueError, match="aggregation"):
+        small_transformer(aggregation="max").fit()
+    with pytest.raises(ValueError, match="patch_size must be odd"):
+        small_transformer(patch_size=2).fit()

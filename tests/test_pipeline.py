@@ -1,0 +1,122 @@
+"""The three estimators together: end to end, GridSearchCV, persistence."""
+
+import pickle
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV
+
+from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore
+from skpatchcore._persistence import IncompatibleModelError
+from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+
+
+def small_model(**params):
+    defaults = dict(backbone="resnet18", weights=None, resize=96, crop_size=None, sampling_ratio=0.25, random_state=0)
+    defaults.update(params)
+    return make_patchcore(**defaults)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic):
+    return small_model().fit(synthetic.train_images)
+
+
+def test_end_to_end_detects_and_localises_generated_defects(fitted, synthetic):
+    scores, maps = fitted.score_and_maps(synthetic.test_images)
+    assert maps.shape == (len(synthetic.test_images), 96, 96)
+    # Random-weight features still separate these visible defects.
+    assert image_auroc(synthetic.test_labels, -scores) > 0.9
+    assert pixel_auroc(synthetic.test_masks, maps) > 0.85
+    assert aupro(synthetic.test_masks, maps) > 0.5
+    predictions = fitted.predict(synthetic.test_images)
+    assert set(np.unique(predictions)) <= {-1, 1}
+    # Most good parts pass and most defective parts are flagged.
+    assert np.mean(predictions[synthetic.test_labels == 0] == 1) >= 0.75
+    assert np.mean(predictions[synthetic.test_labels == 1] == -1) >= 0.75
+
+
+def test_pipeline_methods_agree(fitted, synthetic):
+    images = synthetic.test_images[:4]
+    scores, maps = fitted.score_and_maps(images)
+    np.testing.assert_allclose(fitted.score_samples(images), scores)
+    np.testing.assert_allclose(fitted.anomaly_maps(images), maps)
+    np.testing.assert_allclose(fitted.decision_function(images), scores - fitted[-1].offset_)
+
+
+def test_maps_at_original_size(fitted, synthetic):
+    images = [synthetic.test_images[0][:80, :60], synthetic.test_images[1]]
+    maps = fitted.anomaly_maps(images, original_size=True)
+    assert [m.shape for m in maps] == [(80, 60), (96, 96)]
+    cropped = small_model(resize=110, crop_size=96).fit(synthetic.train_images[:4])
+    with pytest.raises(ValueError, match="crop_size=None"):
+        cropped.anomaly_maps(images, original_size=True)
+
+
+def test_normal_only_kfold():
+    y = np.array([0] * 9 + [1] * 4)
+    splits = list(NormalOnlyKFold(n_splits=3).split(np.zeros(13), y))
+    assert len(splits) == 3
+    held_out = []
+    for train, test in splits:
+        assert np.all(y[train] == 0)
+        assert set(np.flatnonzero(y == 1)) <= set(test)
+        assert not set(train) & set(test)
+        held_out.extend(np.intersect1d(test, np.flatnonzero(y == 0)))
+    assert sorted(held_out) == list(range(9))
+    with pytest.raises(ValueError, match="anomalous"):
+        list(NormalOnlyKFold(3).split(np.zeros(5), np.zeros(5)))
+    with pytest.raises(ValueError, match="labels"):
+        list(NormalOnlyKFold(3).split(np.zeros(5)))
+
+
+def test_grid_search_tunes_the_coreset_ratio(synthetic):
+    X = np.concatenate([synthetic.train_images[:10], synthetic.test_images])
+    y = np.concatenate([np.zeros(10, dtype=int), synthetic.test_labels])
+    search = GridSearchCV(
+        small_model(),
+        {"coreset__sampling_ratio": [0.02, 0.25]},
+        scoring=anomaly_auroc_scorer,
+        cv=NormalOnlyKFold(n_splits=2),
+    )
+    search.fit(X, y)
+    assert search.best_params_["coreset__sampling_ratio"] in (0.02, 0.25)
+    assert np.all(search.cv_results_["mean_test_score"] > 0.8)
+    assert isinstance(search.best_estimator_, PatchCorePipeline)
+
+
+def test_anomaly_auroc_scorer_orientation(fitted, synthetic):
+    auroc = anomaly_auroc_scorer(fitted, synthetic.test_images, synthetic.test_labels)
+    assert auroc > 0.9  # sklearn's "roc_auc" on decision_function would give 1 - auroc
+
+
+def test_saved_model_scores_identically_in_a_fresh_process(fitted, synthetic, tmp_path):
+    path = tmp_path / "model.joblib"
+    images = tmp_path / "images.npy"
+    joblib.dump(fitted, path)
+    np.save(images, synthetic.test_images[:5])
+    expected = fitted.score_samples(synthetic.test_images[:5])
+    code = (
+        "import joblib, numpy as np, sys;"
+        f"m = joblib.load({str(path)!r});"
+        f"np.save({str(tmp_path / 'scores.npy')!r}, m.score_samples(np.load({str(images)!r})))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "NO_PROXY": "*", "HOME": str(tmp_path)})
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), expected)
+    # A random-weight ResNet-18 truncated after layer3 plus a small bank.
+    assert path.stat().st_size < 20e6
+
+
+def test_incompatible_saved_model_is_refused(fitted, tmp_path):
+    state = fitted[-1].__getstate__()
+    state["_skpatchcore_format"] = 999
+    clone = object.__new__(type(fitted[-1]))
+    with pytest.raises(IncompatibleModelError, match="model format 999"):
+        clone.__setstate__(state)
+    # The same through pickle: a file written by a different model format.
+    blob = pickle.dumps(fitted[-1]).replace(b"_skpatchcore_format", b"_skpatchcore_formaX")
+    with pytest.raises(IncompatibleModelError, match="Refit the model"):
+        pickle.loads(blob)
