@@ -20,37 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore.datasets import load_mvtec
-from skpatchcore.images import image_size
+from skpatchcore.images import preprocess_mask
 from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def load_eval_masks(mask_paths, image_paths, resize: int, crop_size: int | None) -> np.ndarray:
-    """Ground-truth masks brought to the backbone input geometry (nearest)."""
-    side = crop_size or resize
-    masks = np.zeros((len(image_paths), side, side), dtype=bool)
-    for i, (mask_path, image_path) in enumerate(zip(mask_paths, image_paths)):
-        if mask_path is None:
-            continue
-        mask = Image.open(mask_path).convert("L")
-        if crop_size is None:
-            mask = mask.resize((resize, resize), Image.Resampling.NEAREST)
-        else:
-            width, height = mask.size
-            scale = resize / min(width, height)
-            new = (max(resize, int(width * scale)), max(resize, int(height * scale)))
-            mask = mask.resize(new, Image.Resampling.NEAREST)
-            left, top = int(round((new[0] - crop_size) / 2)), int(round((new[1] - crop_size) / 2))
-            mask = mask.crop((left, top, left + crop_size, top + crop_size))
-        masks[i] = np.asarray(mask) > 0
-    return masks
 
 
 def subsample(items: list, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -105,9 +83,8 @@ def run_category(path: Path, args, ratio: float) -> dict:
         maps.append(chunk_maps)
     predict_s = time.perf_counter() - start
     scores, maps = np.concatenate(scores), np.concatenate(maps)
-    masks = load_eval_masks(
-        [data.test_masks[i] for i in test_index], test, args.resize, None if args.no_crop else args.crop_size
-    )
+    crop_size = None if args.no_crop else args.crop_size
+    masks = np.stack([preprocess_mask(data.test_masks[i], args.resize, crop_size) for i in test_index])
     return {
         "category": path.name,
         "ratio": ratio,

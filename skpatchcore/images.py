@@ -213,3 +213,32 @@ def preprocess_image(
     mean_array = np.asarray(mean, dtype=np.float32)[:, None, None]
     std_array = np.asarray(std, dtype=np.float32)[:, None, None]
     return np.ascontiguousarray((array - mean_array) / std_array)
+
+
+def preprocess_mask(mask, resize: int, crop_size: int | None) -> np.ndarray:
+    """Bring a ground-truth mask to the geometry of :func:`preprocess_image`.
+
+    Parameters
+    ----------
+    mask : str, ndarray or None
+        Mask file path or 2-D array (any nonzero value is a defect). ``None``
+        gives an all-``False`` mask.
+    resize, crop_size : int, int or None
+        As for :func:`preprocess_image`; nearest-neighbour resampling.
+
+    Returns
+    -------
+    mask : ndarray of shape (side, side), bool
+    """
+    side = crop_size or resize
+    if mask is None:
+        return np.zeros((side, side), dtype=bool)
+    if isinstance(mask, np.ndarray):
+        picture = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    else:
+        if not Path(mask).is_file():
+            raise FileNotFoundError(f"Mask file not found: {mask}")
+        with Image.open(mask) as opened:
+            picture = opened.convert("L")
+    picture = _resize_and_crop(picture, resize, crop_size, Image.Resampling.NEAREST)
+    return np.asarray(picture) > 0

@@ -205,3 +205,15 @@ def test_unfitted_and_bad_parameters():
         small_transformer(aggregation="max").fit()
     with pytest.raises(ValueError, match="patch_size must be odd"):
         small_transformer(patch_size=2).fit()
+
+
+def test_masks_follow_the_image_geometry():
+    from skpatchcore.images import preprocess_mask
+
+    mask = np.zeros((100, 200), dtype=bool)
+    mask[40:60, 90:110] = True  # centred square
+    cropped = preprocess_mask(mask, 80, 64)
+    assert cropped.shape == (64, 64) and cropped[28:36, 28:36].all() and not cropped[:10].any()
+    square = preprocess_mask(mask, 50, None)
+    assert square.shape == (50, 50) and square[20:29, 23:27].all()
+    assert not preprocess_mask(None, 50, None).any()
