@@ -7,14 +7,15 @@ times, the point farthest from the coreset is picked and every distance is
 lowered to the distance to that pick. Ties go to the lowest index
 (``argmax``).
 
-``greedy_numba`` gives the same picks as the naive loop but skips work with
-the triangle inequality: a point already assigned to coreset member ``c``
-lies within ``r_c`` (the largest distance in ``c``'s cluster) of ``c``; when
-``d(c, pick) >= 2 r_c`` no point of that cluster can get closer to the new
-pick than it already is to ``c``, so the cluster is not visited at all. Only
-the clusters near the new pick and the points not yet assigned to any pick
-are read, which is far less memory traffic than a full pass over N x 128
-floats per pick.
+``greedy_numba`` gives exactly the picks of that loop with lazy evaluation.
+A point's distance to the coreset only ever shrinks, so a stored value is an
+upper bound of the current one. Points sit in a max-heap keyed by their
+stored value; to find the farthest point, the top point is brought up to
+date (its distance to the picks made since its last update) and sifted
+down; when it stays on top, its exact value beats every other point's upper
+bound, so it is the argmax. Most points are never touched again after the
+start, so a pick costs a few hundred distance computations instead of a
+pass over all N x 128 values.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import numba
 import numpy as np
 
 _FASTMATH = {"reassoc", "contract", "nsz"}
-#: Relative safety margin of the triangle-inequality test against rounding.
-_PRUNE_MARGIN = 1.0 + 1e-7
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
@@ -37,20 +36,62 @@ def _distance(points, i, j):
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def _mean_distance_to_starts(points, starts):
+def _distances_to_starts(points, starts):
     n_points = points.shape[0]
-    out = np.empty(n_points, dtype=np.float64)
+    out = np.empty((n_points, starts.shape[0]), dtype=np.float64)
     for i in range(n_points):
+        for j in range(starts.shape[0]):
+            out[i, j] = _distance(points, i, starts[j])
+    return out
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _mean_distance_to_starts(points, starts):
+    distances = _distances_to_starts(points, starts)
+    out = np.empty(points.shape[0], dtype=np.float64)
+    for i in range(points.shape[0]):
         total = 0.0
-        for s in starts:
-            total += _distance(points, i, s)
+        for j in range(starts.shape[0]):
+            total += distances[i, j]
         out[i] = total / starts.shape[0]
     return out
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
+def _distance_to_vector(points, i, vector):
+    total = 0.0
+    for k in range(points.shape[1]):
+        diff = np.float64(points[i, k]) - np.float64(vector[k])
+        total += diff * diff
+    return np.sqrt(total)
+
+
+@numba.njit(cache=True)
+def _above(value, a, b):
+    """Heap order: larger value first, then lower index (``argmax`` ties)."""
+    return value[a] > value[b] or (value[a] == value[b] and a < b)
+
+
+@numba.njit(cache=True)
+def _sift_down(heap, value, position):
+    size = heap.shape[0]
+    item = heap[position]
+    while True:
+        child = 2 * position + 1
+        if child >= size:
+            break
+        if child + 1 < size and _above(value, heap[child + 1], heap[child]):
+            child += 1
+        if not _above(value, heap[child], item):
+            break
+        heap[position] = heap[child]
+        position = child
+    heap[position] = item
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
 def greedy_numba(points, starts, n_picks):  # pragma: no cover - compiled
-    """Pruned greedy picks; same picks as :func:`greedy_reference`.
+    """Lazy greedy picks; exactly the picks of :func:`greedy_reference`.
 
     Parameters
     ----------
@@ -62,60 +103,45 @@ def greedy_numba(points, starts, n_picks):  # pragma: no cover - compiled
     Returns
     -------
     picks : ndarray of shape (n_picks,), int64
-    min_distance : ndarray of shape (n_points,), float64
-        Final distance of every point to the coreset.
-    n_visited : int
-        Number of point-to-pick distances computed (for benchmarks).
+    radius : float
+        Largest distance of any point to the coreset after the last pick.
+    n_computed : int
+        Point-to-pick distances computed (the naive loop computes
+        ``n_points * n_picks``).
     """
     n_points = points.shape[0]
-    min_distance = _mean_distance_to_starts(points, starts)
-    assigned = np.full(n_points, -1, dtype=np.int64)
+    value = _mean_distance_to_starts(points, starts)
+    up_to_date = np.zeros(n_points, dtype=np.int64)  # picks already applied
+    heap = np.arange(n_points)
+    for position in range(n_points // 2 - 1, -1, -1):
+        _sift_down(heap, value, position)
     picks = np.empty(n_picks, dtype=np.int64)
-    radius = np.zeros(n_picks, dtype=np.float64)
-    farthest = np.zeros(n_picks, dtype=np.int64)
-    candidate = np.zeros(n_picks, dtype=np.bool_)
-    # Farthest point among those not assigned to any pick yet.
-    free_radius = -1.0
-    free_farthest = 0
-    for i in range(n_points):
-        if min_distance[i] > free_radius:
-            free_radius = min_distance[i]
-            free_farthest = i
-    n_visited = 0
-    for t in range(n_picks):
-        best_radius = free_radius
-        best = free_farthest
-        for c in range(t):
-            if radius[c] > best_radius or (radius[c] == best_radius and farthest[c] < best):
-                best_radius = radius[c]
-                best = farthest[c]
-        picks[t] = best
-        for c in range(t):
-            candidate[c] = _distance(points, best, picks[c]) < 2.0 * radius[c] * _PRUNE_MARGIN
-            if candidate[c]:
-                radius[c] = -1.0
-        radius[t] = -1.0
-        free_radius = -1.0
-        for i in range(n_points):
-            owner = assigned[i]
-            if owner >= 0 and not candidate[owner]:
-                continue
-            n_visited += 1
-            d = _distance(points, i, best)
-            if d < min_distance[i]:
-                min_distance[i] = d
-                owner = t
-                assigned[i] = t
-            if owner < 0:
-                if min_distance[i] > free_radius:
-                    free_radius = min_distance[i]
-                    free_farthest = i
-            elif min_distance[i] > radius[owner]:
-                radius[owner] = min_distance[i]
-                farthest[owner] = i
-        if free_radius < 0.0:
-            free_farthest = n_points
-    return picks, min_distance, n_visited
+    pick_vectors = np.empty((n_picks, points.shape[1]), dtype=points.dtype)
+    n_computed = 0
+    radius = 0.0
+    for t in range(n_picks + 1):
+        while True:
+            top = heap[0]
+            current = value[top]
+            for p in range(up_to_date[top], t):
+                d = _distance_to_vector(points, top, pick_vectors[p])
+                if d < current:
+                    current = d
+            n_computed += t - up_to_date[top]
+            value[top] = current
+            up_to_date[top] = t
+            _sift_down(heap, value, 0)
+            if heap[0] == top:
+                break
+        if t == n_picks:
+            radius = value[top]
+            break
+        picks[t] = top
+        pick_vectors[t] = points[top]
+        value[top] = 0.0
+        up_to_date[top] = t + 1
+        _sift_down(heap, value, 0)
+    return picks, radius, n_computed
 
 
 def mean_distance_to_starts(points: np.ndarray, starts: np.ndarray) -> np.ndarray:

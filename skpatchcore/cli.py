@@ -594,10 +594,11 @@ def _fit_summary(model, n_images: int, seconds: float) -> str:
         else f"resize {features.resize}, centre crop {features.crop_size}"
     )
     ratio = f" (sampling ratio {coreset.sampling_ratio:g})" if coreset is not None else ""
+    backbone = features.backbone if isinstance(features.backbone, str) else type(features.backbone).__name__
     return "\n".join([
         f"Fitted in {seconds:.1f} s on {n_images} images",
-        f"  backbone     {features.backbone if isinstance(features.backbone, str) else type(features.backbone).__name__}"
-        f", layers {' '.join(features.layers)}, weights: {_describe_weights(features.weights)}",
+        f"  backbone     {backbone}, layers {' '.join(features.layers)}, "
+        f"weights: {_describe_weights(features.weights)}",
         f"  input        {side[0]}x{side[1]} ({geometry}), patch grid {height}x{width}, {dims} dims",
         f"  memory bank  {n_bank} of {n_patches} patches{ratio}",
         f"  threshold    anomaly score > {-detector.offset_:.4g} is flagged anomalous",
@@ -678,17 +679,12 @@ def masks_at_map_geometry(features, mask_paths: Sequence[str | None]) -> np.ndar
     masks : ndarray of shape (n_masks, H, W), bool
         ``(H, W)`` is ``features.input_size_``.
     """
-    from .datasets import load_masks
-    from .images import preprocess_image
+    from .images import preprocess_mask
 
     height, width = features.input_size_
     masks = np.zeros((len(mask_paths), height, width), dtype=bool)
     for i, path in enumerate(mask_paths):
-        if path is None:
-            continue
-        mask = load_masks([path])[0].astype(np.uint8) * 255
-        view = preprocess_image(mask, features.resize, features.crop_size, "nearest", (0.0,) * 3, (1.0,) * 3)
-        masks[i] = view[0] > 0.5
+        masks[i] = preprocess_mask(path, features.resize, features.crop_size)
     return masks
 
 

@@ -203,10 +203,9 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         if device.type == "cuda":
             picks, radius = greedy_torch(projected, starts, n_selected, device)
         else:
-            picks, min_distance, _ = greedy_numba(projected, starts.astype(np.int64), n_selected)
-            radius = float(min_distance.max())
+            picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected)
         self.coreset_indices_ = picks
-        self.coverage_radius_ = radius
+        self.coverage_radius_ = float(radius)
 
     def _project(self, rows: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         """Random linear projection, initialised like ``torch.nn.Linear``."""
