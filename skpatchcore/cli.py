@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .images import IMAGE_EXTENSIONS
 
 PROG = "skpatchcore"
 #: Files found in folders (case-insensitive suffixes).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Images scored per backbone pass by ``score`` and ``evaluate``.
 SCORE_CHUNK = 32
 #: ``score`` CSV columns.
@@ -556,7 +556,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         progress=_progress_enabled(args),
     )
     _info(args, f"Fitting PatchCore on {len(images)} images ({args.backbone}, weights: {_describe_weights(weights)})")
-    elapsed = _fit(model, images, args.random_state)
+    elapsed = _fit(model, images)
     output.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, output)
     _info(args, _fit_summary(model, len(images), elapsed))
@@ -564,19 +564,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit(model, images: Sequence[str], seed: int | None) -> float:
-    """Fit, switch the progress bar off for the saved model, return seconds.
-
-    ``seed`` also seeds torch (in a forked RNG state), so that a randomly
-    initialised backbone (``weights=None``) is the same on every run.
-    """
-    import torch
-
+def _fit(model, images: Sequence[str]) -> float:
+    """Fit, switch the progress bar off for the saved model, return seconds."""
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.fit(list(images))
+    model.fit(list(images))
     model.steps[0][1].set_params(progress=False)
     return time.perf_counter() - start
 
@@ -1060,7 +1051,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             backbone=backbone, layers=layers, weights=weights, sampling_ratio=config["sampling_ratio"],
             random_state=0, device=args.device, resize=size, crop_size=None, progress=_progress_enabled(args),
         )
-        seconds = _fit(model, data.train_images, seed=0)
+        seconds = _fit(model, data.train_images)
         _info(args, _fit_summary(model, len(data.train_images), seconds))
         joblib.dump(model, output / "model.joblib")
         metrics = evaluate_model(

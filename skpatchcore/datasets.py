@@ -26,6 +26,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.utils import Bunch
 
+from .images import IMAGE_EXTENSIONS, read_mask
+
 __all__ = [
     "load_mvtec",
     "load_masks",
@@ -33,7 +35,6 @@ __all__ = [
     "save_mvtec_layout",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFECT_TYPES = ("scratch", "spot", "crack")
 
 
@@ -202,7 +203,7 @@ def load_masks(
                 )
             masks.append(np.zeros(shape, dtype=bool))
             continue
-        mask = _read_mask(path)
+        mask = read_mask(path)
         if image_sizes is not None and mask.shape != image_sizes[i]:
             raise ValueError(
                 f"Mask {str(path)!r} has shape {mask.shape} but image_sizes[{i}] "
@@ -423,23 +424,6 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
         f"No ground-truth mask for defective test image {str(image)!r}; "
         f"expected {str(candidates[0])!r}."
     )
-
-
-def _read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask image as bool, nonzero (in any colour channel) = defect."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Mask file {str(path)!r} does not exist.")
-    with Image.open(path) as image:
-        if image.mode in ("P", "PA"):
-            image = image.convert("RGBA")
-        array = np.asarray(image)
-        mode = image.mode
-    if array.ndim == 3:
-        if mode in ("RGBA", "LA", "PA"):
-            array = array[..., :-1]
-        return np.any(array != 0, axis=-1)
-    return array != 0
 
 
 def _size_tuple(size) -> tuple[int, int]:

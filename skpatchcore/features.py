@@ -135,6 +135,10 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         Images per forward pass.
     progress : bool, default=False
         Show a progress bar.
+    random_state : int or None, default=None
+        Seeds the random initialisation of a backbone built with
+        ``weights=None`` (in a forked torch RNG, so the global state is left
+        alone); no effect on pretrained weights.
 
     Attributes
     ----------
@@ -173,6 +177,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         device="auto",
         batch_size=8,
         progress=False,
+        random_state=None,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -189,6 +194,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         self.device = device
         self.batch_size = batch_size
         self.progress = progress
+        self.random_state = random_state
 
     def _validate_params(self) -> None:
         if isinstance(self.layers, str) or len(self.layers) == 0:
@@ -220,7 +226,10 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         model = self.backbone
         if isinstance(model, nn.Module):
             model = copy.deepcopy(model)
-        model = build_backbone(model, self.weights)
+        with torch.random.fork_rng(devices=[]):
+            if self.random_state is not None:
+                torch.manual_seed(int(self.random_state))
+            model = build_backbone(model, self.weights)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         side = self.crop_size or self.resize

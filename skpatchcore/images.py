@@ -17,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
+#: File suffixes treated as images when folders are searched (lower case).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -233,12 +236,36 @@ def preprocess_mask(mask, resize: int, crop_size: int | None) -> np.ndarray:
     side = crop_size or resize
     if mask is None:
         return np.zeros((side, side), dtype=bool)
-    if isinstance(mask, np.ndarray):
-        picture = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
-    else:
-        if not Path(mask).is_file():
-            raise FileNotFoundError(f"Mask file not found: {mask}")
-        with Image.open(mask) as opened:
-            picture = opened.convert("L")
+    array = np.asarray(mask) > 0 if isinstance(mask, np.ndarray) else read_mask(mask)
+    picture = Image.fromarray(array.astype(np.uint8) * 255)
     picture = _resize_and_crop(picture, resize, crop_size, Image.Resampling.NEAREST)
     return np.asarray(picture) > 0
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a ground-truth mask as bool: nonzero in any colour channel is a defect.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    mask : ndarray of shape (height, width), bool
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Mask file {str(path)!r} does not exist.")
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("P", "PA"):
+                image = image.convert("RGBA")
+            array = np.asarray(image)
+            mode = image.mode
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Cannot read mask {path}: {error}") from error
+    if array.ndim == 3:
+        if mode in ("RGBA", "LA", "PA"):
+            array = array[..., :-1]
+        return np.any(array != 0, axis=-1)
+    return array != 0

@@ -108,7 +108,7 @@ def make_patchcore(
     n_neighbors : int, default=1
         See :class:`PatchCoreDetector`.
     random_state : int or None
-        Seeds the coreset and the detector.
+        Seeds a randomly initialised backbone, the coreset and the detector.
     device : str, default="auto"
     **feature_params
         Further :class:`PatchFeatureTransformer` parameters (``resize``,
@@ -130,7 +130,8 @@ def make_patchcore(
     return PatchCorePipeline(
         [
             ("features", PatchFeatureTransformer(
-                backbone=backbone, layers=layers, weights=weights, device=device, **feature_params
+                backbone=backbone, layers=layers, weights=weights, device=device, random_state=random_state,
+                **feature_params,
             )),
             ("coreset", CoresetSampler(sampling_ratio=sampling_ratio, device=device, random_state=random_state)),
             ("detector", PatchCoreDetector(n_neighbors=n_neighbors, device=device, random_state=random_state)),

@@ -217,3 +217,16 @@ def test_masks_follow_the_image_geometry():
     square = preprocess_mask(mask, 50, None)
     assert square.shape == (50, 50) and square[20:29, 23:27].all()
     assert not preprocess_mask(None, 50, None).any()
+
+
+def test_random_weights_are_seeded_without_touching_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = small_transformer(random_state=0).fit()
+    after = torch.rand(1)
+    b = small_transformer(random_state=0).fit()
+    c = small_transformer(random_state=1).fit()
+    assert torch.equal(before, after)  # the global RNG stream is unchanged
+    torch.testing.assert_close(a.backbone_.conv1.weight, b.backbone_.conv1.weight)
+    assert not torch.equal(a.backbone_.conv1.weight, c.backbone_.conv1.weight)
