@@ -20,6 +20,22 @@ from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
 AGGREGATIONS = ("mean_pool", "concat")
 
 
+def _neighbourhoods(layer_map: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Zero-padded ``p x p`` neighbourhoods as a view of shape (batch, h, w, channels, p, p).
+
+    The same values, in the same order, as ``F.unfold`` followed by a
+    transpose, without materialising either copy.
+    """
+    batch, channels, height, width = layer_map.shape
+    padding = (patch_size - 1) // 2
+    padded = F.pad(layer_map, (padding, padding, padding, padding))
+    s_batch, s_channel, s_row, s_column = padded.stride()
+    return padded.as_strided(
+        (batch, height, width, channels, patch_size, patch_size),
+        (s_batch, s_row, s_column, s_channel, s_row, s_column),
+    )
+
+
 def aggregate_official(
     layer_maps: Sequence[torch.Tensor], patch_size: int, pretrain_embed_dim: int, target_embed_dim: int
 ) -> torch.Tensor:
@@ -51,8 +67,7 @@ def aggregate_official(
     pooled = []
     for layer_map in layer_maps:
         _, channels, height, width = layer_map.shape
-        neighbourhoods = F.unfold(layer_map, kernel_size=patch_size, padding=(patch_size - 1) // 2)
-        neighbourhoods = neighbourhoods.transpose(1, 2).reshape(-1, 1, channels * patch_size**2)
+        neighbourhoods = _neighbourhoods(layer_map, patch_size).reshape(-1, 1, channels * patch_size**2)
         vectors = F.adaptive_avg_pool1d(neighbourhoods, pretrain_embed_dim)
         vectors = vectors.reshape(batch, height, width, pretrain_embed_dim).permute(0, 3, 1, 2)
         if (height, width) != (ref_h, ref_w):

@@ -1,12 +1,22 @@
-"""Nearest-neighbour search over the memory bank: exact or pynndescent.
+"""Nearest-neighbour search over the memory bank.
 
-Exact search computes Euclidean distances with chunked matrix products
-(``|q|^2 - 2 q.b + |b|^2``), so no (queries x bank) matrix larger than one
-chunk is ever held. Approximate search uses a pynndescent index, built lazily
-on the first query that needs it.
+Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
+``algorithm``:
+
+* :func:`brute_force_kneighbors` (``"exact"``): every query-to-bank distance
+  with chunked float32 matrix products (``|q|^2 - 2 q.b + |b|^2``), never
+  holding more than one chunk of the (queries x bank) matrix; the chosen
+  distances are then recomputed directly.
+* :class:`BFloat16Shortlist` (``"bf16"``): the same matrix products in
+  bfloat16 (3-4x faster on CPUs with AVX512-BF16 or AMX) shortlist a few
+  candidates per query, whose float32 distances are computed exactly.
+* pynndescent (``"pynndescent"``): an approximate neighbour graph.
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import numpy as np
 import torch
@@ -15,24 +25,37 @@ import torch
 CHUNK_ENTRIES = 1 << 24
 
 
-def exact_kneighbors(
+def _exact_distances(queries: torch.Tensor, bank: torch.Tensor, positions: torch.Tensor):
+    """Direct distances to the chosen rows, sorted ascending (stable).
+
+    The expanded formula loses precision for close pairs and its rounding
+    depends on the batch; recomputing the chosen distances directly makes
+    scores exact and independent of how queries are grouped.
+    """
+    distances = torch.empty(positions.shape, dtype=torch.float32, device=queries.device)
+    step = max(1, CHUNK_ENTRIES // (positions.shape[1] * bank.shape[1]))
+    for start in range(0, len(queries), step):
+        rows = slice(start, start + step)
+        distances[rows] = torch.linalg.vector_norm(queries[rows, None, :] - bank[positions[rows]], dim=2)
+    distances, order = torch.sort(distances, dim=1, stable=True)
+    return distances, torch.gather(positions, 1, order)
+
+
+def brute_force_kneighbors(
     queries: np.ndarray,
     bank: np.ndarray,
     n_neighbors: int,
     device: torch.device | str = "cpu",
-    bank_squared: torch.Tensor | None = None,
-    bank_tensor: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by chunked matrix products.
 
     Parameters
     ----------
     queries : ndarray of shape (n_queries, n_dims)
-    bank : ndarray of shape (n_bank, n_dims)
+    bank : ndarray or Tensor of shape (n_bank, n_dims)
+        A tensor already on ``device`` is used without a copy.
     n_neighbors : int
     device : torch device
-    bank_squared, bank_tensor : Tensor, optional
-        Cached squared norms / device copy of the bank.
 
     Returns
     -------
@@ -42,10 +65,10 @@ def exact_kneighbors(
     """
     device = torch.device(device)
     with torch.inference_mode():
-        if bank_tensor is None:
-            bank_tensor = torch.as_tensor(np.asarray(bank, dtype=np.float32)).to(device)
-        if bank_squared is None:
-            bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
+        if not isinstance(bank, torch.Tensor):
+            bank = torch.from_numpy(np.asarray(bank, dtype=np.float32))
+        bank_tensor = bank.to(device)
+        bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
         n_queries, n_bank = queries.shape[0], bank_tensor.shape[0]
         distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
@@ -53,16 +76,76 @@ def exact_kneighbors(
         for start in range(0, n_queries, step):
             chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32)).to(device)
             squared = torch.addmm(bank_squared[None, :], chunk, bank_tensor.T, beta=1.0, alpha=-2.0)
-            squared += (chunk * chunk).sum(dim=1, keepdim=True)
             positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
-            # Recompute the chosen distances directly: the expanded formula
-            # loses precision for close pairs and its rounding depends on the
-            # batch, so scores would change with how queries are grouped.
-            exact = torch.linalg.vector_norm(chunk[:, None, :] - bank_tensor[positions], dim=2)
-            exact, order = torch.sort(exact, dim=1, stable=True)
+            exact, nearest = _exact_distances(chunk, bank_tensor, positions)
             distances[start : start + step] = exact.cpu().numpy()
-            indices[start : start + step] = torch.gather(positions, 1, order).cpu().numpy()
+            indices[start : start + step] = nearest.cpu().numpy()
     return distances, indices
+
+
+class BFloat16Shortlist:
+    """Brute force in bfloat16 to shortlist candidates, exact distances among them.
+
+    The bank is centred (so that bfloat16's 8-bit mantissa is spent on the
+    differences between rows, not on their common offset) and stored in
+    bfloat16. For every query the ``n_candidates`` rows with the smallest
+    bfloat16 value of ``|b|^2 - 2 q.b`` are kept and their float32
+    distances are computed directly. On MTD patch features (banks of 6,000
+    and 16,000 rows, 50,176 queries) it returned the exact nearest neighbour
+    for all but 1 query with 4 candidates.
+
+    Parameters
+    ----------
+    bank : ndarray of shape (n_bank, n_dims), float32
+    n_candidates : int, default=4
+    """
+
+    def __init__(self, bank: np.ndarray, n_candidates: int = 4):
+        self.bank = torch.from_numpy(np.asarray(bank, dtype=np.float32))
+        self.n_candidates = n_candidates
+        with torch.inference_mode():
+            self.mean = self.bank.mean(dim=0)
+            centred = self.bank - self.mean
+            self.centred = centred.bfloat16()
+            self.squared = (centred * centred).sum(dim=1).bfloat16()
+
+    def kneighbors(self, queries: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest neighbours among the shortlist (distances ascending, float32)."""
+        n_queries, n_bank = queries.shape[0], self.bank.shape[0]
+        n_candidates = min(n_bank, max(self.n_candidates, n_neighbors))
+        distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
+        indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
+        step = max(1, CHUNK_ENTRIES // max(n_bank, 1))
+        with torch.inference_mode():
+            for start in range(0, n_queries, step):
+                chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32))
+                scores = torch.addmm(self.squared[None, :], (chunk - self.mean).bfloat16(), self.centred.T, alpha=-2)
+                shortlist = torch.topk(scores, n_candidates, dim=1, largest=False, sorted=False).indices
+                exact, nearest = _exact_distances(chunk, self.bank, shortlist)
+                distances[start : start + step] = exact[:, :n_neighbors].numpy()
+                indices[start : start + step] = nearest[:, :n_neighbors].numpy()
+        return distances, indices
+
+
+@functools.lru_cache(maxsize=1)
+def bfloat16_speedup() -> float:
+    """How many times faster this CPU multiplies bfloat16 than float32 matrices.
+
+    Measured once per process on a 1-GFLOP product (a few milliseconds):
+    CPUs with AVX512-BF16 or AMX give 3-4x, others often less than 1x.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
+    timings = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            x @ y
+            start = time.perf_counter()
+            for _ in range(3):
+                x @ y
+            timings[dtype] = time.perf_counter() - start
+    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
 
 
 def build_nndescent(bank: np.ndarray, random_state=None, n_jobs: int | None = None):

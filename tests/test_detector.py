@@ -9,7 +9,7 @@ from sklearn.exceptions import NotFittedError
 
 from skpatchcore import CoresetSampler, PatchCoreDetector
 from skpatchcore.coreset import PatchRows
-from skpatchcore.search import build_nndescent, exact_kneighbors, nndescent_kneighbors
+from skpatchcore.search import BFloat16Shortlist, brute_force_kneighbors, build_nndescent, nndescent_kneighbors
 
 
 def brute_force(queries, bank, k):
@@ -24,7 +24,7 @@ def test_exact_search_equals_brute_force(rng, monkeypatch):
     monkeypatch.setattr(search, "CHUNK_ENTRIES", 1000)  # force many chunks
     bank = rng.normal(size=(300, 24)).astype(np.float32)
     queries = rng.normal(size=(70, 24)).astype(np.float32)
-    distances, indices = exact_kneighbors(queries, bank, 3)
+    distances, indices = brute_force_kneighbors(queries, bank, 3)
     expected_distances, expected_indices = brute_force(queries, bank, 3)
     np.testing.assert_array_equal(indices, expected_indices)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
@@ -36,7 +36,7 @@ def test_pynndescent_agrees_with_exact(rng):
     basis = rng.normal(size=(6, 64))
     bank = (rng.normal(size=(4000, 6)) @ basis + 0.05 * rng.normal(size=(4000, 64))).astype(np.float32)
     queries = (rng.normal(size=(500, 6)) @ basis + 0.05 * rng.normal(size=(500, 64))).astype(np.float32)
-    exact_d, exact_i = exact_kneighbors(queries, bank, 1)
+    exact_d, exact_i = brute_force_kneighbors(queries, bank, 1)
     approx_d, approx_i = nndescent_kneighbors(build_nndescent(bank, random_state=0), queries, 1)
     assert np.mean(approx_i[:, 0] == exact_i[:, 0]) > 0.95
     ratio = approx_d[:, 0] / exact_d[:, 0]
@@ -170,3 +170,28 @@ def test_bad_inputs(rng):
         PatchCoreDetector().score_samples(rng.normal(size=(3, 8)))
     with pytest.raises(ValueError, match="at least two training images"):
         PatchCoreDetector().fit(rng.normal(size=(1, 3, 3, 8)))
+
+
+def test_bfloat16_shortlist_finds_the_nearest_neighbours(rng):
+    basis = rng.normal(size=(16, 256))
+    bank = (rng.normal(size=(3000, 16)) @ basis + 5 + 0.1 * rng.normal(size=(3000, 256))).astype(np.float32)
+    queries = (rng.normal(size=(400, 16)) @ basis + 5 + 0.1 * rng.normal(size=(400, 256))).astype(np.float32)
+    exact_d, exact_i = brute_force_kneighbors(queries, bank, 2)
+    short_d, short_i = BFloat16Shortlist(bank).kneighbors(queries, 2)
+    assert np.mean(short_i[:, 0] == exact_i[:, 0]) > 0.99
+    assert np.all(short_d[:, 0] >= exact_d[:, 0] - 1e-5)  # exact float32 distances
+    np.testing.assert_allclose(np.median(short_d / exact_d, axis=0), 1.0, atol=1e-6)
+
+
+def test_auto_rule(rng, monkeypatch):
+    import skpatchcore.detector as detector_module
+
+    detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(3000, 512)).astype(np.float32))
+    assert detector._choose_algorithm(10) == "exact"  # small call
+    monkeypatch.setattr(detector_module, "bfloat16_speedup", lambda: 3.0)
+    assert detector._choose_algorithm(10_000) == "bf16"
+    monkeypatch.setattr(detector_module, "bfloat16_speedup", lambda: 0.5)
+    assert detector._choose_algorithm(10_000) == "exact"
+    monkeypatch.setattr(detector_module, "AUTO_NNDESCENT_BANK_ROWS", 2000)
+    assert detector._choose_algorithm(10_000) == "pynndescent"
+    assert PatchCoreDetector(algorithm="bf16").fit(rng.normal(size=(50, 4)))._choose_algorithm(1) == "bf16"
