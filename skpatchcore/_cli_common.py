@@ -1,0 +1,188 @@
+"""What the ``skpatchcore`` commands share: one-line errors, messages, input
+images, model files and the backbone options (weights, layers)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .images import IMAGE_EXTENSIONS
+
+PROG = "skpatchcore"
+#: Default feature layers of torchvision ResNets (and other backbones).
+RESNET_LAYERS = ("layer2", "layer3")
+#: Default feature layers of timm EfficientNets.
+EFFICIENTNET_LAYERS = ("blocks.2", "blocks.4")
+
+
+class CommandError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+# --------------------------------------------------------------------------
+# messages
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal, and not with ``--quiet``."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    """Print an informational message on stdout unless ``--quiet``."""
+    if not args.quiet:
+        print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """Print ``skpatchcore: warning: message`` on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def importable(module: str) -> bool:
+    """Whether an optional dependency (``"timm"``, ``"matplotlib"``) is installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# inputs
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files named directly or found (recursively) in folders.
+
+    Parameters
+    ----------
+    inputs : sequence of str or path-like
+        Image files (taken as they are) and folders, searched recursively for
+        files with a suffix in :data:`IMAGE_EXTENSIONS` (case-insensitive),
+        skipping hidden files and folders.
+
+    Returns
+    -------
+    paths : list of str
+        Files in the order given, each folder's files sorted; duplicates
+        removed.
+
+    Raises
+    ------
+    CommandError
+        If an input does not exist or a folder holds no image.
+    """
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.is_file()
+            )
+            if not files:
+                raise CommandError(
+                    f"no images found in {str(item)!r} (searched recursively for "
+                    f"{', '.join(IMAGE_EXTENSIONS)})"
+                )
+            found.extend(str(p) for p in files)
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            raise CommandError(f"no such file or folder: {str(item)!r}")
+    return list(dict.fromkeys(found))
+
+
+def check_readable(paths: Sequence[str]) -> None:
+    """Open every image header now, so that a bad file fails before the slow work."""
+    from .images import image_size
+
+    for path in paths:
+        image_size(path)
+
+
+def load_model(path: str | os.PathLike, device: str | None = None):
+    """Load a PatchCore pipeline saved by ``skpatchcore fit``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A :func:`joblib.dump` file (only load files you trust).
+    device : str, default=None
+        Device that replaces the one stored in the model (``"cpu"``,
+        ``"cuda"``...); the stored one is kept when None or empty.
+
+    Returns
+    -------
+    model : PatchCorePipeline
+
+    Raises
+    ------
+    CommandError
+        If the file is missing, is not a joblib file, holds something other
+        than a PatchCore pipeline, or was saved by an incompatible version.
+    """
+    import joblib
+
+    from ._persistence import IncompatibleModelError
+    from .pipeline import PatchCorePipeline
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"model file not found: {str(path)!r}")
+    try:
+        model = joblib.load(path)
+    except IncompatibleModelError as error:
+        raise CommandError(f"incompatible model file {str(path)!r}: {error}") from error
+    except Exception as error:
+        raise CommandError(
+            f"{str(path)!r} is not a skpatchcore model file ({type(error).__name__}: {error}); "
+            "write one with 'skpatchcore fit'"
+        ) from error
+    if not isinstance(model, PatchCorePipeline):
+        raise CommandError(
+            f"{str(path)!r} holds a {type(model).__name__}, not a PatchCore pipeline written by "
+            "'skpatchcore fit'"
+        )
+    if device:
+        for _, step in model.steps:
+            if "device" in step.get_params(deep=False):
+                step.set_params(device=device)
+    return model
+
+
+# --------------------------------------------------------------------------
+# backbone options
+
+
+def parse_weights(text: str | None) -> str | None:
+    """``--weights``: None for random weights, an existing file's path, or a weights name."""
+    if text is None or text.strip().lower() in ("none", "random"):
+        return None
+    expanded = os.path.expanduser(text)
+    return expanded if os.path.exists(expanded) else text
+
+
+def describe_weights(weights: str | None) -> str:
+    """A few words on a :func:`parse_weights` result, for messages."""
+    if weights is None:
+        return "none (random initialisation)"
+    if os.path.exists(str(weights)):
+        return f"file {weights}"
+    return f"{weights} (pretrained)"
+
+
+def choose_layers(layers: Sequence[str] | None, backbone: str) -> tuple[str, ...]:
+    """``--layers`` when given, else the default layers of `backbone`."""
+    if layers:
+        return tuple(layers)
+    if backbone.startswith("timm:") and "efficientnet" in backbone:
+        return EFFICIENTNET_LAYERS
+    return RESNET_LAYERS

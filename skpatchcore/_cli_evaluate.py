@@ -1,0 +1,245 @@
+"""``skpatchcore evaluate``: benchmark metrics of a model on an MVTec-layout
+test set, with its scores.csv, heatmaps and plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from ._cli_common import check_readable, info, load_model, progress_enabled
+from ._cli_score import (
+    SCORE_CHUNK,
+    colour_range,
+    iter_scored,
+    model_view,
+    prediction_cells,
+    save_heatmap,
+    unique_names,
+)
+
+#: ``evaluate`` CSV columns.
+EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction")
+#: Examples of each kind shown in ``evaluate --plots``'s worst_examples.png.
+N_WORST = 3
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``skpatchcore evaluate`` with parsed arguments; returns the exit status."""
+    from .datasets import load_mvtec
+
+    model = load_model(args.model, args.device)
+    data = load_mvtec(args.category_dir)
+    info(args, f"Evaluating {args.model} on {len(data.test_images)} test images of {data.category!r}")
+    metrics = evaluate_model(
+        model, data, output=args.output, plots=args.plots, heatmaps=args.heatmaps,
+        fpr_limit=args.fpr_limit, chunk=args.batch_size, progress=progress_enabled(args),
+        vmin=args.vmin, vmax=args.vmax, extra={"model": str(args.model)},
+    )
+    print(format_metrics(metrics), flush=True)
+    if args.output is not None:
+        written = ["metrics.json", "scores.csv"]
+        written += ["roc.png", "worst_examples.png"] if args.plots else []
+        written += ["heatmaps/"] if args.heatmaps else []
+        info(args, f"Wrote {', '.join(written)} in {args.output}")
+    return 0
+
+
+def evaluate_model(
+    model,
+    data,
+    output: Path | None = None,
+    plots: bool = False,
+    heatmaps: bool = False,
+    fpr_limit: float = 0.3,
+    chunk: int = SCORE_CHUNK,
+    progress: bool = False,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Score an MVTec-layout test set and compute the benchmark metrics.
+
+    Parameters
+    ----------
+    model : PatchCorePipeline
+        A fitted pipeline.
+    data : Bunch
+        Output of :func:`skpatchcore.datasets.load_mvtec`.
+    output : Path, default=None
+        Folder for ``metrics.json`` and ``scores.csv`` (nothing is written
+        when None).
+    plots : bool, default=False
+        Also write ``roc.png`` and ``worst_examples.png``.
+    heatmaps : bool, default=False
+        Also write ``heatmaps/<stem>.png`` overlays.
+    fpr_limit : float, default=0.3
+        Integration limit of AUPRO.
+    chunk : int, default=32
+        Images per backbone pass.
+    progress : bool, default=False
+    vmin, vmax : float, default=None
+        Heatmap colour limits (see :func:`skpatchcore._cli_score.colour_range`).
+    extra : dict, default=None
+        Further entries for ``metrics.json``.
+
+    Returns
+    -------
+    metrics : dict
+        ``image_auroc``, ``pixel_auroc``, ``aupro`` (None where undefined, e.g.
+        a test set without defects), per-defect image AUROC and counts.
+    """
+    from .metrics import aupro, image_auroc, pixel_auroc
+
+    features = model.steps[0][1]
+    offset = float(model.steps[-1][1].offset_)
+    images = list(data.test_images)
+    labels = np.asarray(data.test_labels, dtype=int)
+    check_readable(images)
+    if (plots or heatmaps) and output is not None:
+        from .plotting import _require_matplotlib
+
+        _require_matplotlib()
+    low, high = colour_range(model, vmin, vmax)
+    height, width = features.input_size_
+    maps = np.empty((len(images), height, width), dtype=np.float32)
+    anomaly = np.empty(len(images), dtype=np.float64)
+    names = unique_names(images)
+    start_time = time.perf_counter()
+    with ExitStack() as stack:
+        writer = None
+        if output is not None:
+            output.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(output / "scores.csv", "w", newline="", encoding="utf-8"))
+            writer = csv.writer(handle)
+            writer.writerow(EVALUATE_COLUMNS)
+        for start, batch, scores, batch_maps in iter_scored(model, images, chunk, False, progress):
+            maps[start:start + len(batch)] = batch_maps
+            anomaly[start:start + len(batch)] = -scores
+            for i, score in enumerate(scores, start):
+                if writer is not None:
+                    writer.writerow([images[i], data.test_defect_types[i], int(labels[i]),
+                                     *prediction_cells(score, offset)])
+                if heatmaps and output is not None:
+                    save_heatmap(output / "heatmaps" / names[i], features, images[i], maps[i], low, high)
+    seconds = time.perf_counter() - start_time
+    masks = masks_at_map_geometry(features, data.test_masks)
+
+    predicted = anomaly > -offset
+    metrics = {
+        "category": data.category,
+        "n_test_images": len(images),
+        "n_anomalous": int(labels.sum()),
+        "image_auroc": _safe_metric(lambda: image_auroc(labels, anomaly)),
+        "pixel_auroc": _safe_metric(lambda: pixel_auroc(masks, maps)),
+        "aupro": _safe_metric(lambda: aupro(masks, maps, fpr_limit=fpr_limit)),
+        "aupro_fpr_limit": fpr_limit,
+        "image_auroc_per_defect": {},
+        "threshold": -offset,
+        "n_predicted_anomalous": int(predicted.sum()),
+        "accuracy": float(np.mean(predicted == (labels == 1))),
+        "map_size": [height, width],
+        "seconds": round(seconds, 3),
+    }
+    types = np.asarray(data.test_defect_types)
+    for defect in sorted(set(types) - {"good"}):
+        keep = (types == "good") | (types == defect)
+        metrics["image_auroc_per_defect"][defect] = _safe_metric(
+            lambda keep=keep: image_auroc(labels[keep], anomaly[keep])
+        )
+    if extra:
+        metrics.update(extra)
+    if output is not None:
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        if plots:
+            _write_plots(output, features, images, labels, anomaly, masks, maps, low, high)
+    return metrics
+
+
+def masks_at_map_geometry(features, mask_paths: Sequence[str | None]) -> np.ndarray:
+    """Ground-truth masks brought to the anomaly-map geometry of a model.
+
+    Each mask is resized (and centre-cropped) exactly as the transformer
+    resizes its image, with nearest-neighbour sampling; with
+    ``crop_size=None`` that is a square resize to ``resize x resize``.
+
+    Parameters
+    ----------
+    features : PatchFeatureTransformer
+        The fitted first step of the pipeline.
+    mask_paths : sequence of (str or None)
+        Mask files; None for a good image (an all-False mask).
+
+    Returns
+    -------
+    masks : ndarray of shape (n_masks, H, W), bool
+        ``(H, W)`` is ``features.input_size_``.
+    """
+    from .images import preprocess_mask
+
+    height, width = features.input_size_
+    masks = np.zeros((len(mask_paths), height, width), dtype=bool)
+    for i, path in enumerate(mask_paths):
+        masks[i] = preprocess_mask(path, features.resize, features.crop_size)
+    return masks
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics of :func:`evaluate_model` as the lines printed by ``evaluate``."""
+    def value(number: float | None) -> str:
+        return "n/a" if number is None else f"{number:.3f}"
+
+    lines = [
+        f"image AUROC   {value(metrics.get('image_auroc'))}",
+        f"pixel AUROC   {value(metrics.get('pixel_auroc'))}",
+        f"AUPRO@{metrics['aupro_fpr_limit']:g}     {value(metrics.get('aupro'))}",
+    ]
+    per_defect = metrics.get("image_auroc_per_defect") or {}
+    if per_defect:
+        lines.append("image AUROC per defect: " + ", ".join(
+            f"{name} {value(number)}" for name, number in per_defect.items()
+        ))
+    lines.append(
+        f"threshold {metrics['threshold']:.4g}: {metrics['n_predicted_anomalous']} of "
+        f"{metrics['n_test_images']} flagged anomalous ({metrics['n_anomalous']} defective), "
+        f"accuracy {metrics['accuracy']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def _safe_metric(function: Callable[[], float]) -> float | None:
+    try:
+        return float(function())
+    except ValueError:  # one class only, no defect region...
+        return None
+
+
+def _write_plots(output, features, images, labels, anomaly, masks, maps, vmin, vmax) -> None:
+    from .plotting import plot_examples, plot_roc_curves
+
+    if 0 < labels.sum() < labels.size:
+        with_pixels = bool(masks.any()) and not masks.all()
+        figure = plot_roc_curves(
+            labels, anomaly, masks if with_pixels else None, maps if with_pixels else None
+        )
+        figure.savefig(output / "roc.png", dpi=100)
+    normal = np.flatnonzero(labels == 0)
+    defective = np.flatnonzero(labels == 1)
+    worst = [(i, "highest-scored good") for i in normal[np.argsort(-anomaly[normal])][:N_WORST]]
+    worst += [(i, "lowest-scored defective") for i in defective[np.argsort(anomaly[defective])][:N_WORST]]
+    figure = plot_examples(
+        [model_view(features, images[i]) for i, _ in worst],
+        [maps[i] for i, _ in worst],
+        masks=[masks[i] if labels[i] else None for i, _ in worst],
+        scores=[anomaly[i] for i, _ in worst],
+        titles=[f"{kind}: {Path(images[i]).name}" for i, kind in worst],
+        vmin=vmin,
+        vmax=vmax,
+    )
+    figure.savefig(output / "worst_examples.png", dpi=80)
