@@ -226,8 +226,10 @@ def cold_section(train_paths: list[str], test_paths: list[str], args) -> None:
 
 
 # ---------------------------------------------------------------------- memory
+# Peak RSS is read from /proc/self/status (VmHWM): getrusage's ru_maxrss
+# survives exec on Linux and would report this (large) parent process.
 MEMORY_SCRIPT = """
-import resource, sys, time
+import sys, time
 from skpatchcore import make_patchcore
 from skpatchcore.datasets import load_mvtec
 data = load_mvtec(sys.argv[1])
@@ -235,16 +237,17 @@ model = make_patchcore("timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks
     resize=224, crop_size=None, interpolation="bicubic", sampling_ratio=0.01, random_state=0)
 start = time.perf_counter(); model.fit(data.train_images); seconds = time.perf_counter() - start
 h, w, d = model[0].feature_shape_
-print(len(data.train_images) * h * w * d * 4 / 1e9, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, seconds)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(len(data.train_images) * h * w * d * 4 / 1e9, peak / 1e6, seconds)
 """
 
 BASELINE_SCRIPT = """
-import resource, sys
+import sys
 from skpatchcore import PatchFeatureTransformer
 t = PatchFeatureTransformer("timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=sys.argv[1],
     resize=224, crop_size=None).fit()
 t.transform([sys.argv[2]])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1e6)
 """
 
 

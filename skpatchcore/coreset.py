@@ -9,7 +9,6 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._greedy import greedy_numba, greedy_torch
 from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
 
@@ -200,6 +199,9 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
         projected = self._project(rows, rng)
         device = resolve_device(self.device)
+        # Imported here: numba is only needed to fit, not to load and score.
+        from ._greedy import greedy_numba, greedy_torch
+
         if device.type == "cuda":
             picks, radius = greedy_torch(projected, starts, n_selected, device)
         else:

@@ -33,6 +33,9 @@ AUTO_SMALL_WORK = 1e9
 ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
 AUTO_NNDESCENT_BANK_ROWS = 50_000
+#: Patches per image searched exactly again after an approximate search, so
+#: that image scores equal exact search (grows x4 until certified).
+EXACT_MAXIMA_PATCHES = 8
 #: Images (or rows, for 2-D input) scored to calibrate ``offset_``.
 CALIBRATION_GROUPS = 64
 CALIBRATION_ROWS = 2048
@@ -75,10 +78,12 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     algorithm : {"auto", "exact", "bf16", "pynndescent"}, default="auto"
         ``"exact"``: chunked float32 brute force. ``"bf16"``: brute force in
         bfloat16 shortlists 4 candidates per patch, whose exact float32
-        distances decide (a deviation from the paper's exact search: on MTD
-        it missed the true nearest neighbour for 1 patch in 50,000).
-        ``"pynndescent"``: an approximate neighbour graph, built on first use.
-        ``"auto"``: exact on a GPU and for small calls; otherwise
+        distances decide. ``"pynndescent"``: an approximate neighbour graph,
+        built on first use. With either approximation, image scores of 4-D
+        input are still exact: each image's highest patches are searched
+        again exactly until no other patch can exceed them; the other patch
+        scores (the maps) may be slightly too high where a neighbour was
+        missed. ``"auto"``: exact on a GPU and for small calls; otherwise
         pynndescent for banks of >= 50,000 rows, else ``"bf16"`` where this
         CPU multiplies bfloat16 >= 1.5x faster than float32, else exact.
     reweight : bool, default=False
@@ -254,10 +259,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             return "pynndescent"
         return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "exact"
 
-    def _kneighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _kneighbors(self, queries: np.ndarray, k: int, algorithm: str | None = None):
         if not hasattr(self, "_nndescent"):
             self._reset_caches()
-        algorithm = self._choose_algorithm(len(queries))
+        algorithm = algorithm or self._choose_algorithm(len(queries))
         if algorithm == "bf16":
             if self._shortlist is None:
                 self._shortlist = BFloat16Shortlist(self.memory_bank_)
@@ -310,7 +315,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         """Anomaly scores (positive) per sample, and patch-score grids for 4-D input."""
         check_is_fitted(self, "memory_bank_")
         rows, image_index = validate_features(self, X, reset=False)
-        distances, indices = self._kneighbors(rows, self.n_neighbors)
+        algorithm = self._choose_algorithm(len(rows))
+        distances, indices = self._kneighbors(rows, self.n_neighbors, algorithm)
         patch_scores = distances.mean(axis=1)
         if image_index is None:
             scores = patch_scores.astype(np.float64)
@@ -318,14 +324,42 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
                 scores *= self._reweight_factors(rows, indices[:, 0])
             return scores, None
         n_images, height, width = np.asarray(X).shape[:3]
-        grids = patch_scores.reshape(n_images, height, width)
-        flat = grids.reshape(n_images, -1)
+        flat = patch_scores.reshape(n_images, height * width)
+        if algorithm != "exact":
+            self._make_image_maxima_exact(rows, flat, indices)
         top = np.argmax(flat, axis=1)
         scores = flat[np.arange(n_images), top].astype(np.float64)
         if self.reweight:
             top_rows = np.arange(n_images) * height * width + top
             scores *= self._reweight_factors(rows[top_rows], indices[top_rows, 0])
-        return scores, grids
+        return scores, flat.reshape(n_images, height, width)
+
+    def _make_image_maxima_exact(self, rows: np.ndarray, flat: np.ndarray, indices: np.ndarray) -> None:
+        """Give every image exactly the largest patch score that exact search gives.
+
+        An approximate search returns true distances to *some* bank rows, so
+        each patch score is an upper bound of the exact one. Each image's
+        highest-scoring patches are searched again exactly; once the largest
+        exact value among them is at least the highest bound left unchecked,
+        no other patch can beat it and the image score is exact. ``flat``
+        (n_images, n_patches) and ``indices`` are updated in place.
+        """
+        n_images, n_patches = flat.shape
+        pending = np.arange(n_images)
+        n_checked = min(EXACT_MAXIMA_PATCHES, n_patches)
+        while pending.size:
+            order = np.argsort(-flat[pending], axis=1, kind="stable")
+            chosen = order[:, :n_checked]
+            positions = (pending[:, None] * n_patches + chosen).ravel()
+            distances, nearest = self._kneighbors(rows[positions], self.n_neighbors, "exact")
+            flat[pending[:, None], chosen] = distances.mean(axis=1).reshape(chosen.shape)
+            indices[positions] = nearest
+            if n_checked == n_patches:
+                break
+            best_checked = flat[pending[:, None], chosen].max(axis=1)
+            best_unchecked = flat[pending, order[:, n_checked]]
+            pending = pending[best_checked < best_unchecked]
+            n_checked = min(4 * n_checked, n_patches)
 
     @available_if(_no_fit_predict)
     def fit_predict(self, X, y=None):  # pragma: no cover - never available

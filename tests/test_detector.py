@@ -195,3 +195,16 @@ def test_auto_rule(rng, monkeypatch):
     monkeypatch.setattr(detector_module, "AUTO_NNDESCENT_BANK_ROWS", 2000)
     assert detector._choose_algorithm(10_000) == "pynndescent"
     assert PatchCoreDetector(algorithm="bf16").fit(rng.normal(size=(50, 4)))._choose_algorithm(1) == "bf16"
+
+
+@pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])
+def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
+    basis = rng.normal(size=(8, 64))
+    train = (rng.normal(size=(30, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(30, 6, 6, 64))).astype(np.float32)
+    test = (rng.normal(size=(20, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(20, 6, 6, 64))).astype(np.float32)
+    test[::3, 2, 2] += 3.0
+    exact = PatchCoreDetector(algorithm="exact").fit(train)
+    approximate = PatchCoreDetector(algorithm=algorithm, random_state=0).fit(train)
+    np.testing.assert_allclose(approximate.score_samples(test), exact.score_samples(test), rtol=1e-5)
+    # Patch scores are upper bounds of the exact ones.
+    assert np.all(approximate.patch_scores(test) >= exact.patch_scores(test) * (1 - 1e-5))
