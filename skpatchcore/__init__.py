@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from ._persistence import IncompatibleModelError  # noqa: E402
 from .coreset import CoresetSampler  # noqa: E402
 from .detector import PatchCoreDetector  # noqa: E402
 from .features import PatchFeatureTransformer  # noqa: E402
@@ -9,6 +10,7 @@ from .pipeline import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, 
 
 __all__ = [
     "CoresetSampler",
+    "IncompatibleModelError",
     "NormalOnlyKFold",
     "PatchCoreDetector",
     "PatchCorePipeline",

@@ -95,8 +95,8 @@ def fit_summary(model, n_images: int, seconds: float) -> str:
 
 def _human_size(n_bytes: int) -> str:
     size = float(n_bytes)
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
+        size /= 1000
     return f"{size:.1f} GB"

@@ -30,10 +30,10 @@ class VersionedStateMixin:
         saved_format = state.pop("_skpatchcore_format", None)
         saved_version = state.pop("_skpatchcore_version", "unknown")
         if saved_format != MODEL_FORMAT_VERSION:
+            hint = "" if saved_version == __version__ else f", or load it with skpatchcore {saved_version}"
             raise IncompatibleModelError(
                 f"This {type(self).__name__} was saved by skpatchcore {saved_version} "
                 f"(model format {saved_format}); skpatchcore {__version__} reads model "
-                f"format {MODEL_FORMAT_VERSION}. Refit the model, or load it with "
-                f"skpatchcore {saved_version}."
+                f"format {MODEL_FORMAT_VERSION}. Refit the model{hint}."
             )
         super().__setstate__(state)

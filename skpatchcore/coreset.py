@@ -35,6 +35,15 @@ class PatchRows(np.ndarray):
     def __array_finalize__(self, obj):
         self.image_index = None
 
+    def __reduce__(self):
+        # Keep image_index through pickling (joblib caches, Pipeline(memory=...)).
+        constructor, arguments, state = super().__reduce__()
+        return constructor, arguments, (state, self.image_index)
+
+    def __setstate__(self, state):
+        array_state, self.image_index = state
+        super().__setstate__(array_state)
+
 
 def pool_patches(X) -> tuple[np.ndarray, np.ndarray | None]:
     """Flatten ``(n, h, w, D)`` features to ``(n * h * w, D)`` rows (a view when possible).

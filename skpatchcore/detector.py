@@ -68,8 +68,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
       for tabular data.
 
     Distances are true Euclidean distances; the official implementation
-    (faiss ``IndexFlatL2``) reports squared distances. Rankings, and so
-    AUROC, are the same for ``n_neighbors=1``.
+    (faiss ``IndexFlatL2``) reports squared distances. Image scores rank the
+    same for ``n_neighbors=1`` (same image AUROC); anomaly maps differ
+    slightly, since the Gaussian smoothing averages distances rather than
+    squared distances.
 
     Parameters
     ----------

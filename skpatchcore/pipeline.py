@@ -17,12 +17,45 @@ from .images import as_image_list, image_size
 class PatchCorePipeline(Pipeline):
     """A scikit-learn ``Pipeline`` with PatchCore's pixel-level outputs.
 
-    Everything a ``Pipeline`` does works unchanged (``fit``,
-    ``score_samples``, ``decision_function``, ``predict``, ``GridSearchCV``,
-    ``joblib``). Two methods are added, both of which run the backbone once:
+    Everything a ``Pipeline`` does works unchanged (``score_samples``,
+    ``decision_function``, ``predict``, ``GridSearchCV``, ``joblib``). Two
+    methods are added, both of which run the backbone once:
     :meth:`anomaly_maps` and :meth:`score_and_maps`. The first step must
     produce patch features, the last must be a :class:`PatchCoreDetector`.
+
+    ``fit(X, y)`` learns from normal samples only: when labels are given,
+    samples with ``y != 0`` are left out. This keeps the memory bank clean
+    when ``GridSearchCV`` refits the best model on a labelled set.
     """
+
+    def fit(self, X, y=None, **params):
+        """Fit on the normal samples of ``X`` (all of them when ``y`` is None).
+
+        Parameters
+        ----------
+        X : images
+            As accepted by :class:`PatchFeatureTransformer`.
+        y : array-like of shape (n_samples,), default=None
+            0 for normal, anything else for anomalous; anomalous samples are
+            not used.
+        **params
+            Passed to ``Pipeline.fit``.
+
+        Returns
+        -------
+        self : PatchCorePipeline
+        """
+        if y is not None:
+            labels = np.asarray(y)
+            images = as_image_list(X)
+            if labels.shape != (len(images),):
+                raise ValueError(f"y has shape {labels.shape}; expected ({len(images)},), one label per image.")
+            normal = np.flatnonzero(labels == 0)
+            if normal.size == 0:
+                raise ValueError("y marks every sample as anomalous (y != 0); PatchCore fits on normal samples.")
+            X = [images[i] for i in normal] if not isinstance(X, np.ndarray) else X[normal]
+            y = labels[normal]
+        return super().fit(X, y, **params)
 
     def _features_and_detector(self, X):
         check_is_fitted(self)

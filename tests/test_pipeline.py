@@ -10,7 +10,7 @@ import pytest
 from sklearn.model_selection import GridSearchCV
 
 from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore
-from skpatchcore._persistence import IncompatibleModelError
+from skpatchcore import IncompatibleModelError
 from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
 
 
@@ -120,3 +120,25 @@ def test_incompatible_saved_model_is_refused(fitted, tmp_path):
     blob = pickle.dumps(fitted[-1]).replace(b"_skpatchcore_format", b"_skpatchcore_formaX")
     with pytest.raises(IncompatibleModelError, match="Refit the model"):
         pickle.loads(blob)
+
+
+def test_fit_with_labels_uses_normal_samples_only(synthetic):
+    X = np.concatenate([synthetic.train_images[:6], synthetic.test_images[-4:]])
+    y = np.array([0] * 6 + [1] * 4)
+    labelled = small_model(sampling_ratio=1.0).fit(X, y)
+    normal_only = small_model(sampling_ratio=1.0).fit(synthetic.train_images[:6])
+    np.testing.assert_array_equal(labelled[-1].memory_bank_, normal_only[-1].memory_bank_)
+    with pytest.raises(ValueError, match="every sample as anomalous"):
+        small_model().fit(X[:2], [1, 1])
+    with pytest.raises(ValueError, match="one label per image"):
+        small_model().fit(X, y[:3])
+
+
+def test_patch_rows_keep_their_images_through_pickling(fitted, synthetic):
+    from skpatchcore import CoresetSampler
+
+    features = fitted[0].transform(synthetic.train_images[:3])
+    rows = CoresetSampler(sampling_ratio=0.5, random_state=0).fit_transform(features)
+    again = pickle.loads(pickle.dumps(rows))
+    np.testing.assert_array_equal(again, rows)
+    np.testing.assert_array_equal(again.image_index, rows.image_index)
