@@ -64,7 +64,7 @@ def fit_model(model, images: Sequence[str]) -> float:
     """Fit, switch the progress bar off for the saved model, return seconds."""
     start = time.perf_counter()
     model.fit(list(images))
-    model.steps[0][1].set_params(progress=False)
+    model.set_params(features__progress=False, coreset__progress=False)
     return time.perf_counter() - start
 
 

@@ -89,8 +89,51 @@ def _sift_down(heap, value, position):
     heap[position] = item
 
 
+@numba.njit(cache=True)
+def _start_heap(points, starts):  # pragma: no cover - compiled
+    value = _mean_distance_to_starts(points, starts)
+    up_to_date = np.zeros(points.shape[0], dtype=np.int64)  # picks already applied
+    heap = np.arange(points.shape[0])
+    for position in range(points.shape[0] // 2 - 1, -1, -1):
+        _sift_down(heap, value, position)
+    return value, up_to_date, heap
+
+
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def greedy_numba(points, starts, n_picks):  # pragma: no cover - compiled
+def _farthest(points, value, up_to_date, heap, pick_vectors, t):  # pragma: no cover - compiled
+    """Update the top point until it stays on top; return it and the distances computed."""
+    n_computed = 0
+    while True:
+        top = heap[0]
+        current = value[top]
+        for p in range(up_to_date[top], t):
+            d = _distance_to_vector(points, top, pick_vectors[p])
+            if d < current:
+                current = d
+        n_computed += t - up_to_date[top]
+        value[top] = current
+        up_to_date[top] = t
+        _sift_down(heap, value, 0)
+        if heap[0] == top:
+            return top, n_computed
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _pick(points, value, up_to_date, heap, picks, pick_vectors, start, stop):  # pragma: no cover
+    """Make picks ``start`` to ``stop - 1``; return the distances computed."""
+    n_computed = 0
+    for t in range(start, stop):
+        top, n = _farthest(points, value, up_to_date, heap, pick_vectors, t)
+        n_computed += n
+        picks[t] = top
+        pick_vectors[t] = points[top]
+        value[top] = 0.0
+        up_to_date[top] = t + 1
+        _sift_down(heap, value, 0)
+    return n_computed
+
+
+def greedy_numba(points: np.ndarray, starts: np.ndarray, n_picks: int, progress=None):
     """Lazy greedy picks; exactly the picks of :func:`greedy_reference`.
 
     Parameters
@@ -99,6 +142,8 @@ def greedy_numba(points, starts, n_picks):  # pragma: no cover - compiled
     starts : ndarray of int64
         Starting points that initialise the distances (mean distance).
     n_picks : int
+    progress : tqdm progress bar, optional
+        Advanced as picks are made (in about 100 steps).
 
     Returns
     -------
@@ -109,39 +154,18 @@ def greedy_numba(points, starts, n_picks):  # pragma: no cover - compiled
         Point-to-pick distances computed (the naive loop computes
         ``n_points * n_picks``).
     """
-    n_points = points.shape[0]
-    value = _mean_distance_to_starts(points, starts)
-    up_to_date = np.zeros(n_points, dtype=np.int64)  # picks already applied
-    heap = np.arange(n_points)
-    for position in range(n_points // 2 - 1, -1, -1):
-        _sift_down(heap, value, position)
+    value, up_to_date, heap = _start_heap(points, np.asarray(starts, dtype=np.int64))
     picks = np.empty(n_picks, dtype=np.int64)
     pick_vectors = np.empty((n_picks, points.shape[1]), dtype=points.dtype)
     n_computed = 0
-    radius = 0.0
-    for t in range(n_picks + 1):
-        while True:
-            top = heap[0]
-            current = value[top]
-            for p in range(up_to_date[top], t):
-                d = _distance_to_vector(points, top, pick_vectors[p])
-                if d < current:
-                    current = d
-            n_computed += t - up_to_date[top]
-            value[top] = current
-            up_to_date[top] = t
-            _sift_down(heap, value, 0)
-            if heap[0] == top:
-                break
-        if t == n_picks:
-            radius = value[top]
-            break
-        picks[t] = top
-        pick_vectors[t] = points[top]
-        value[top] = 0.0
-        up_to_date[top] = t + 1
-        _sift_down(heap, value, 0)
-    return picks, radius, n_computed
+    step = max(1, n_picks // 100)
+    for start in range(0, n_picks, step):
+        stop = min(start + step, n_picks)
+        n_computed += _pick(points, value, up_to_date, heap, picks, pick_vectors, start, stop)
+        if progress is not None:
+            progress.update(stop - start)
+    top, n = _farthest(points, value, up_to_date, heap, pick_vectors, n_picks)
+    return picks, float(value[top]), n_computed + n
 
 
 def mean_distance_to_starts(points: np.ndarray, starts: np.ndarray) -> np.ndarray:

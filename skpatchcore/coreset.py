@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
+from tqdm.auto import tqdm
 
 from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
@@ -121,7 +122,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds the projection and the starting points (no global seeding).
     progress : bool, default=False
-        Unused by the compiled kernel; kept for API symmetry.
+        Show a progress bar of the greedy picks (CPU kernel).
 
     Attributes
     ----------
@@ -214,7 +215,8 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         if device.type == "cuda":
             picks, radius = greedy_torch(projected, starts, n_selected, device)
         else:
-            picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected)
+            with tqdm(total=n_selected, desc="Coreset", unit="pick", disable=not self.progress) as bar:
+                picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar)
         self.coreset_indices_ = picks
         self.coverage_radius_ = float(radius)
 

@@ -128,6 +128,7 @@ def make_patchcore(
     n_neighbors: int = 1,
     random_state=None,
     device: str = "auto",
+    progress: bool = False,
     **feature_params,
 ) -> PatchCorePipeline:
     """Build the PatchCore pipeline: features -> coreset -> detector.
@@ -143,6 +144,8 @@ def make_patchcore(
     random_state : int or None
         Seeds a randomly initialised backbone, the coreset and the detector.
     device : str, default="auto"
+    progress : bool, default=False
+        Progress bars for feature extraction and coreset selection.
     **feature_params
         Further :class:`PatchFeatureTransformer` parameters (``resize``,
         ``crop_size``, ``batch_size``...).
@@ -164,9 +167,11 @@ def make_patchcore(
         [
             ("features", PatchFeatureTransformer(
                 backbone=backbone, layers=layers, weights=weights, device=device, random_state=random_state,
-                **feature_params,
+                progress=progress, **feature_params,
             )),
-            ("coreset", CoresetSampler(sampling_ratio=sampling_ratio, device=device, random_state=random_state)),
+            ("coreset", CoresetSampler(
+                sampling_ratio=sampling_ratio, device=device, random_state=random_state, progress=progress
+            )),
             ("detector", PatchCoreDetector(n_neighbors=n_neighbors, device=device, random_state=random_state)),
         ]
     )

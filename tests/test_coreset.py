@@ -127,3 +127,16 @@ def test_bad_inputs(rng):
         sampler.transform(rng.normal(size=(5, 4)))
     with pytest.raises(NotFittedError):
         CoresetSampler().transform(rng.normal(size=(5, 4)))
+
+
+def test_progress_bar_counts_every_pick(rng):
+    import io
+
+    from tqdm import tqdm
+
+    points = rng.normal(size=(500, 8)).astype(np.float32)
+    starts = np.arange(10, dtype=np.int64)
+    with tqdm(total=37, file=io.StringIO()) as bar:
+        picks, _, _ = greedy_numba(points, starts, 37, bar)
+    assert bar.n == 37
+    np.testing.assert_array_equal(picks, greedy_reference(points, starts, 37))
