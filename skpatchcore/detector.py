@@ -101,7 +101,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         scored against the bank rows that came from *other* training images
         (leave-image-out; needs 4-D input or the :class:`PatchRows` that
         :class:`CoresetSampler` returns); plain 2-D rows are scored without
-        their own row (leave-one-out). ``"auto"`` puts the threshold at the
+        their own row (leave-one-out). At most 64 training images (or 2,048
+        rows) are drawn for this, with ``random_state``. ``"auto"`` puts the threshold at the
         largest calibration score (every training image is normal); a float
         ``c`` puts it at the ``1 - c`` quantile. In-sample scores, which are
         about zero, are never used.
