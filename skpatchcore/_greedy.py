@@ -27,43 +27,23 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def _distance(points, i, j):
-    total = 0.0
-    for k in range(points.shape[1]):
-        diff = np.float64(points[i, k]) - np.float64(points[j, k])
-        total += diff * diff
-    return np.sqrt(total)
-
-
-@numba.njit(cache=True, fastmath=_FASTMATH)
-def _distances_to_starts(points, starts):
-    n_points = points.shape[0]
-    out = np.empty((n_points, starts.shape[0]), dtype=np.float64)
-    for i in range(n_points):
-        for j in range(starts.shape[0]):
-            out[i, j] = _distance(points, i, starts[j])
-    return out
-
-
-@numba.njit(cache=True, fastmath=_FASTMATH)
-def _mean_distance_to_starts(points, starts):
-    distances = _distances_to_starts(points, starts)
-    out = np.empty(points.shape[0], dtype=np.float64)
-    for i in range(points.shape[0]):
-        total = 0.0
-        for j in range(starts.shape[0]):
-            total += distances[i, j]
-        out[i] = total / starts.shape[0]
-    return out
-
-
-@numba.njit(cache=True, fastmath=_FASTMATH)
 def _distance_to_vector(points, i, vector):
     total = 0.0
     for k in range(points.shape[1]):
         diff = np.float64(points[i, k]) - np.float64(vector[k])
         total += diff * diff
     return np.sqrt(total)
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _mean_distance_to_starts(points, starts):
+    out = np.empty(points.shape[0], dtype=np.float64)
+    for i in range(points.shape[0]):
+        total = 0.0
+        for j in range(starts.shape[0]):
+            total += _distance_to_vector(points, i, points[starts[j]])
+        out[i] = total / starts.shape[0]
+    return out
 
 
 @numba.njit(cache=True)
