@@ -236,7 +236,7 @@ def preprocess_mask(mask, resize: int, crop_size: int | None) -> np.ndarray:
     side = crop_size or resize
     if mask is None:
         return np.zeros((side, side), dtype=bool)
-    array = np.asarray(mask) > 0 if isinstance(mask, np.ndarray) else read_mask(mask)
+    array = mask_to_bool(np.asarray(mask)) if isinstance(mask, np.ndarray) else read_mask(mask)
     picture = Image.fromarray(array.astype(np.uint8) * 255)
     picture = _resize_and_crop(picture, resize, crop_size, Image.Resampling.NEAREST)
     return np.asarray(picture) > 0
@@ -264,8 +264,15 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             mode = image.mode
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"Cannot read mask {path}: {error}") from error
+    if mode in ("RGBA", "LA", "PA"):
+        array = array[..., :-1]
+    return mask_to_bool(array)
+
+
+def mask_to_bool(array: np.ndarray) -> np.ndarray:
+    """A 2-D mask, or a channels-last colour mask, as bool: nonzero anywhere is a defect."""
     if array.ndim == 3:
-        if mode in ("RGBA", "LA", "PA"):
-            array = array[..., :-1]
         return np.any(array != 0, axis=-1)
+    if array.ndim != 2:
+        raise ValueError(f"A mask must be 2-D (height, width) or (height, width, channels); got shape {array.shape}.")
     return array != 0

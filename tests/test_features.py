@@ -230,3 +230,16 @@ def test_random_weights_are_seeded_without_touching_global_rng():
     assert torch.equal(before, after)  # the global RNG stream is unchanged
     torch.testing.assert_close(a.backbone_.conv1.weight, b.backbone_.conv1.weight)
     assert not torch.equal(a.backbone_.conv1.weight, c.backbone_.conv1.weight)
+
+
+def test_colour_array_masks_match_grey_ones():
+    from skpatchcore.images import preprocess_mask
+
+    grey = np.zeros((40, 40), dtype=np.uint8)
+    grey[10:20, 5:15] = 255
+    colour = np.zeros((40, 40, 3), dtype=np.uint8)
+    colour[10:20, 5:15, 0] = 255  # defect drawn in the red channel only
+    np.testing.assert_array_equal(preprocess_mask(colour, 32, None), preprocess_mask(grey, 32, None))
+    assert preprocess_mask(colour, 32, None).shape == (32, 32)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        preprocess_mask(np.zeros((2, 40, 40, 3)), 32, None)
