@@ -263,8 +263,6 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "exact"
 
     def _kneighbors(self, queries: np.ndarray, k: int, algorithm: str | None = None):
-        if not hasattr(self, "_nndescent"):
-            self._reset_caches()
         algorithm = algorithm or self._choose_algorithm(len(queries))
         if algorithm == "bf16":
             if self._shortlist is None:
@@ -441,6 +439,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         for cache in ("_device_bank", "_shortlist", "_nndescent", "_bank_neighbors"):
             state.pop(cache, None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_caches()  # search structures are rebuilt on first use
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
