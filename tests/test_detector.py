@@ -177,10 +177,25 @@ def test_bfloat16_shortlist_finds_the_nearest_neighbours(rng):
     bank = (rng.normal(size=(3000, 16)) @ basis + 5 + 0.1 * rng.normal(size=(3000, 256))).astype(np.float32)
     queries = (rng.normal(size=(400, 16)) @ basis + 5 + 0.1 * rng.normal(size=(400, 256))).astype(np.float32)
     exact_d, exact_i = brute_force_kneighbors(queries, bank, 2)
-    short_d, short_i = BFloat16Shortlist(bank).kneighbors(queries, 2)
+    shortlist = BFloat16Shortlist(bank)
+    assert shortlist.n_components == 64  # 16 informative directions, at least 64 kept
+    short_d, short_i = shortlist.kneighbors(queries, 2)
     assert np.mean(short_i[:, 0] == exact_i[:, 0]) > 0.99
     assert np.all(short_d[:, 0] >= exact_d[:, 0] - 1e-5)  # exact float32 distances
     np.testing.assert_allclose(np.median(short_d / exact_d, axis=0), 1.0, atol=1e-6)
+
+
+def test_bfloat16_shortlist_resolves_distances_far_smaller_than_the_norms(rng):
+    # Tight clusters of 10 rows far from the origin: within a cluster the
+    # values |b|^2 - 2 q.b differ by less than bfloat16 resolves at their
+    # size (an earlier version found 37-51% of these neighbours); the product
+    # of the augmented operands returns the small squared distance itself.
+    centres = 1000 + 10 * rng.normal(size=(200, 4)) @ rng.normal(size=(4, 96))
+    bank = (np.repeat(centres, 10, axis=0) + 0.3 * rng.normal(size=(2000, 96))).astype(np.float32)
+    picks = rng.choice(2000, 300, replace=False)
+    queries = (bank[picks] + 1e-3 * rng.normal(size=(300, 96))).astype(np.float32)
+    short_d, short_i = BFloat16Shortlist(bank).kneighbors(queries, 1)
+    assert np.mean(short_i[:, 0] == picks) > 0.99
 
 
 def test_auto_rule(rng, monkeypatch):

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import LITE0_WEIGHTS, small_transformer
 from PIL import Image
 from sklearn.exceptions import NotFittedError
 
 from skpatchcore import PatchFeatureTransformer
+from skpatchcore.backbones import HookedLayers, build_backbone, extract_layers
 from skpatchcore.features import aggregate_concat, aggregate_official
-
-from _helpers import LITE0_WEIGHTS, small_transformer
 
 
 def official_reference(layer_maps, patch_size, pre_dim, target_dim):
@@ -68,17 +68,54 @@ def test_wide_resnet_default_grid_and_no_later_layers():
     assert features.shape == (1, 28, 28, 1024)
     assert features.dtype == np.float32
     assert transformer.input_size_ == (224, 224)
-    # layer4 and the classifier never run, so they are dropped from the model.
-    assert isinstance(transformer.backbone_.layer4, torch.nn.Identity)
-    assert isinstance(transformer.backbone_.fc, torch.nn.Identity)
+    # The traced extractor holds only what layer2 and layer3 need: no layer4, no classifier.
+    assert isinstance(transformer.backbone_, torch.fx.GraphModule)
+    names = {name for name, _ in transformer.backbone_.named_modules()}
+    assert "layer3.5.conv3" in names
+    assert not any(name.startswith(("layer4", "fc", "avgpool")) for name in names)
+    assert sum(p.numel() for p in transformer.backbone_.parameters()) == 24_862_528
 
 
-def test_layers_after_the_last_requested_one_are_never_computed():
-    transformer = small_transformer(layers=("layer1", "layer2")).fit()
+class ShapeDependentNet(torch.nn.Module):
+    """A backbone fx cannot trace: Python control flow on the input's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.layer1 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.layer2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.layer3 = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:  # fx cannot turn a traced size into a bool
+            x = x[..., :-1]
+        return self.layer3(self.layer2(self.layer1(self.stem(x))))
+
+
+def test_untraceable_backbone_uses_hooks_and_stops_after_the_last_layer():
+    transformer = PatchFeatureTransformer(ShapeDependentNet(), layers=("layer1", "layer2"), weights=None,
+                                          resize=64, crop_size=None).fit()
+    assert isinstance(transformer.backbone_, HookedLayers)
+    assert isinstance(transformer.backbone_.network.layer3, torch.nn.Identity)  # never runs: pruned
     calls = []
-    transformer.backbone_.layer3.register_forward_hook(lambda *args: calls.append(1))
-    transformer.transform(np.zeros((2, 64, 64, 3), dtype=np.uint8))
-    assert calls == []
+    transformer.backbone_.network.layer2.register_forward_hook(lambda *args: calls.append(1))
+    features = transformer.transform(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+    assert calls == [1] and features.shape == (2, 8, 8, 1024)
+
+
+def test_traced_extractor_matches_the_hooked_network(rng):
+    transformer = small_transformer().fit()
+    assert isinstance(transformer.backbone_, torch.fx.GraphModule)
+    network = build_backbone("resnet18", None)
+    missing, _ = network.load_state_dict(transformer.backbone_.state_dict(), strict=False)
+    assert all(key.startswith(("layer4", "fc")) for key in missing)  # same names, layers 1-3 kept
+    images = torch.from_numpy(rng.normal(size=(3, 3, 64, 64)).astype(np.float32))
+    with torch.inference_mode():
+        expected = extract_layers(network.eval(), images, ("layer2", "layer3"))
+        got = transformer.backbone_(images)
+    assert len(got) == 2
+    for a, b in zip(got, expected):  # NHWC vs NCHW convolutions: float rounding only
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_input_forms_give_the_same_features(tmp_path, rng):
@@ -135,8 +172,9 @@ def test_local_weights_file_round_trip(tmp_path):
 
 
 def test_named_weights_offline_error_suggests_a_local_file(monkeypatch):
-    import torchvision.models._api as api
     from urllib.error import URLError
+
+    import torchvision.models._api as api
 
     def offline(*args, **kwargs):
         raise URLError("no network")
@@ -165,7 +203,9 @@ def test_timm_efficientnet_lite0_with_local_weights():
     )
     features = transformer.fit_transform(np.full((1, 224, 224, 3), 128, dtype=np.uint8))
     assert features.shape == (1, 28, 28, 1024)
-    assert isinstance(transformer.backbone_.conv_head, torch.nn.Identity)
+    # TF "same" padding depends on the input size: not traceable, read with hooks.
+    assert isinstance(transformer.backbone_, HookedLayers)
+    assert isinstance(transformer.backbone_.network.conv_head, torch.nn.Identity)
 
 
 @pytest.mark.parametrize(

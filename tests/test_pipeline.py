@@ -102,7 +102,9 @@ def test_saved_model_scores_identically_in_a_fresh_process(fitted, synthetic, tm
     code = (
         "import joblib, numpy as np, sys;"
         f"m = joblib.load({str(path)!r});"
-        f"np.save({str(tmp_path / 'scores.npy')!r}, m.score_samples(np.load({str(images)!r})))"
+        f"np.save({str(tmp_path / 'scores.npy')!r}, m.score_samples(np.load({str(images)!r})));"
+        # The traced backbone needs no torchvision (whose import costs ~1.6 s).
+        "assert 'torchvision' not in sys.modules, 'torchvision imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "", "NO_PROXY": "*", "HOME": str(tmp_path)})
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), expected)
