@@ -278,6 +278,11 @@ class _LayerOutputTracer(torch.fx.Tracer):
         self.layers = set(layers)
         self.outputs: dict[str, torch.fx.Proxy] = {}
 
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        # Convolutions that pad from the input size (timm's TF "same") stay
+        # whole here and are specialised afterwards (_fix_input_size_padding).
+        return isinstance(module, nn.Conv2d) or super().is_leaf_module(module, qualified_name)
+
     def call_module(self, module, forward, args, kwargs):
         result = super().call_module(module, forward, args, kwargs)
         name = self.path_of_module(module)
@@ -301,14 +306,57 @@ def _trace_layers(network: nn.Module, layers: Sequence[str]) -> torch.fx.GraphMo
     return traced.eval()
 
 
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _fix_input_size_padding(traced: torch.fx.GraphModule, images: torch.Tensor) -> None:
+    """Replace ``Conv2d`` subclasses by zero padding + ``nn.Conv2d`` for this input size.
+
+    TensorFlow-style "same" convolutions (timm's ``Conv2dSame``) compute their
+    padding from the input size in Python. The transformer always feeds the
+    same size, so each becomes a fixed ``nn.ZeroPad2d`` + ``nn.Conv2d``,
+    kept only where it gives exactly the same output on the probe.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args[0]))
+        for name, module in traced.named_modules()
+        if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d
+    ]
+    try:
+        with torch.inference_mode():
+            traced(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, x in inputs.items():
+        module = traced.get_submodule(name)
+        (top, bottom), (left, right) = (
+            _same_padding(x.shape[axis], module.kernel_size[i], module.stride[i], module.dilation[i])
+            for i, axis in enumerate((2, 3))
+        )
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+                         module.dilation, module.groups, module.bias is not None)
+        conv.load_state_dict(module.state_dict())
+        replacement = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv).eval()
+        replacement = replacement.to(module.weight.device, memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if torch.equal(replacement(x), module(x)):
+                traced.set_submodule(name, replacement)
+
+
 def layer_extractor(network: nn.Module, layers: Sequence[str], images: torch.Tensor) -> nn.Module:
     """A module mapping images to the list of ``layers`` outputs.
 
     Tries a ``torch.fx`` symbolic trace that keeps only the operations the
-    layers depend on; it is used only if it returns exactly (``torch.equal``)
-    what the hooked network returns for ``images``. Networks that cannot be
-    traced (e.g. with shape-dependent Python control flow, such as timm's
-    TF-style "same" padding) are wrapped in :class:`HookedLayers` instead.
+    layers depend on; convolutions that pad from the input size are fixed
+    for the size of ``images`` (the transformer always feeds that size). The
+    trace is used only if it returns exactly (``torch.equal``) what the
+    hooked network returns for ``images``. Networks that cannot be traced
+    (Python control flow on tensor values or sizes) are wrapped in
+    :class:`HookedLayers` instead.
 
     Parameters
     ----------
@@ -325,6 +373,7 @@ def layer_extractor(network: nn.Module, layers: Sequence[str], images: torch.Ten
     hooked = HookedLayers(network, layers)
     try:
         traced = _trace_layers(network, layers)
+        _fix_input_size_padding(traced, images)
         with torch.inference_mode():
             expected, got = hooked(images), traced(images)
         if len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(expected, got)):

@@ -1,5 +1,7 @@
 """PatchFeatureTransformer: aggregation math, backbone handling, inputs, errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,51 @@ def test_untraceable_backbone_uses_hooks_and_stops_after_the_last_layer():
     assert calls == [1] and features.shape == (2, 8, 8, 1024)
 
 
+class SamePaddingConv(torch.nn.Conv2d):
+    """TensorFlow-style "same" padding computed from the input size (like timm's Conv2dSame)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class ScaledConv(torch.nn.Conv2d):
+    """A Conv2d subclass that is not a padded convolution."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class PaddedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer1 = SamePaddingConv(3, 8, 3, stride=2, padding=0)
+        self.layer2 = ScaledConv(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.layer2(self.layer1(x))
+
+
+def test_input_size_dependent_padding_is_fixed_for_the_transformer_size(rng):
+    network = PaddedNet().eval()
+    transformer = PatchFeatureTransformer(network, layers=("layer1", "layer2"), weights=None,
+                                          resize=64, crop_size=None).fit()  # asymmetric padding: (0, 1)
+    extractor = transformer.backbone_
+    assert isinstance(extractor, torch.fx.GraphModule)
+    assert isinstance(extractor.layer1, torch.nn.Sequential)  # ZeroPad2d + Conv2d
+    assert isinstance(extractor.layer1[0], torch.nn.ZeroPad2d)
+    assert isinstance(extractor.layer2, ScaledConv)  # not a padding variant: kept as it is
+    images = torch.from_numpy(rng.normal(size=(2, 3, 64, 64)).astype(np.float32))
+    with torch.inference_mode():
+        expected = extract_layers(network, images, ("layer1", "layer2"))
+        got = extractor(images)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_traced_extractor_matches_the_hooked_network(rng):
     transformer = small_transformer().fit()
     assert isinstance(transformer.backbone_, torch.fx.GraphModule)
@@ -203,9 +250,12 @@ def test_timm_efficientnet_lite0_with_local_weights():
     )
     features = transformer.fit_transform(np.full((1, 224, 224, 3), 128, dtype=np.uint8))
     assert features.shape == (1, 28, 28, 1024)
-    # TF "same" padding depends on the input size: not traceable, read with hooks.
-    assert isinstance(transformer.backbone_, HookedLayers)
-    assert isinstance(transformer.backbone_.network.conv_head, torch.nn.Identity)
+    # TF "same" padding is computed from the input size: for the transformer's
+    # fixed size it becomes ZeroPad2d + Conv2d, and no timm class is left.
+    assert isinstance(transformer.backbone_, torch.fx.GraphModule)
+    classes = {type(module) for module in transformer.backbone_.modules()}
+    assert torch.nn.ZeroPad2d in classes
+    assert all(cls.__module__.startswith("torch.") for cls in classes)
 
 
 @pytest.mark.parametrize(
