@@ -55,6 +55,7 @@ def run_category(path: Path, args, ratio: float) -> dict:
         interpolation=args.interpolation,
         pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim,
+        random_state=args.seed,  # seeds random initialisation (--weights none)
         batch_size=args.batch_size,
         device=args.device,
         progress=args.progress,

@@ -28,11 +28,11 @@ from .search import (
 #: calls below this many multiply-adds (queries x bank rows x dims) search
 #: exactly; larger ones use the bfloat16 shortlist where this CPU multiplies
 #: bfloat16 at least 1.5x faster than float32; pynndescent takes over for
-#: banks of at least 150,000 rows (see docs/benchmarks.md for the crossover).
+#: banks of at least 50,000 rows (see docs/benchmarks.md for the crossover).
 AUTO_SMALL_WORK = 1e9
 ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
-AUTO_NNDESCENT_BANK_ROWS = 150_000
+AUTO_NNDESCENT_BANK_ROWS = 50_000
 #: Patches per image searched exactly again after an approximate search, so
 #: that image scores equal exact search (grows x4 until certified).
 EXACT_MAXIMA_PATCHES = 8
@@ -86,7 +86,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         again exactly until no other patch can exceed them; the other patch
         scores (the maps) may be slightly too high where a neighbour was
         missed. ``"auto"``: exact on a GPU and for small calls; otherwise
-        pynndescent for banks of >= 150,000 rows, else ``"bf16"`` where this
+        pynndescent for banks of >= 50,000 rows, else ``"bf16"`` where this
         CPU multiplies bfloat16 >= 1.5x faster than float32, else exact.
     reweight : bool, default=False
         Apply the paper's eq. 7 to image scores: the largest patch score is
@@ -249,7 +249,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         """The search used for a call: the ``algorithm`` parameter, or the auto rule.
 
         ``"auto"``: exact on a GPU and for small calls (< 1e9 multiply-adds);
-        otherwise pynndescent for banks of >= 150,000 rows, the bfloat16
+        otherwise pynndescent for banks of >= 50,000 rows, the bfloat16
         shortlist where bfloat16 products are >= 1.5x faster than float32,
         and exact search where they are not.
         """

@@ -110,8 +110,11 @@ class BFloat16Shortlist:
     so that the product returns the small squared distance itself, not a
     difference of large norms rounded to 8 bits. The ``n_candidates`` rows
     with the smallest values are kept and their exact float32 distances in
-    the full space are computed directly. Queries are processed in blocks of
-    ``block_size`` so that each block's distance matrix stays in cache.
+    the full space are computed directly. Queries are processed in blocks
+    (by default as many queries as principal axes, rounded up to a power of
+    two within 64-512: on a 2-core AVX512 CPU with 15,680 bank rows, 64 axes
+    ran fastest in blocks of 64 (12 ms per 784 queries, 30 ms in blocks of
+    256) and 301 axes in blocks of 512 (23 ms; 33 ms in blocks of 64)).
 
     The result is a true distance to some bank row, so it never
     under-estimates the nearest-neighbour distance. On MTD patch features
@@ -124,14 +127,14 @@ class BFloat16Shortlist:
     bank : ndarray of shape (n_bank, n_dims), float32
     n_candidates : int, default=8
     explained_variance : float, default=0.95
-    block_size : int, default=256
+    block_size : int or None, default=None
+        Queries per matrix product; ``None`` chooses from the number of axes.
     """
 
     def __init__(self, bank: np.ndarray, n_candidates: int = 8, explained_variance: float = 0.95,
-                 block_size: int = 256):
+                 block_size: int | None = None):
         self.bank = torch.from_numpy(np.asarray(bank, dtype=np.float32))
         self.n_candidates = n_candidates
-        self.block_size = block_size
         with torch.inference_mode():
             self.mean = self.bank.mean(dim=0)
             centred = self.bank - self.mean
@@ -143,6 +146,7 @@ class BFloat16Shortlist:
             n_components = int(torch.searchsorted(explained, torch.tensor([explained_variance], dtype=explained.dtype))) + 1
             self.n_components = min(n_dims, max(64, n_components))
             self.axes = axes[:, : self.n_components].float().contiguous()
+            self.block_size = block_size or min(512, max(64, 1 << (self.n_components - 1).bit_length()))
             projected = (centred @ self.axes).bfloat16()
             squared = _split_bfloat16((projected.float() ** 2).sum(dim=1))
             ones = torch.ones(len(projected), 2, dtype=torch.bfloat16)
