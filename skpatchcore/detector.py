@@ -273,11 +273,11 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
                 self._nndescent = build_nndescent(self.memory_bank_, self.random_state, self.n_jobs)
             return nndescent_kneighbors(self._nndescent, queries, k)
         device = resolve_device(self.device)
-        if device.type == "cpu":
-            return brute_force_kneighbors(queries, self.memory_bank_, k)
-        if self._device_bank is None or self._device_bank.device != device:
-            self._device_bank = torch.from_numpy(self.memory_bank_).to(device)
-        return brute_force_kneighbors(queries, self._device_bank, k, device)
+        if self._device_bank is None or self._device_bank[0].device != device:
+            bank = torch.from_numpy(self.memory_bank_).to(device)  # no copy on the CPU
+            self._device_bank = (bank, (bank * bank).sum(dim=1))
+        bank, bank_squared = self._device_bank
+        return brute_force_kneighbors(queries, bank, k, device, bank_squared=bank_squared)
 
     def kneighbors(self, X, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank rows of every row or patch.

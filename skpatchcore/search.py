@@ -52,6 +52,7 @@ def brute_force_kneighbors(
     bank: np.ndarray,
     n_neighbors: int,
     device: torch.device | str = "cpu",
+    bank_squared: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by chunked matrix products.
 
@@ -62,6 +63,9 @@ def brute_force_kneighbors(
         A tensor already on ``device`` is used without a copy.
     n_neighbors : int
     device : torch device
+    bank_squared : Tensor of shape (n_bank,), optional
+        The bank rows' squared norms on ``device``, if already computed
+        (repeated calls on one bank).
 
     Returns
     -------
@@ -74,7 +78,8 @@ def brute_force_kneighbors(
         if not isinstance(bank, torch.Tensor):
             bank = torch.from_numpy(np.asarray(bank, dtype=np.float32))
         bank_tensor = bank.to(device)
-        bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
+        if bank_squared is None:
+            bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
         n_queries, n_bank = queries.shape[0], bank_tensor.shape[0]
         distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
