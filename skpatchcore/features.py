@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from ._persistence import VersionedStateMixin
 from .backbones import (
     build_backbone,
-    extract_layers,
     layer_extractor,
     prune_unused_modules,
     resolve_device,
@@ -54,7 +53,8 @@ def _official_plan(channels: tuple[int, ...], patch_size: int, pretrain_embed_di
     -------
     list of (outputs, gather, weight) per layer
         ``outputs``: target dimensions the layer contributes to; ``gather``:
-        input channels, ``span`` per output; ``weight``: Tensor of shape
+        input channels, ``span`` per output (``None`` when that is every
+        channel in order); ``weight``: Tensor of shape
         ``(len(outputs), span, patch_size, patch_size)``.
     """
     area = patch_size * patch_size
@@ -73,7 +73,9 @@ def _official_plan(channels: tuple[int, ...], patch_size: int, pretrain_embed_di
         weight = np.zeros((len(outputs), span, patch_size, patch_size))
         np.add.at(weight, (entries.row, channel - first[entries.row], *np.divmod(offset, patch_size)), entries.data)
         gather = np.minimum(first[:, None] + np.arange(span), n_channels - 1).ravel()
-        plan.append((torch.from_numpy(outputs), torch.from_numpy(gather), torch.from_numpy(weight).float()))
+        identity = np.array_equal(gather, np.arange(n_channels))
+        plan.append((torch.from_numpy(outputs), None if identity else torch.from_numpy(gather),
+                     torch.from_numpy(weight).float()))
     return plan
 
 
@@ -114,7 +116,7 @@ def aggregate_official(
     features = layer_maps[0].new_zeros(batch, ref_h, ref_w, target_embed_dim)
     for layer_map, (outputs, gather, weight) in zip(layer_maps, plan):
         device = layer_map.device
-        if len(gather) != layer_map.shape[1] or not torch.equal(gather, torch.arange(len(gather))):
+        if gather is not None:
             layer_map = layer_map.index_select(1, gather.to(device))
         pooled = F.conv2d(layer_map, weight.to(device, layer_map.dtype), padding=patch_size // 2, groups=len(outputs))
         if pooled.shape[-2:] != (ref_h, ref_w):
@@ -303,13 +305,12 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         model = model.to(memory_format=torch.channels_last)
         side = self.crop_size or self.resize
         self.input_size_ = (side, side)
-        probe = torch.zeros(1, 3, side, side)
-        with torch.inference_mode():
-            prune_unused_modules(model, probe, self.layers)
-            features = self._aggregate(extract_layers(model, probe, self.layers))
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(2, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
-        self.backbone_ = layer_extractor(model, self.layers, probe)
+        with torch.inference_mode():
+            prune_unused_modules(model, probe, self.layers)
+            self.backbone_ = layer_extractor(model, self.layers, probe)
+            features = self._aggregate(self.backbone_(probe))
         self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
         return self
 
