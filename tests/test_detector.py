@@ -185,6 +185,41 @@ def test_bfloat16_shortlist_finds_the_nearest_neighbours(rng):
     np.testing.assert_allclose(np.median(short_d / exact_d, axis=0), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_bank", [100, 1000, 1001])
+def test_bfloat16_shortlist_selection_keeps_the_smallest_products(rng, n_bank):
+    # Candidates come from the groups with the smallest minima, not from a
+    # top-k over every row; they must still be the smallest products. 100
+    # rows are too few for groups (8 candidates x 16 rows); 1001 pads the
+    # last group with rows that must never be chosen.
+    bank = rng.normal(size=(n_bank, 80)).astype(np.float32)
+    queries = torch.from_numpy(rng.normal(size=(150, 80)).astype(np.float32))
+    shortlist = BFloat16Shortlist(bank)
+    with torch.inference_mode():
+        products = (shortlist._query_operand(queries) @ shortlist.operand[:n_bank].T).float()
+        chosen = shortlist._candidates(queries, 8)
+    assert chosen.shape == (150, 8) and int(chosen.max()) < n_bank
+    assert all(len(set(row)) == 8 for row in chosen.tolist())
+    expected = torch.topk(products, 8, dim=1, largest=False).values
+    torch.testing.assert_close(products.gather(1, chosen).sort(dim=1).values, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_neighbors", [1, 3])
+def test_bfloat16_shortlist_exact_kneighbors_equals_brute_force(rng, n_neighbors):
+    # Isotropic data with 64 of 128 axes kept: half the variance is left
+    # out, so the shortlist misses neighbours and the PCA lower bound is
+    # loose; the pruned search must still return what brute force returns.
+    bank = rng.normal(size=(3000, 128)).astype(np.float32)
+    queries = rng.normal(size=(200, 128)).astype(np.float32)
+    shortlist = BFloat16Shortlist(bank, explained_variance=0.5)
+    assert shortlist.n_components == 64
+    exact_d, exact_i = brute_force_kneighbors(queries, bank, n_neighbors)
+    short_d, short_i = shortlist.kneighbors(queries, n_neighbors)
+    assert np.mean(short_i == exact_i) < 0.95  # the shortlist alone is not exact here
+    pruned_d, pruned_i = shortlist.exact_kneighbors(queries, n_neighbors)
+    np.testing.assert_array_equal(pruned_i, exact_i)
+    np.testing.assert_allclose(pruned_d, exact_d, rtol=1e-6)
+
+
 def test_bfloat16_shortlist_resolves_distances_far_smaller_than_the_norms(rng):
     # Tight clusters of 10 rows far from the origin: within a cluster the
     # values |b|^2 - 2 q.b differ by less than bfloat16 resolves at their
