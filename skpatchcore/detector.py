@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import numpy as np
@@ -329,7 +328,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         n_images, height, width = np.asarray(X).shape[:3]
         flat = patch_scores.reshape(n_images, height * width)
         if algorithm != "exact":
-            self._make_image_maxima_exact(rows, flat, indices, algorithm)
+            self._make_image_maxima_exact(rows, flat, distances, indices, algorithm)
         top = np.argmax(flat, axis=1)
         scores = flat[np.arange(n_images), top].astype(np.float64)
         if self.reweight:
@@ -337,8 +336,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             scores *= self._reweight_factors(rows[top_rows], indices[top_rows, 0])
         return scores, flat.reshape(n_images, height, width)
 
-    def _make_image_maxima_exact(self, rows: np.ndarray, flat: np.ndarray, indices: np.ndarray,
-                                 algorithm: str) -> None:
+    def _make_image_maxima_exact(self, rows: np.ndarray, flat: np.ndarray, distances: np.ndarray,
+                                 indices: np.ndarray, algorithm: str) -> None:
         """Give every image exactly the largest patch score that exact search gives.
 
         An approximate search returns true distances to *some* bank rows, so
@@ -346,14 +345,11 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         highest-scoring patches are searched again exactly; once the largest
         exact value among them is at least the highest bound left unchecked,
         no other patch can beat it and the image score is exact. ``flat``
-        (n_images, n_patches) and ``indices`` are updated in place. After the
-        bfloat16 shortlist, the exact search is the shortlist's own, pruned
-        with its PCA lower bound (about 10x cheaper than brute force).
+        (n_images, n_patches), ``distances`` and ``indices`` (one row per
+        patch) are updated in place. After the bfloat16 shortlist, the exact
+        search is the shortlist's own, pruned with its PCA lower bound (2-3x
+        cheaper than brute force).
         """
-        if algorithm == "bf16":
-            search_exactly = self._shortlist.exact_kneighbors
-        else:
-            search_exactly = functools.partial(self._kneighbors, algorithm="exact")
         n_images, n_patches = flat.shape
         pending = np.arange(n_images)
         n_checked = min(EXACT_MAXIMA_PATCHES, n_patches)
@@ -361,9 +357,12 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             order = np.argsort(-flat[pending], axis=1, kind="stable")
             chosen = order[:, :n_checked]
             positions = (pending[:, None] * n_patches + chosen).ravel()
-            distances, nearest = search_exactly(rows[positions], self.n_neighbors)
-            flat[pending[:, None], chosen] = distances.mean(axis=1).reshape(chosen.shape)
-            indices[positions] = nearest
+            if algorithm == "bf16":
+                exact = self._shortlist.exact_kneighbors(rows[positions], self.n_neighbors, distances[positions, -1])
+            else:
+                exact = self._kneighbors(rows[positions], self.n_neighbors, "exact")
+            distances[positions], indices[positions] = exact
+            flat[pending[:, None], chosen] = exact[0].mean(axis=1).reshape(chosen.shape)
             if n_checked == n_patches:
                 break
             best_checked = flat[pending[:, None], chosen].max(axis=1)

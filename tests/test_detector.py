@@ -215,9 +215,10 @@ def test_bfloat16_shortlist_exact_kneighbors_equals_brute_force(rng, n_neighbors
     exact_d, exact_i = brute_force_kneighbors(queries, bank, n_neighbors)
     short_d, short_i = shortlist.kneighbors(queries, n_neighbors)
     assert np.mean(short_i == exact_i) < 0.95  # the shortlist alone is not exact here
-    pruned_d, pruned_i = shortlist.exact_kneighbors(queries, n_neighbors)
-    np.testing.assert_array_equal(pruned_i, exact_i)
-    np.testing.assert_allclose(pruned_d, exact_d, rtol=1e-6)
+    for upper in (None, short_d[:, -1]):  # bounds found again, or given
+        pruned_d, pruned_i = shortlist.exact_kneighbors(queries, n_neighbors, upper)
+        np.testing.assert_array_equal(pruned_i, exact_i)
+        np.testing.assert_allclose(pruned_d, exact_d, rtol=1e-6)
 
 
 def test_bfloat16_shortlist_resolves_distances_far_smaller_than_the_norms(rng):
