@@ -134,9 +134,9 @@ class BFloat16Shortlist:
     The result is a true distance to some bank row, so it never
     under-estimates the nearest-neighbour distance. On MTD patch features
     (EfficientNet-Lite0, bank of 15,680 rows from a 10% coreset, 50,176 test
-    patches) it returned the exact nearest neighbour for 99.998% of them at
-    5x the speed of float32 brute force. :meth:`exact_kneighbors` makes the
-    answer exact for chosen queries.
+    patches) it returned the exact nearest neighbour for 99.998% of them; on
+    a 16,000-row bank it ran 6-8x faster than float32 brute force.
+    :meth:`exact_kneighbors` makes the answer exact for chosen queries.
 
     Parameters
     ----------
