@@ -81,8 +81,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         ``"exact"``: chunked float32 brute force. ``"bf16"``: brute force in
         bfloat16, in the bank's principal subspace, shortlists 8 candidates
         per patch, whose exact float32 distances decide
-        (:class:`~skpatchcore.search.BFloat16Shortlist`). ``"pynndescent"``: an approximate neighbour graph,
-        built on first use. With either approximation, image scores of 4-D
+        (:class:`~skpatchcore.search.BFloat16Shortlist`). ``"pynndescent"``:
+        an approximate neighbour graph, built on first use. With either approximation, image scores of 4-D
         input are still exact: each image's highest patches are searched
         again exactly until no other patch can exceed them; the other patch
         scores (the maps) may be slightly too high where a neighbour was
@@ -347,8 +347,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         no other patch can beat it and the image score is exact. ``flat``
         (n_images, n_patches), ``distances`` and ``indices`` (one row per
         patch) are updated in place. After the bfloat16 shortlist, the exact
-        search is the shortlist's own, pruned with its PCA lower bound (2-3x
-        cheaper than brute force).
+        search is the shortlist's own, pruned with its PCA lower bound (up to
+        5x cheaper than brute force, see docs/benchmarks.md).
         """
         n_images, n_patches = flat.shape
         pending = np.arange(n_images)
