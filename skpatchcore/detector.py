@@ -82,8 +82,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         bfloat16, in the bank's principal subspace, shortlists 8 candidates
         per patch, whose exact float32 distances decide
         (:class:`~skpatchcore.search.BFloat16Shortlist`). ``"pynndescent"``:
-        an approximate neighbour graph, built on first use. With either approximation, image scores of 4-D
-        input are still exact: each image's highest patches are searched
+        an approximate neighbour graph, built on first use. With either
+        approximation, image scores of 4-D input are still exact: each image's highest patches are searched
         again exactly until no other patch can exceed them; the other patch
         scores (the maps) may be slightly too high where a neighbour was
         missed. ``"auto"``: exact on a GPU and for small calls; otherwise
