@@ -83,10 +83,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         per patch, whose exact float32 distances decide
         (:class:`~skpatchcore.search.BFloat16Shortlist`). ``"pynndescent"``:
         an approximate neighbour graph, built on first use. With either
-        approximation, image scores of 4-D input are still exact: each image's highest patches are searched
-        again exactly until no other patch can exceed them; the other patch
-        scores (the maps) may be slightly too high where a neighbour was
-        missed. ``"auto"``: exact on a GPU and for small calls; otherwise
+        approximation, image scores of 4-D input are still exact: each
+        image's highest patches are searched again exactly until no other
+        patch can exceed them; the other patch scores (the maps) may be
+        slightly too high where a neighbour was missed. ``"auto"``: exact on a GPU and for small calls; otherwise
         pynndescent for banks of >= 50,000 rows, else ``"bf16"`` where this
         CPU multiplies bfloat16 >= 1.5x faster than float32, else exact.
     reweight : bool, default=False
