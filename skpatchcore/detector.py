@@ -86,9 +86,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         approximation, image scores of 4-D input are still exact: each
         image's highest patches are searched again exactly until no other
         patch can exceed them; the other patch scores (the maps) may be
-        slightly too high where a neighbour was missed. ``"auto"``: exact on a GPU and for small calls; otherwise
-        pynndescent for banks of >= 50,000 rows, else ``"bf16"`` where this
-        CPU multiplies bfloat16 >= 1.5x faster than float32, else exact.
+        slightly too high where a neighbour was missed. ``"auto"``: exact on
+        a GPU and for small calls; otherwise pynndescent for banks of
+        >= 50,000 rows, else ``"bf16"`` where this CPU multiplies bfloat16
+        >= 1.5x faster than float32, else exact.
     reweight : bool, default=False
         Apply the paper's eq. 7 to image scores: the largest patch score is
         scaled by ``1 - softmax`` weight of its nearest bank row among that
