@@ -158,6 +158,32 @@ def load_model(path: str | os.PathLike, device: str | None = None):
     return model
 
 
+def apply_run_options(model, args: argparse.Namespace) -> None:
+    """Set ``--working-memory``, ``--n-jobs``, ``--scheduler`` and ``--batch-size`` on a loaded model."""
+    if getattr(args, "batch_size", None) is not None:
+        model.steps[0][1].set_params(batch_size=args.batch_size)
+    model.set_params(working_memory=args.working_memory, n_jobs=args.n_jobs, scheduler=args.scheduler)
+    check_scheduler(args.scheduler)
+
+
+def check_scheduler(address: str | None) -> None:
+    """Connect to ``--scheduler`` now, so that a wrong address fails before any work.
+
+    Raises
+    ------
+    CommandError
+        If Dask is missing or no scheduler answers at `address`.
+    """
+    if address is None:
+        return
+    from .distributed import connect
+
+    try:
+        connect(address)
+    except (ImportError, ConnectionError, TypeError) as error:
+        raise CommandError(str(error)) from error
+
+
 # --------------------------------------------------------------------------
 # backbone options
 

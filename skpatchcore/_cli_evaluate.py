@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_common import check_readable, info, load_model, progress_enabled
+from ._cli_common import apply_run_options, check_readable, info, load_model, progress_enabled
 from ._cli_score import (
-    SCORE_CHUNK,
     colour_range,
     iter_scored,
     model_view,
@@ -35,11 +34,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .datasets import load_mvtec
 
     model = load_model(args.model, args.device)
+    apply_run_options(model, args)
     data = load_mvtec(args.category_dir)
     info(args, f"Evaluating {args.model} on {len(data.test_images)} test images of {data.category!r}")
     metrics = evaluate_model(
         model, data, output=args.output, plots=args.plots, heatmaps=args.heatmaps,
-        fpr_limit=args.fpr_limit, chunk=args.batch_size, progress=progress_enabled(args),
+        fpr_limit=args.fpr_limit, progress=progress_enabled(args),
         vmin=args.vmin, vmax=args.vmax, extra={"model": str(args.model)},
     )
     print(format_metrics(metrics), flush=True)
@@ -58,7 +58,6 @@ def evaluate_model(
     plots: bool = False,
     heatmaps: bool = False,
     fpr_limit: float = 0.3,
-    chunk: int = SCORE_CHUNK,
     progress: bool = False,
     vmin: float | None = None,
     vmax: float | None = None,
@@ -81,8 +80,6 @@ def evaluate_model(
         Also write ``heatmaps/<stem>.png`` overlays.
     fpr_limit : float, default=0.3
         Integration limit of AUPRO.
-    chunk : int, default=32
-        Images per backbone pass.
     progress : bool, default=False
     vmin, vmax : float, default=None
         Heatmap colour limits (see :func:`skpatchcore._cli_score.colour_range`).
@@ -119,7 +116,7 @@ def evaluate_model(
             handle = stack.enter_context(open(output / "scores.csv", "w", newline="", encoding="utf-8"))
             writer = csv.writer(handle)
             writer.writerow(EVALUATE_COLUMNS)
-        for start, batch, scores, batch_maps in iter_scored(model, images, chunk, False, progress):
+        for start, batch, scores, batch_maps in iter_scored(model, images, False, progress):
             maps[start:start + len(batch)] = batch_maps
             anomaly[start:start + len(batch)] = -scores
             for i, score in enumerate(scores, start):

@@ -10,6 +10,7 @@ from pathlib import Path
 from ._cli_common import (
     CommandError,
     check_readable,
+    check_scheduler,
     choose_layers,
     collect_images,
     describe_weights,
@@ -36,6 +37,7 @@ def run_fit(args: argparse.Namespace) -> int:
         )
     images = collect_images(args.train_dir)
     check_readable(images)
+    check_scheduler(args.scheduler)
     weights = parse_weights(args.weights)
     model = make_patchcore(
         backbone=args.backbone,
@@ -50,6 +52,9 @@ def run_fit(args: argparse.Namespace) -> int:
         interpolation=args.interpolation,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
+        working_memory=args.working_memory,
+        n_jobs=args.n_jobs,
+        scheduler=args.scheduler,
     )
     info(args, f"Fitting PatchCore on {len(images)} images ({args.backbone}, weights: {describe_weights(weights)})")
     elapsed = fit_model(model, images)
@@ -64,7 +69,8 @@ def fit_model(model, images: Sequence[str]) -> float:
     """Fit, switch the progress bar off for the saved model, return seconds."""
     start = time.perf_counter()
     model.fit(list(images))
-    model.set_params(features__progress=False, coreset__progress=False)
+    # The saved model runs in this process wherever it is loaded: no progress bars, no cluster.
+    model.set_params(features__progress=False, coreset__progress=False, scheduler=None)
     return time.perf_counter() - start
 
 

@@ -12,10 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_common import CommandError, check_readable, collect_images, info, load_model, progress_enabled
+from ._cli_common import (
+    CommandError,
+    apply_run_options,
+    check_readable,
+    collect_images,
+    info,
+    load_model,
+    progress_enabled,
+)
 
-#: Images scored per backbone pass by ``score`` and ``evaluate``.
-SCORE_CHUNK = 32
 #: ``score`` CSV columns.
 SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction")
 
@@ -23,6 +29,7 @@ SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction")
 def run_score(args: argparse.Namespace) -> int:
     """Run ``skpatchcore score`` with parsed arguments; returns the exit status."""
     model = load_model(args.model, args.device)
+    apply_run_options(model, args)
     images = collect_images(args.inputs)
     check_readable(images)
     write_images = not args.no_images
@@ -46,8 +53,7 @@ def run_score(args: argparse.Namespace) -> int:
         writer = csv.writer(handle)
         writer.writerow(SCORE_COLUMNS)
         scored = iter_scored(
-            model, images, args.batch_size, original_size=features.crop_size is None,
-            progress=progress_enabled(args),
+            model, images, original_size=features.crop_size is None, progress=progress_enabled(args),
         )
         for start, batch, scores, maps in scored:
             n_anomalous += int(np.count_nonzero(scores - offset < 0))
@@ -65,18 +71,16 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def iter_scored(
-    model, images: Sequence[str], chunk: int, original_size: bool, progress: bool
+    model, images: Sequence[str], original_size: bool, progress: bool
 ) -> Iterator[tuple[int, list[str], np.ndarray, list | np.ndarray]]:
-    """Score images chunk by chunk: ``(start, paths, score_samples, maps)``."""
+    """Score images chunk by chunk (the model's ``working_memory``): ``(start, paths, score_samples, maps)``."""
     from tqdm import tqdm
 
     model.steps[0][1].set_params(progress=False)
     with tqdm(total=len(images), desc="Scoring", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(images), chunk):
-            batch = list(images[start:start + chunk])
-            scores, maps = model.score_and_maps(batch, original_size=original_size)
-            yield start, batch, scores, maps
-            bar.update(len(batch))
+        for indices, scores, maps in model.iter_score_and_maps(list(images), original_size=original_size):
+            yield indices.start, [images[i] for i in indices], scores, maps
+            bar.update(len(indices))
 
 
 def prediction_cells(score_sample: float, offset: float) -> list[str]:

@@ -27,7 +27,7 @@ from . import __version__
 from ._cli_common import PROG, CommandError
 from ._cli_evaluate import run_evaluate
 from ._cli_fit import run_fit
-from ._cli_score import SCORE_CHUNK, run_score
+from ._cli_score import run_score
 from .demo import DEMO_BACKBONE, DEMO_LAYERS, DEMO_WEIGHTS_FILE, run_demo
 
 
@@ -97,6 +97,8 @@ def _checked(
 
 _positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
 _ratio = _checked(float, lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
+_mebibytes = _checked(float, lambda value: value > 0, "a positive number of MiB")
+_n_jobs = _checked(int, lambda value: value != 0, "a non-zero integer")
 
 
 def _global_options(subcommand: bool) -> argparse.ArgumentParser:
@@ -168,11 +170,30 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
     )
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory, threads and Dask")
+    group.add_argument(
+        "--working-memory", type=_mebibytes, default=None, metavar="MIB",
+        help="memory budget in MiB for the arrays that grow with the number of images: images are "
+        "processed in chunks that fit in it (default: scikit-learn's working_memory, 1024)",
+    )
+    group.add_argument(
+        "--n-jobs", type=_n_jobs, default=None, metavar="N",
+        help="torch threads (-1: all cores; default: torch's own setting, on Dask workers their share "
+        "of the cores)",
+    )
+    group.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS",
+        help="run on a Dask cluster: the scheduler's address, e.g. tcp://HOST:8786 (needs "
+        "skpatchcore[dask]; start it with 'dask scheduler' and 'dask worker ADDRESS')",
+    )
+
+
 def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring")
     group.add_argument(
-        "--batch-size", type=_positive_int, default=SCORE_CHUNK,
-        help=f"images read and scored per backbone pass (default: {SCORE_CHUNK})",
+        "--batch-size", type=_positive_int, default=None,
+        help="images per backbone forward pass (default: the model's, 8)",
     )
     group.add_argument("--device", default=None, help="override the device stored in the model")
     group.add_argument(
@@ -218,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL", help="model file to write")
     _add_model_options(fit)
+    _add_run_options(fit)
     fit.set_defaults(handler=run_fit)
 
     score = commands.add_parser(
@@ -232,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
     score.add_argument("--no-images", action="store_true", help="write scores.csv only, no heatmap PNGs")
     _add_scoring_options(score)
+    _add_run_options(score)
     score.set_defaults(handler=run_score)
 
     evaluate = commands.add_parser(
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fpr-limit", type=_ratio, default=0.3, help="false-positive-rate limit of AUPRO (default: 0.3)"
     )
     _add_scoring_options(evaluate)
+    _add_run_options(evaluate)
 
     def check_evaluate(args: argparse.Namespace) -> None:
         if (args.plots or args.heatmaps) and args.output is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -15,35 +17,68 @@ from .backbones import resolve_device
 
 
 class PatchRows(np.ndarray):
-    """Feature rows that remember which image each row came from.
+    """Feature rows that remember which image (and which input row) each came from.
 
     A plain ``ndarray`` subclass. :meth:`CoresetSampler.fit_transform` returns
     it so that :class:`PatchCoreDetector` can calibrate its threshold by
     leaving whole images out; any numpy operation that makes a new array
-    drops the extra attribute.
+    drops the extra attributes.
 
     Attributes
     ----------
     image_index : ndarray of int or None
         For every row, the index of its source image.
+    row_index : ndarray of int or None
+        For every row, its index among all pooled input rows
+        (``image * h * w + position`` for image features).
     """
 
-    def __new__(cls, rows: np.ndarray, image_index: np.ndarray | None):
+    def __new__(cls, rows: np.ndarray, image_index: np.ndarray | None, row_index: np.ndarray | None = None):
         obj = np.asarray(rows).view(cls)
         obj.image_index = image_index
+        obj.row_index = row_index
         return obj
 
     def __array_finalize__(self, obj):
         self.image_index = None
+        self.row_index = None
 
     def __reduce__(self):
-        # Keep image_index through pickling (joblib caches, Pipeline(memory=...)).
+        # Keep the indices through pickling (joblib caches, Pipeline(memory=...), Dask).
         constructor, arguments, state = super().__reduce__()
-        return constructor, arguments, (state, self.image_index)
+        return constructor, arguments, (state, self.image_index, self.row_index)
 
     def __setstate__(self, state):
-        array_state, self.image_index = state
+        array_state, self.image_index, self.row_index = state
         super().__setstate__(array_state)
+
+
+class ChunkCoreset(NamedTuple):
+    """The greedy coreset of one chunk of images, ready to be merged.
+
+    Attributes
+    ----------
+    rows : ndarray of shape (n_selected, n_features), float32
+        Selected feature rows.
+    image_index : ndarray of shape (n_selected,)
+        Source image of every row (global numbering).
+    row_index : ndarray of shape (n_selected,)
+        Index of every row among all pooled input rows (global numbering).
+    n_rows : int
+        Rows the chunk had before selection.
+    n_images : int
+        Images the chunk had.
+    radius : float
+        Largest distance (projected space) from a row of the chunk to the
+        nearest selected row.
+    """
+
+    rows: np.ndarray
+    image_index: np.ndarray
+    row_index: np.ndarray
+    n_rows: int
+    n_images: int
+    radius: float
 
 
 def pool_patches(X) -> tuple[np.ndarray, np.ndarray | None]:
@@ -104,6 +139,14 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
     while ``transform`` returns its input unchanged so that new images reach
     the detector with all their patches.
 
+    Features that do not fit in memory at once are reduced chunk by chunk
+    (composable coresets, see :meth:`chunk_coreset` and :meth:`merge`): each
+    chunk keeps ``chunk_sampling_ratio`` of its rows by the same greedy
+    selection, and one more greedy pass over the union of the chunk coresets
+    keeps ``int(n_rows * sampling_ratio)`` rows of all the rows seen.
+    :class:`~skpatchcore.PatchCorePipeline` does this when the features
+    exceed its ``working_memory``, in ``partial_fit`` and on Dask.
+
     Parameters
     ----------
     sampling_ratio : float in (0, 1], default=0.1
@@ -116,6 +159,14 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         they are (exact greedy coreset).
     n_starting_points : int, default=10
         Random rows whose mean distance initialises the coverage distances.
+    chunk_sampling_ratio : float in (0, 1] or None, default=None
+        Fraction of each chunk's rows that its chunk coreset keeps before
+        the merge. ``None`` keeps ``sampling_ratio``: the union of the chunk
+        coresets is then the bank, with no merge pass (also in
+        ``partial_fit``, where the new chunks join the existing bank).
+        Larger values let a final greedy pass choose among more rows (closer
+        to one greedy pass over everything, see :meth:`merge`) at the cost
+        of that pass.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -131,7 +182,19 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         (``n_images * h * w`` rows for 4-D input).
     coverage_radius_ : float
         Largest distance (in the projected space) from any input row to its
-        nearest selected row after the last pick. ``nan`` for ``"random"``.
+        nearest selected row after the last pick; after a merge of chunk
+        coresets an upper bound (largest chunk radius plus the merge's
+        radius). ``nan`` for ``"random"``.
+    n_rows_seen_ : int
+        Input rows the coreset was chosen from (all chunks and
+        ``partial_fit`` calls).
+    n_images_seen_ : int or None
+        Images those rows came from (``None`` for 2-D input).
+    seed_ : int
+        Seed of the projection and starting points of chunked selection,
+        drawn from ``random_state`` at ``fit``; chunk coresets depend only on
+        it and on their first image, so a chunk recomputed elsewhere (a Dask
+        worker, a retried task) selects the same rows.
     n_features_in_ : int
         Feature size of a row.
 
@@ -151,6 +214,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         method="greedy",
         projection_dim=128,
         n_starting_points=10,
+        chunk_sampling_ratio=None,
         device="auto",
         random_state=None,
         progress=False,
@@ -159,14 +223,18 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         self.method = method
         self.projection_dim = projection_dim
         self.n_starting_points = n_starting_points
+        self.chunk_sampling_ratio = chunk_sampling_ratio
         self.device = device
         self.random_state = random_state
         self.progress = progress
 
     def _validate_params(self) -> None:
-        ratio = self.sampling_ratio
-        if not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"sampling_ratio must be in (0, 1], got {ratio!r}.")
+        for name in ("sampling_ratio", "chunk_sampling_ratio"):
+            ratio = getattr(self, name)
+            if name == "chunk_sampling_ratio" and ratio is None:
+                continue
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {ratio!r}.")
         if self.method not in ("greedy", "random"):
             raise ValueError(f"method must be 'greedy' or 'random', got {self.method!r}.")
         if self.projection_dim is not None and (
@@ -189,9 +257,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         -------
         self : CoresetSampler
         """
-        self._validate_params()
-        rows, _ = validate_features(self, X, reset=True)
-        self._select(rows)
+        self.fit_transform(X)
         return self
 
     def _select(self, rows: np.ndarray) -> None:
@@ -207,7 +273,10 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
                 self.coverage_radius_ = float("nan")
             return
         starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
-        projected = self._project(rows, rng)
+        projected = _project(rows, self._projection_matrix(rows.shape[1], rng))
+        self.coreset_indices_, self.coverage_radius_ = self._greedy(projected, starts, n_selected)
+
+    def _greedy(self, projected: np.ndarray, starts: np.ndarray, n_selected: int) -> tuple[np.ndarray, float]:
         device = resolve_device(self.device)
         # Imported here: numba is only needed to fit, not to load and score.
         from ._greedy import greedy_numba, greedy_torch
@@ -217,20 +286,14 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         else:
             with tqdm(total=n_selected, desc="Coreset", unit="pick", disable=not self.progress) as bar:
                 picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar)
-        self.coreset_indices_ = picks
-        self.coverage_radius_ = float(radius)
+        return picks, float(radius)
 
-    def _project(self, rows: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        """Random linear projection, initialised like ``torch.nn.Linear``."""
-        n_dims = rows.shape[1]
+    def _projection_matrix(self, n_dims: int, rng: np.random.RandomState) -> np.ndarray | None:
+        """Random linear projection, initialised like ``torch.nn.Linear``; None for no projection."""
         if self.projection_dim is None or self.projection_dim >= n_dims:
-            return np.ascontiguousarray(rows, dtype=np.float32)
+            return None
         bound = 1.0 / np.sqrt(n_dims)
-        matrix = rng.uniform(-bound, bound, size=(n_dims, self.projection_dim)).astype(np.float32)
-        import torch
-
-        with torch.inference_mode():
-            return (torch.from_numpy(np.asarray(rows, dtype=np.float32)) @ torch.from_numpy(matrix)).numpy()
+        return rng.uniform(-bound, bound, size=(n_dims, self.projection_dim)).astype(np.float32)
 
     def fit_transform(self, X, y=None, **fit_params):
         """Select the coreset and return the selected rows (the memory bank).
@@ -244,9 +307,126 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         self._validate_params()
         rows, image_index = validate_features(self, X, reset=True)
         self._select(rows)
+        self.seed_ = _draw_seed(self.random_state)  # after the picks: they stay as before chunking existed
+        self.n_rows_seen_ = int(rows.shape[0])
+        self.n_images_seen_ = None if image_index is None else int(np.asarray(X).shape[0])
         selected = rows[self.coreset_indices_]
         source = None if image_index is None else image_index[self.coreset_indices_]
-        return PatchRows(selected, source)
+        return PatchRows(selected, source, np.asarray(self.coreset_indices_))
+
+    # ------------------------------------------------------ chunked selection
+    def begin_chunks(self) -> CoresetSampler:
+        """Start a chunked selection: validate the parameters and draw ``seed_``.
+
+        Call it once before :meth:`chunk_coreset` (the pipeline does);
+        :meth:`merge` then sets the fitted attributes.
+
+        Returns
+        -------
+        self : CoresetSampler
+        """
+        self._validate_params()
+        self.seed_ = _draw_seed(self.random_state)
+        return self
+
+    def chunk_coreset(self, X, first_image: int = 0) -> ChunkCoreset:
+        """Greedy coreset of one chunk of image features (does not change the sampler).
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+            Patch features of consecutive images.
+        first_image : int, default=0
+            Global index of the chunk's first image: rows are numbered
+            globally, and the chunk's random starting points depend on it.
+
+        Returns
+        -------
+        coreset : ChunkCoreset
+            ``int(n_rows * chunk_sampling_ratio)`` rows, at least one
+            (``sampling_ratio`` when that is None).
+        """
+        check_is_fitted(self, "seed_")
+        features = np.asarray(X)
+        if features.ndim != 4 or min(features.shape) == 0:
+            raise ValueError(
+                f"chunk_coreset needs patch features of shape (n_images, h, w, n_features); got {features.shape}."
+            )
+        rows, local_image = pool_patches(features)
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n_rows = rows.shape[0]
+        ratio = self.sampling_ratio if self.chunk_sampling_ratio is None else self.chunk_sampling_ratio
+        # Rounded down, so that with chunk_sampling_ratio=None the union never
+        # exceeds int(n_rows_total * sampling_ratio) and the merge keeps it whole.
+        n_selected = min(n_rows, max(1, int(n_rows * ratio)))
+        first_row = int(first_image) * n_rows // features.shape[0]
+        if n_selected >= n_rows:
+            picks, radius = np.arange(n_rows), 0.0
+        elif self.method == "random":
+            rng = _derived_rng(self.seed_, 1, first_row)
+            picks, radius = np.sort(rng.choice(n_rows, n_selected, replace=False)), float("nan")
+        else:
+            rng = _derived_rng(self.seed_, 1, first_row)
+            starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
+            projected = _project(rows, self._shared_projection(rows.shape[1]))
+            picks, radius = self._greedy(projected, starts, n_selected)
+        return ChunkCoreset(
+            rows=rows[picks], image_index=local_image[picks] + int(first_image),
+            row_index=picks + first_row, n_rows=n_rows, n_images=int(features.shape[0]), radius=radius,
+        )
+
+    def merge(self, parts: Sequence[ChunkCoreset]) -> PatchRows:
+        """One greedy pass over the union of chunk coresets; sets the fitted attributes.
+
+        Keeps ``int(n_rows * sampling_ratio)`` rows, ``n_rows`` being the rows
+        of all chunks together (``ChunkCoreset.n_rows``), or the whole union
+        when it is no larger (chunk coresets at ``sampling_ratio`` leave
+        up to one row per chunk fewer than one pass would keep). If every chunk keeps
+        at least that many rows, greedy selection over the union of greedy
+        chunk coresets covers every input row within 4 times the optimal
+        k-center radius (composable coresets; Indyk et al. 2014, Malkomes
+        et al. 2015), against 2 times for one greedy pass. For smaller
+        chunk coresets ``coverage_radius_`` is the bound: largest chunk
+        radius plus the merge's radius (triangle inequality).
+
+        Parameters
+        ----------
+        parts : sequence of ChunkCoreset
+            From :meth:`chunk_coreset`, or an existing bank (``partial_fit``).
+
+        Returns
+        -------
+        bank : PatchRows of shape (n_selected, n_features)
+            The selected rows with their ``image_index`` and ``row_index``.
+        """
+        check_is_fitted(self, "seed_")
+        if len(parts) == 0:
+            raise ValueError("merge needs at least one chunk coreset.")
+        rows = np.concatenate([part.rows for part in parts]).astype(np.float32, copy=False)
+        image_index = np.concatenate([part.image_index for part in parts])
+        row_index = np.concatenate([part.row_index for part in parts])
+        n_rows_total = int(sum(part.n_rows for part in parts))
+        n_selected = max(1, int(n_rows_total * self.sampling_ratio))
+        chunk_radius = max(float(part.radius) for part in parts)
+        if n_selected >= rows.shape[0]:
+            picks, radius = np.arange(rows.shape[0]), 0.0
+        else:
+            rng = _derived_rng(self.seed_, 2, n_rows_total)
+            if self.method == "random":
+                picks, radius = np.sort(rng.choice(rows.shape[0], n_selected, replace=False)), float("nan")
+            else:
+                starts = rng.choice(rows.shape[0], min(self.n_starting_points, rows.shape[0]), replace=False)
+                picks, radius = self._greedy(_project(rows, self._shared_projection(rows.shape[1])), starts, n_selected)
+        self.n_features_in_ = int(rows.shape[1])
+        self.coreset_indices_ = row_index[picks]
+        self.coverage_radius_ = chunk_radius + radius
+        self.n_rows_seen_ = n_rows_total
+        self.n_images_seen_ = int(sum(part.n_images for part in parts))
+        return PatchRows(rows[picks], image_index[picks], row_index[picks])
+
+    def _shared_projection(self, n_dims: int) -> np.ndarray | None:
+        """The projection every chunk and the merge share (drawn from ``seed_``)."""
+        return self._projection_matrix(n_dims, _derived_rng(self.seed_, 0))
 
     def transform(self, X):
         """Return ``X`` unchanged (after validation): new images keep all patches.
@@ -271,3 +451,24 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.three_d_array = True
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+def _project(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """``rows @ matrix`` in float32 (the rows themselves when `matrix` is None)."""
+    if matrix is None:
+        return np.ascontiguousarray(rows, dtype=np.float32)
+    import torch
+
+    with torch.inference_mode():
+        return (torch.from_numpy(np.asarray(rows, dtype=np.float32)) @ torch.from_numpy(matrix)).numpy()
+
+
+def _draw_seed(random_state) -> int:
+    """One integer seed from `random_state` (fresh entropy when None)."""
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _derived_rng(seed: int, *keys: int) -> np.random.RandomState:
+    """An independent random stream for (`seed`, `keys`): same keys, same stream."""
+    state = np.random.SeedSequence([int(seed), *(int(key) for key in keys)]).generate_state(1)[0]
+    return np.random.RandomState(int(state))

@@ -13,6 +13,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
+from ._budget import images_per_chunk
 from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
 from .coreset import PatchRows, validate_features
@@ -110,6 +111,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         about zero, are never used.
     device : str, default="auto"
         Device of the exact search: CUDA when available.
+    working_memory : float or None, default=None
+        Memory budget in MiB for scoring 4-D input: images are searched and
+        mapped in chunks whose temporary arrays fit in it. None uses
+        scikit-learn's ``working_memory`` setting (``sklearn.set_config``).
     n_jobs : int or None, default=None
         Threads of pynndescent's index construction.
     random_state : int, RandomState instance or None, default=None
@@ -118,6 +123,9 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     Attributes
     ----------
     memory_bank_ : ndarray of shape (n_bank, n_features), float32
+    bank_image_index_ : ndarray of shape (n_bank,) or None
+        Source image of every bank row (from 4-D input or :class:`PatchRows`);
+        None for plain rows. Calibration leaves these images out.
     offset_ : float
         ``decision_function = score_samples - offset_``.
     calibration_scores_ : ndarray
@@ -142,6 +150,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         reweight_neighbors=9,
         contamination="auto",
         device="auto",
+        working_memory=None,
         n_jobs=None,
         random_state=None,
     ):
@@ -151,6 +160,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         self.reweight_neighbors = reweight_neighbors
         self.contamination = contamination
         self.device = device
+        self.working_memory = working_memory
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -180,24 +190,56 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         self : PatchCoreDetector
         """
         self._validate_params()
-        image_index = getattr(X, "image_index", None) if isinstance(X, PatchRows) else None
-        rows, pooled_index = validate_features(self, X, reset=True)
-        if pooled_index is not None:
-            image_index = pooled_index
+        rows, image_index = _rows_and_images(self, X, reset=True)
+        self._store_bank(rows, image_index)
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Add normal rows or images to the memory bank and recalibrate.
+
+        The rows are appended as they are (no coreset selection: use
+        :meth:`PatchCorePipeline.partial_fit` to merge them into a coreset
+        bank); new images get image numbers after the ones already seen, so
+        calibration still leaves whole images out.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : PatchCoreDetector
+        """
+        if not hasattr(self, "memory_bank_"):
+            return self.fit(X, y)
+        self._validate_params()
+        rows, image_index = _rows_and_images(self, X, reset=False)
+        old_index, n_old = self.bank_image_index_, self.memory_bank_.shape[0]
+        if old_index is None and image_index is None:
+            combined = None
+        else:
+            old = np.arange(n_old) if old_index is None else np.asarray(old_index)
+            new = np.arange(rows.shape[0]) if image_index is None else np.asarray(image_index)
+            combined = np.concatenate([old, new + (int(old.max()) + 1 if old.size else 0)])
+        self._store_bank(np.concatenate([self.memory_bank_, np.asarray(rows, dtype=np.float32)]), combined)
+        return self
+
+    def _store_bank(self, rows: np.ndarray, image_index: np.ndarray | None) -> None:
         if rows.shape[0] < self.n_neighbors + 1:
             raise ValueError(
                 f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows; "
                 f"got {rows.shape[0]} sample(s)."
             )
         self.memory_bank_ = np.array(rows, dtype=np.float32, order="C")
+        self.bank_image_index_ = None if image_index is None else np.asarray(image_index, dtype=np.int64)
         self._reset_caches()
-        self.calibration_scores_ = self._calibration_scores(image_index)
+        self.calibration_scores_ = self._calibration_scores(self.bank_image_index_)
         if self.contamination == "auto":
             threshold = float(self.calibration_scores_.max())
         else:
             threshold = float(np.quantile(self.calibration_scores_, 1.0 - self.contamination))
         self.offset_ = -threshold
-        return self
 
     def _calibration_scores(self, image_index: np.ndarray | None) -> np.ndarray:
         """Scores of training images (rows) against the bank without themselves."""
@@ -317,6 +359,26 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     def _score(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         """Anomaly scores (positive) per sample, and patch-score grids for 4-D input."""
         check_is_fitted(self, "memory_bank_")
+        if isinstance(X, np.ndarray) and X.ndim == 4:
+            scores, grids = zip(*(self._score_rows(chunk) for chunk in self._image_chunks(X, 0)))
+            return np.concatenate(scores), np.concatenate(grids)
+        return self._score_rows(X)
+
+    def _image_chunks(self, X, map_pixels: int):
+        """4-D features in consecutive chunks of images that fit ``working_memory``.
+
+        The budget holds each chunk's search results (distances and indices
+        of every patch) and its ``map_pixels``-pixel anomaly maps.
+        """
+        n_images, height, width = np.shape(X)[:3]
+        per_image = height * width * (12 * self.n_neighbors + 4) + 8 * map_pixels
+        step = images_per_chunk(per_image, max(1, n_images), self.working_memory)
+        if n_images == 0:
+            yield X  # validation names the problem
+        for start in range(0, n_images, step):
+            yield X[start:start + step]
+
+    def _score_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
         algorithm = self._choose_algorithm(len(rows))
         distances, indices = self._kneighbors(rows, self.n_neighbors, algorithm)
@@ -440,8 +502,14 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         maps : ndarray of shape (n_images, H, W), float32
         """
         _check_four_d(X)
-        scores, grids = self._score(X)
-        return -scores, upsample_patch_scores(grids, output_size)
+        check_is_fitted(self, "memory_bank_")
+        size = _map_size(output_size)
+        scores, maps = [], []
+        for chunk in self._image_chunks(X, size[0] * size[1]):
+            chunk_scores, grids = self._score_rows(chunk)
+            scores.append(-chunk_scores)
+            maps.append(upsample_patch_scores(grids, size))
+        return np.concatenate(scores), np.concatenate(maps)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -479,7 +547,7 @@ def upsample_patch_scores(grids: np.ndarray, output_size) -> np.ndarray:
     -------
     maps : ndarray of shape (n_images, H, W), float32
     """
-    size = (output_size, output_size) if isinstance(output_size, numbers.Integral) else tuple(output_size)
+    size = _map_size(output_size)
     with torch.inference_mode():
         upsampled = F.interpolate(
             torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None],
@@ -488,3 +556,18 @@ def upsample_patch_scores(grids: np.ndarray, output_size) -> np.ndarray:
             align_corners=False,
         )[:, 0].numpy()
     return np.stack([gaussian_filter(grid, sigma=MAP_SIGMA) for grid in upsampled]).astype(np.float32)
+
+
+def _map_size(output_size) -> tuple[int, int]:
+    """``(H, W)`` from an int or a pair."""
+    if isinstance(output_size, numbers.Integral):
+        return int(output_size), int(output_size)
+    height, width = output_size
+    return int(height), int(width)
+
+
+def _rows_and_images(estimator, X, reset: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validated rows and each row's source image (4-D input or :class:`PatchRows`), else None."""
+    image_index = getattr(X, "image_index", None) if isinstance(X, PatchRows) else None
+    rows, pooled_index = validate_features(estimator, X, reset=reset)
+    return rows, (pooled_index if pooled_index is not None else image_index)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._persistence import VersionedStateMixin
+from ._threads import torch_threads
 from .backbones import (
     build_backbone,
     layer_extractor,
@@ -196,6 +197,9 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         ``"auto"`` uses CUDA when available, else the CPU.
     batch_size : int, default=8
         Images per forward pass.
+    n_jobs : int or None, default=None
+        torch threads of the forward passes (scikit-learn style: -1 all
+        cores); None leaves torch's setting.
     progress : bool, default=False
         Show a progress bar.
     random_state : int or None, default=None
@@ -245,6 +249,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         aggregation="mean_pool",
         device="auto",
         batch_size=8,
+        n_jobs=None,
         progress=False,
         random_state=None,
     ):
@@ -262,6 +267,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         self.aggregation = aggregation
         self.device = device
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
         self.progress = progress
         self.random_state = random_state
 
@@ -345,13 +351,14 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         model = self.backbone_.to(device)
         output = np.empty((len(images), *self.feature_shape_), dtype=np.float32)
         starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc="Patch features", unit="batch", disable=not self.progress):
-            stop = min(start + self.batch_size, len(images))
-            batch = np.stack([self._preprocess(image) for image in images[start:stop]])
-            with torch.inference_mode():
-                tensor = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-                features = self._aggregate(model(tensor))
-                output[start:stop] = features.float().cpu().numpy()
+        with torch_threads(self.n_jobs):
+            for start in tqdm(starts, desc="Patch features", unit="batch", disable=not self.progress):
+                stop = min(start + self.batch_size, len(images))
+                batch = np.stack([self._preprocess(image) for image in images[start:stop]])
+                with torch.inference_mode():
+                    tensor = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+                    features = self._aggregate(model(tensor))
+                    output[start:stop] = features.float().cpu().numpy()
         return output
 
     def __sklearn_tags__(self):

@@ -8,26 +8,71 @@ from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from .coreset import CoresetSampler
+from ._budget import images_per_chunk
+from ._threads import torch_threads
+from .coreset import ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
 from .features import PatchFeatureTransformer
 from .images import as_image_list, image_size
 
 
 class PatchCorePipeline(Pipeline):
-    """A scikit-learn ``Pipeline`` with PatchCore's pixel-level outputs.
+    """A scikit-learn ``Pipeline`` with PatchCore's pixel-level outputs, in bounded memory.
 
     Everything a ``Pipeline`` does works unchanged (``score_samples``,
-    ``decision_function``, ``predict``, ``GridSearchCV``, ``joblib``). Two
-    methods are added, both of which run the backbone once:
-    :meth:`anomaly_maps` and :meth:`score_and_maps`. The first step must
-    produce patch features, the last must be a :class:`PatchCoreDetector`.
+    ``decision_function``, ``predict``, ``GridSearchCV``, ``joblib``). Added:
+    :meth:`anomaly_maps`, :meth:`score_and_maps` and
+    :meth:`iter_score_and_maps` (one backbone pass for scores and maps), and
+    :meth:`partial_fit`. The first step must produce patch features (a
+    :class:`PatchFeatureTransformer`), the last must be a
+    :class:`PatchCoreDetector`; with a :class:`CoresetSampler` between them
+    the fit runs in bounded memory.
+
+    Memory is a budget, not a function of the number of images. Images are
+    scored in chunks whose features and maps fit in ``working_memory``. Fit
+    extracts features chunk by chunk, reduces each chunk with the greedy
+    coreset and merges the chunk coresets with a final greedy pass
+    (:meth:`CoresetSampler.merge`); when all the features fit in the budget,
+    it is one greedy pass over everything, as the official code does. Beyond
+    the budget only the memory bank grows (``sampling_ratio`` of the patches).
 
     ``fit(X, y)`` learns from normal samples only: when labels are given,
     samples with ``y != 0`` are left out. This keeps the memory bank clean
     when ``GridSearchCV`` refits the best model on a labelled set.
+
+    Parameters
+    ----------
+    steps : list of (str, estimator)
+        As ``sklearn.pipeline.Pipeline``.
+    memory, verbose, transform_input
+        As ``sklearn.pipeline.Pipeline`` (a ``memory`` cache makes fit take
+        the plain ``Pipeline`` route, without chunks).
+    working_memory : float or None, default=None
+        Memory budget in MiB for the arrays that grow with the number of
+        images (patch features, chunk coresets before selection, maps).
+        None uses scikit-learn's setting (``sklearn.set_config(working_memory=...)``,
+        1024 MiB unless changed), as ``IsolationForest`` does.
+    n_jobs : int or None, default=None
+        torch threads for feature extraction and search (scikit-learn
+        style: -1 all cores). None leaves torch's setting; on Dask workers
+        None means the worker's share of its machine's cores.
+    scheduler : str or None, default=None
+        Address of a Dask scheduler (``"tcp://host:8786"``, or a
+        ``LocalCluster``'s ``scheduler_address``): fit and scoring of image
+        lists then run on its workers (extra ``skpatchcore[dask]``; see
+        :mod:`skpatchcore.distributed`). None runs in this process. Dask
+        collections (``dask.bag``, a ``dask.dataframe`` column of paths) are
+        scored lazily on the current Dask scheduler whatever this is.
     """
 
+    def __init__(self, steps, *, transform_input=None, memory=None, verbose=False,
+                 working_memory=None, n_jobs=None, scheduler=None):
+        super().__init__(steps, transform_input=transform_input, memory=memory, verbose=verbose)
+        self.working_memory = working_memory
+        self.n_jobs = n_jobs
+        self.scheduler = scheduler
+
+    # ------------------------------------------------------------------ fit
     def fit(self, X, y=None, **params):
         """Fit on the normal samples of ``X`` (all of them when ``y`` is None).
 
@@ -39,39 +84,161 @@ class PatchCorePipeline(Pipeline):
             0 for normal, anything else for anomalous; anomalous samples are
             not used.
         **params
-            Passed to ``Pipeline.fit``.
+            Passed to ``Pipeline.fit`` (which then fits without chunks).
 
         Returns
         -------
         self : PatchCorePipeline
         """
-        if y is not None:
-            labels = np.asarray(y)
-            images = as_image_list(X)
-            if labels.shape != (len(images),):
-                raise ValueError(f"y has shape {labels.shape}; expected ({len(images)},), one label per image.")
-            normal = np.flatnonzero(labels == 0)
-            if normal.size == 0:
-                raise ValueError("y marks every sample as anomalous (y != 0); PatchCore fits on normal samples.")
-            X = [images[i] for i in normal] if not isinstance(X, np.ndarray) else X[normal]
-            y = labels[normal]
-        return super().fit(X, y, **params)
+        X, y = _normal_samples(X, y)
+        if params or self.memory is not None or not self._chunkable():
+            with torch_threads(self.n_jobs):
+                return super().fit(X, y, **params)
+        images = as_image_list(X)
+        features, sampler, detector = (step for _, step in self.steps)
+        with torch_threads(self.n_jobs):
+            features.fit()
+            chunk = self._fit_chunk(len(images))
+            if chunk >= len(images) and self.scheduler is None:
+                # Everything fits in the budget: one greedy pass over all patches.
+                bank = sampler.fit_transform(features.transform(images))
+            else:
+                sampler.begin_chunks()
+                bank = sampler.merge(self._chunk_coresets(images, chunk, first_image=0))
+            detector.fit(bank)
+        return self
 
-    def _features_and_detector(self, X):
+    def partial_fit(self, X, y=None):
+        """Add normal images to a fitted model without re-reading the old ones.
+
+        The new images' chunk coresets are merged with the current memory
+        bank by a greedy pass (:meth:`CoresetSampler.merge`), keeping
+        ``sampling_ratio`` of all patches seen, and the threshold is
+        recalibrated. An unfitted pipeline is fitted.
+
+        Parameters
+        ----------
+        X : images
+            As accepted by :class:`PatchFeatureTransformer`.
+        y : array-like of shape (n_samples,), default=None
+            0 for normal; other samples are left out.
+
+        Returns
+        -------
+        self : PatchCorePipeline
+        """
+        if not self._chunkable():
+            raise TypeError(
+                "partial_fit needs the steps PatchFeatureTransformer -> CoresetSampler -> PatchCoreDetector "
+                "(as make_patchcore builds them)."
+            )
+        features, sampler, detector = (step for _, step in self.steps)
+        if not hasattr(detector, "memory_bank_"):
+            return self.fit(X, y)
+        check_is_fitted(sampler, "n_rows_seen_")
+        if detector.bank_image_index_ is None or sampler.n_images_seen_ is None:
+            raise ValueError("partial_fit adds images to a model fitted on images; this one was fitted on rows.")
+        X, y = _normal_samples(X, y)
+        images = as_image_list(X)
+        current = ChunkCoreset(
+            rows=detector.memory_bank_, image_index=detector.bank_image_index_,
+            row_index=np.asarray(sampler.coreset_indices_), n_rows=sampler.n_rows_seen_,
+            n_images=sampler.n_images_seen_, radius=sampler.coverage_radius_,
+        )
+        with torch_threads(self.n_jobs):
+            parts = self._chunk_coresets(images, self._fit_chunk(len(images)), first_image=sampler.n_images_seen_)
+            detector.fit(sampler.merge([current, *parts]))
+        return self
+
+    def _chunkable(self) -> bool:
+        """Whether the steps are features -> coreset -> detector (the chunked fit's structure)."""
+        kinds = (PatchFeatureTransformer, CoresetSampler, PatchCoreDetector)
+        return len(self.steps) == 3 and all(isinstance(step, kind) for (_, step), kind in zip(self.steps, kinds))
+
+    def _fit_chunk(self, n_images: int) -> int:
+        """Images whose features, projection and greedy state fit the budget."""
+        height, width, n_dims = self.steps[0][1].feature_shape_
+        sampler = self.steps[1][1]
+        projected = n_dims if sampler.projection_dim is None else min(n_dims, sampler.projection_dim)
+        kept = sampler.sampling_ratio if sampler.chunk_sampling_ratio is None else sampler.chunk_sampling_ratio
+        per_row = 4 * n_dims * (1 + kept) + 4 * projected + 24
+        return images_per_chunk(int(height * width * per_row), n_images, self.working_memory)
+
+    def _chunk_coresets(self, images: list, chunk: int, first_image: int) -> list[ChunkCoreset]:
+        features, sampler = self.steps[0][1], self.steps[1][1]
+        if self.scheduler is not None:
+            from .distributed import chunk_coresets
+
+            return chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs)
+        return [
+            sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
+            for start in range(0, len(images), chunk)
+        ]
+
+    # -------------------------------------------------------------- scoring
+    def _features_and_detector(self):
         check_is_fitted(self)
         detector = self.steps[-1][1]
         if not isinstance(detector, PatchCoreDetector):
             raise TypeError("The last pipeline step must be a PatchCoreDetector.")
-        features = X
-        for _, _, transformer in self._iter(with_final=False):
-            features = transformer.transform(features)
-        return features, detector
-
-    def _map_size(self):
         first = self.steps[0][1]
         if not hasattr(first, "input_size_"):
             raise TypeError("The first pipeline step must be a fitted PatchFeatureTransformer.")
-        return first.input_size_
+        return first, detector
+
+    def _score_chunk(self) -> int:
+        """Images per scoring chunk: features, search results and maps in the budget."""
+        first, detector = self._features_and_detector()
+        height, width, n_dims = first.feature_shape_
+        map_height, map_width = first.input_size_
+        per_image = height * width * (4 * n_dims + 12 * detector.n_neighbors + 4) + 8 * map_height * map_width
+        return images_per_chunk(per_image, 1 << 62, self.working_memory)
+
+    def iter_score_and_maps(self, X, original_size: bool = False, maps: bool = True):
+        """Score images chunk by chunk: yield ``(indices, score_samples, maps)``.
+
+        Memory stays within ``working_memory`` however many images are
+        scored, since each chunk's maps can be used (written to files) and
+        dropped before the next chunk. :meth:`score_and_maps`,
+        ``score_samples``, ``decision_function`` and ``predict`` are built on
+        it, and so are the command line and the benchmarks.
+
+        Parameters
+        ----------
+        X : images
+            As accepted by :class:`PatchFeatureTransformer`.
+        original_size : bool, default=False
+            See :meth:`score_and_maps`.
+        maps : bool, default=True
+            False skips the maps (yields ``None``), as ``score_samples`` does.
+
+        Yields
+        ------
+        indices : range
+            Positions in ``X`` of the chunk's images.
+        score_samples : ndarray of shape (n_chunk,)
+            Higher means more normal.
+        maps : ndarray of shape (n_chunk, H, W), list of ndarray, or None
+        """
+        first, _ = self._features_and_detector()
+        if original_size and first.crop_size is not None:
+            raise ValueError(
+                "original_size=True needs crop_size=None: a centre-cropped map does not "
+                "cover the whole original image."
+            )
+        images = as_image_list(X)
+        chunk = self._score_chunk()
+        if self.scheduler is not None:
+            from .distributed import score_chunks
+
+            results = score_chunks(self.scheduler, self, images, chunk, maps, original_size, self.n_jobs)
+        else:
+            results = (
+                score_chunk(self, images[start:start + chunk], maps, original_size)
+                for start in range(0, len(images), chunk)
+            )
+        for start, (scores, chunk_maps) in zip(range(0, len(images), chunk), results):
+            yield range(start, min(start + chunk, len(images))), scores, chunk_maps
 
     def score_and_maps(self, X, original_size: bool = False) -> tuple[np.ndarray, list | np.ndarray]:
         """Image scores and pixel anomaly maps with a single backbone pass.
@@ -92,26 +259,109 @@ class PatchCorePipeline(Pipeline):
             Higher means more normal (minus the anomaly score).
         maps : ndarray of shape (n_images, H, W) or list of ndarray
             Anomaly maps (higher means more anomalous); a list when
-            ``original_size=True``.
+            ``original_size=True``. They grow with the number of images:
+            for many images use :meth:`iter_score_and_maps`.
         """
-        images = as_image_list(X)
-        features, detector = self._features_and_detector(images)
-        scores, maps = detector.score_and_maps(features, self._map_size())
-        if not original_size:
-            return scores, maps
-        if getattr(self.steps[0][1], "crop_size", None) is not None:
-            raise ValueError(
-                "original_size=True needs crop_size=None: a centre-cropped map does not "
-                "cover the whole original image."
-            )
-        return scores, [_resize_map(m, image_size(image)) for m, image in zip(maps, images)]
+        scores, maps = [], []
+        for _, chunk_scores, chunk_maps in self.iter_score_and_maps(X, original_size=original_size):
+            scores.append(chunk_scores)
+            maps.extend(chunk_maps) if original_size else maps.append(chunk_maps)
+        return np.concatenate(scores), (maps if original_size else np.concatenate(maps))
 
     def anomaly_maps(self, X, original_size: bool = False):
         """Pixel anomaly maps (higher means more anomalous); see :meth:`score_and_maps`."""
         return self.score_and_maps(X, original_size=original_size)[1]
 
+    def score_samples(self, X):
+        """Opposite of the anomaly score (higher means more normal), in chunks of images.
 
-def _resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        Parameters
+        ----------
+        X : images, or a Dask collection of image paths
+            A ``dask.bag`` or ``dask.dataframe`` column gives a lazy result
+            of the same kind (see :mod:`skpatchcore.distributed`).
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+        """
+        if _is_dask_collection(X):
+            from .distributed import score_collection
+
+            return score_collection(self, X, "score_samples")
+        if not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(self.steps[0][1], "input_size_"):
+            return super().score_samples(X)
+        parts = [scores for _, scores, _ in self.iter_score_and_maps(X, maps=False)]
+        return np.concatenate(parts)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for predicted anomalies."""
+        if _is_dask_collection(X):
+            from .distributed import score_collection
+
+            return score_collection(self, X, "decision_function")
+        if not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(self.steps[0][1], "input_size_"):
+            return super().decision_function(X)
+        return self.score_samples(X) - self.steps[-1][1].offset_
+
+    def predict(self, X, **params):
+        """+1 for normal samples, -1 for anomalies."""
+        if _is_dask_collection(X):
+            from .distributed import score_collection
+
+            return score_collection(self, X, "predict")
+        if params or not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(
+            self.steps[0][1], "input_size_"
+        ):
+            return super().predict(X, **params)
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+
+def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, original_size: bool):
+    """Scores (and maps) of one chunk of images: one backbone pass, one search.
+
+    The unit of work of :meth:`PatchCorePipeline.iter_score_and_maps`, run in
+    this process or on a Dask worker.
+
+    Returns
+    -------
+    score_samples : ndarray of shape (n_images,)
+    maps : ndarray, list of ndarray or None
+    """
+    first, detector = model._features_and_detector()
+    with torch_threads(model.n_jobs):
+        features = images
+        for _, _, transformer in model._iter(with_final=False):
+            features = transformer.transform(features)
+        if not with_maps:
+            return detector.score_samples(features), None
+        scores, maps = detector.score_and_maps(features, first.input_size_)
+    if original_size:
+        maps = [resize_map(m, image_size(image)) for m, image in zip(maps, images)]
+    return scores, maps
+
+
+def _normal_samples(X, y):
+    """``X`` and ``y`` without the samples whose label is not 0."""
+    if y is None:
+        return X, y
+    labels = np.asarray(y)
+    images = as_image_list(X)
+    if labels.shape != (len(images),):
+        raise ValueError(f"y has shape {labels.shape}; expected ({len(images)},), one label per image.")
+    normal = np.flatnonzero(labels == 0)
+    if normal.size == 0:
+        raise ValueError("y marks every sample as anomalous (y != 0); PatchCore fits on normal samples.")
+    X = [images[i] for i in normal] if not isinstance(X, np.ndarray) else X[normal]
+    return X, labels[normal]
+
+
+def _is_dask_collection(X) -> bool:
+    return hasattr(X, "__dask_graph__")
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of one anomaly map to ``size = (height, width)``."""
     import torch
     import torch.nn.functional as F
 
@@ -129,6 +379,9 @@ def make_patchcore(
     random_state=None,
     device: str = "auto",
     progress: bool = False,
+    working_memory: float | None = None,
+    n_jobs: int | None = None,
+    scheduler: str | None = None,
     **feature_params,
 ) -> PatchCorePipeline:
     """Build the PatchCore pipeline: features -> coreset -> detector.
@@ -146,6 +399,12 @@ def make_patchcore(
     device : str, default="auto"
     progress : bool, default=False
         Progress bars for feature extraction and coreset selection.
+    working_memory : float or None, default=None
+        Memory budget in MiB (see :class:`PatchCorePipeline`).
+    n_jobs : int or None, default=None
+        torch threads (see :class:`PatchCorePipeline`).
+    scheduler : str or None, default=None
+        Dask scheduler address for distributed fit and scoring.
     **feature_params
         Further :class:`PatchFeatureTransformer` parameters (``resize``,
         ``crop_size``, ``batch_size``...).
@@ -172,8 +431,13 @@ def make_patchcore(
             ("coreset", CoresetSampler(
                 sampling_ratio=sampling_ratio, device=device, random_state=random_state, progress=progress
             )),
-            ("detector", PatchCoreDetector(n_neighbors=n_neighbors, device=device, random_state=random_state)),
-        ]
+            ("detector", PatchCoreDetector(
+                n_neighbors=n_neighbors, device=device, working_memory=working_memory, random_state=random_state
+            )),
+        ],
+        working_memory=working_memory,
+        n_jobs=n_jobs,
+        scheduler=scheduler,
     )
 
 
