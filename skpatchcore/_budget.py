@@ -62,3 +62,39 @@ def images_per_chunk(bytes_per_image: int, n_images: int, working_memory: float 
             f"({needed:.1f} MiB); raise working_memory to at least {needed:.1f} MiB."
         )
     return max(1, min(fitting, n_images))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(needed: int, what: str) -> None:
+    """Fail at once, naming the budget option, when `needed` bytes exceed the available memory.
+
+    Parameters
+    ----------
+    needed : int
+        Estimated bytes of the work about to start.
+    what : str
+        What needs them, for the message.
+
+    Raises
+    ------
+    MemoryError
+        If the machine reports less available memory than `needed`.
+    """
+    available = available_memory()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"{what} needs about {needed / 1e9:.1f} GB but {available / 1e9:.1f} GB of memory is "
+            "available. Lower working_memory (MiB; --working-memory on the command line) so that "
+            "the images are processed in chunks, or use a smaller sampling_ratio."
+        )

@@ -226,6 +226,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         return self
 
     def _store_bank(self, rows: np.ndarray, image_index: np.ndarray | None) -> None:
+        _check_magnitude(rows)
         if rows.shape[0] < self.n_neighbors + 1:
             raise ValueError(
                 f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows; "
@@ -571,3 +572,21 @@ def _rows_and_images(estimator, X, reset: bool) -> tuple[np.ndarray, np.ndarray 
     image_index = getattr(X, "image_index", None) if isinstance(X, PatchRows) else None
     rows, pooled_index = validate_features(estimator, X, reset=reset)
     return rows, (pooled_index if pooled_index is not None else image_index)
+
+
+def _check_magnitude(rows: np.ndarray) -> None:
+    """Refuse bank values whose float32 distances would overflow to infinity.
+
+    Squared distances between rows of ``d`` features whose values reach
+    ``m`` reach ``4 d m^2``; above the float32 range the threshold would
+    become infinite and every sample would pass as normal.
+    """
+    n_features = max(1, rows.shape[1])
+    limit = float(np.sqrt(np.finfo(np.float32).max / (4.0 * n_features)))
+    largest = float(np.max(np.abs(rows))) if rows.size else 0.0
+    if largest > limit:
+        raise ValueError(
+            f"Feature values reach {largest:.3g}; distances between rows of {n_features} such features "
+            f"overflow float32 (values must stay below about {limit:.2g}). Scale the data first, "
+            "e.g. with sklearn.preprocessing.StandardScaler in a pipeline."
+        )

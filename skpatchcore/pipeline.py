@@ -8,7 +8,7 @@ from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from ._budget import images_per_chunk
+from ._budget import check_memory, images_per_chunk, resolve_working_memory
 from ._threads import torch_threads
 from .coreset import ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
@@ -99,6 +99,7 @@ class PatchCorePipeline(Pipeline):
         with torch_threads(self.n_jobs):
             features.fit()
             chunk = self._fit_chunk(len(images))
+            self._check_fit_memory(len(images), chunk)
             if chunk >= len(images) and self.scheduler is None:
                 # Everything fits in the budget: one greedy pass over all patches.
                 bank = sampler.fit_transform(features.transform(images))
@@ -157,12 +158,26 @@ class PatchCorePipeline(Pipeline):
 
     def _fit_chunk(self, n_images: int) -> int:
         """Images whose features, projection and greedy state fit the budget."""
+        return images_per_chunk(self._fit_bytes_per_image(), n_images, self.working_memory)
+
+    def _fit_bytes_per_image(self) -> int:
+        """Features, their projection, the greedy state and the selected copy of one image."""
         height, width, n_dims = self.steps[0][1].feature_shape_
         sampler = self.steps[1][1]
         projected = n_dims if sampler.projection_dim is None else min(n_dims, sampler.projection_dim)
         kept = sampler.sampling_ratio if sampler.chunk_sampling_ratio is None else sampler.chunk_sampling_ratio
-        per_row = 4 * n_dims * (1 + kept) + 4 * projected + 24
-        return images_per_chunk(int(height * width * per_row), n_images, self.working_memory)
+        return int(height * width * (4 * n_dims * (1 + kept) + 4 * projected + 24))
+
+    def _check_fit_memory(self, n_images: int, chunk: int) -> None:
+        """Refuse at once a fit whose chunk and memory bank cannot fit in the available memory."""
+        height, width, n_dims = self.steps[0][1].feature_shape_
+        per_image = self._fit_bytes_per_image()
+        bank = int(n_images * height * width * self.steps[1][1].sampling_ratio) * n_dims * 4
+        check_memory(
+            min(chunk, n_images) * per_image + bank,
+            f"Fitting {n_images} images ({min(chunk, n_images)} at a time, working_memory="
+            f"{resolve_working_memory(self.working_memory):g} MiB)",
+        )
 
     def _chunk_coresets(self, images: list, chunk: int, first_image: int) -> list[ChunkCoreset]:
         features, sampler = self.steps[0][1], self.steps[1][1]

@@ -259,3 +259,12 @@ def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
     np.testing.assert_allclose(approximate.score_samples(test), exact.score_samples(test), rtol=1e-5)
     # Patch scores are upper bounds of the exact ones.
     assert np.all(approximate.patch_scores(test) >= exact.patch_scores(test) * (1 - 1e-5))
+
+
+def test_huge_values_are_refused_instead_of_an_infinite_threshold(rng):
+    with pytest.raises(ValueError, match="overflow float32.*StandardScaler"):
+        PatchCoreDetector().fit(rng.normal(size=(50, 4)) * 1e20)
+    detector = PatchCoreDetector().fit(rng.normal(size=(50, 4)))
+    assert np.isfinite(detector.offset_)
+    # A huge outlier scores as infinitely far, and is flagged.
+    np.testing.assert_array_equal(detector.predict([[1e25, 0, 0, 0], [0, 0, 0, 0]]), [-1, 1])

@@ -243,3 +243,14 @@ def test_feature_extraction_runs_with_n_jobs_threads(synthetic, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "conv2d", spy)  # the patch aggregation's convolution
     model.score_samples(synthetic.test_images[:2])
     assert seen and set(seen) == {1}
+
+
+def test_a_fit_that_cannot_fit_in_memory_fails_before_reading_images(synthetic, monkeypatch):
+    import skpatchcore._budget
+
+    model = small_model(working_memory=1e6)  # one chunk: everything in memory
+    sizes = count_transform_calls(model, monkeypatch)
+    monkeypatch.setattr(skpatchcore._budget, "available_memory", lambda: 1_000_000)
+    with pytest.raises(MemoryError, match=r"Fitting 16 images \(16 at a time.*Lower working_memory"):
+        model.fit(synthetic.train_images)
+    assert sizes == []
