@@ -1,4 +1,5 @@
-"""Version stamps in pickled estimators, checked when a model is loaded."""
+"""Version stamps in pickled estimators, checked when a model is loaded, and the
+errors of model files (pickled or in the safe format of :mod:`skpatchcore.persistence`)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,7 @@ class VersionedStateMixin:
                 f"format {MODEL_FORMAT_VERSION}. Refit the model{hint}."
             )
         super().__setstate__(state)
+
+
+class CorruptModelError(ValueError):
+    """A saved model file is damaged (checksum mismatch, truncated) or not a model file."""
