@@ -106,7 +106,8 @@ def model_view(features, image) -> np.ndarray:
     from .images import preprocess_image
 
     array = preprocess_image(
-        image, features.resize, features.crop_size, features.interpolation, features.mean, features.std
+        image, features.resize, features.crop_size, features.interpolation, features.mean, features.std,
+        features.exif_transpose,
     )
     mean = np.asarray(features.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(features.std, dtype=np.float32)[:, None, None]

@@ -37,7 +37,22 @@ class VersionedStateMixin:
                 f"(model format {saved_format}); skpatchcore {__version__} reads model "
                 f"format {MODEL_FORMAT_VERSION}. Refit the model{hint}."
             )
+        # Parameters added after the model was saved take their defaults.
+        for name, default in _init_defaults(type(self)).items():
+            state.setdefault(name, default)
         super().__setstate__(state)
+
+
+def _init_defaults(cls) -> dict:
+    """``{parameter: default}`` of `cls`'s ``__init__`` (parameters with a default only)."""
+    import inspect
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
 
 
 class CorruptModelError(ValueError):

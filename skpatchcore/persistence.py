@@ -88,7 +88,11 @@ def detect_format(path: str | os.PathLike) -> str:
         when loaded. ``"unknown"``: anything else.
     """
     with open(path, "rb") as handle:
-        head = handle.read(16)
+        return _kind(handle.read(16))
+
+
+def _kind(head: bytes) -> str:
+    """:func:`detect_format` of a file's first 16 bytes."""
     if len(head) >= 10 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < _MAX_HEADER:
         return "safe"
     if head.startswith(_PICKLE_MAGIC) or (len(head) >= 2 and head[0] == 0x78 and (head[0] * 256 + head[1]) % 31 == 0):
@@ -264,8 +268,17 @@ def save(model, path: str | os.PathLike) -> Path:
 
 def _read_metadata(data: bytes, path: Path) -> dict:
     """The safetensors header's metadata, parsed without trusting any of it."""
-    if len(data) < 10:
-        raise CorruptModelError(f"{str(path)!r} is truncated or not a skpatchcore model file ({len(data)} bytes).")
+    kind = _kind(data[:16])
+    if kind == "pickle":
+        raise CorruptModelError(
+            f"{str(path)!r} is not a skpatchcore model file but a pickle (joblib) file, which is not "
+            "opened here because unpickling runs any code it contains. If you trust it, read it with "
+            "joblib.load."
+        )
+    if kind != "safe":
+        raise CorruptModelError(
+            f"{str(path)!r} is not a skpatchcore model file, or it is truncated or damaged ({len(data)} bytes)."
+        )
     length = int.from_bytes(data[:8], "little")
     if length > len(data) - 8:
         raise CorruptModelError(f"{str(path)!r} is truncated or damaged: its header runs past the end of the file.")
