@@ -110,6 +110,15 @@ def check_readable(paths: Sequence[str]) -> None:
         image_size(path)
 
 
+def apply_pixel_limit(args: argparse.Namespace) -> None:
+    """``--max-image-pixels``: PIL's decoding limit for this process (0: no limit)."""
+    limit = getattr(args, "max_image_pixels", None)
+    if limit is not None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = limit or None
+
+
 def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle: bool = False):
     """Load a PatchCore pipeline saved by ``skpatchcore fit``.
 

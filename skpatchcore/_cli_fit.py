@@ -10,6 +10,7 @@ from pathlib import Path
 from ._atomic import atomic_path, check_writable_file
 from ._cli_common import (
     CommandError,
+    apply_pixel_limit,
     check_readable,
     choose_layers,
     collect_images,
@@ -29,6 +30,7 @@ def run_fit(args: argparse.Namespace) -> int:
     """Run ``skpatchcore fit`` with parsed arguments; returns the exit status."""
     from .pipeline import make_patchcore
 
+    apply_pixel_limit(args)
     output = Path(args.output)
     if output.is_dir():
         raise CommandError(f"-o {str(output)!r} is a folder; give a model file name such as model{SUFFIX}")
@@ -56,6 +58,7 @@ def run_fit(args: argparse.Namespace) -> int:
         resize=args.resize,
         crop_size=crop_size,
         interpolation=args.interpolation,
+        exif_transpose=args.exif_transpose,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
     )

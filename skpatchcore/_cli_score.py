@@ -1,5 +1,12 @@
 """``skpatchcore score``: scores.csv and heatmap overlays for images, with the
-scoring and heatmap helpers that ``evaluate`` uses too."""
+scoring and heatmap helpers that ``evaluate`` uses too.
+
+Unreadable images do not stop a run: they get a row with an ``error`` cell,
+are counted at the end and make the exit status :data:`EXIT_PARTIAL`
+(``--fail-fast`` stops at the first one instead). The results are written
+into a staging folder and replace the previous ``scores.csv`` and
+``heatmaps/`` only when complete.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +16,51 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from ._cli_common import CommandError, check_readable, collect_images, info, load_model, progress_enabled
+from ._atomic import atomic_write, staged_outputs
+from ._cli_common import (
+    EXIT_PARTIAL,
+    CommandError,
+    apply_pixel_limit,
+    check_readable,
+    collect_images,
+    info,
+    load_model,
+    progress_enabled,
+    warn,
+)
+from .images import UnreadableImageError
 
 #: Images scored per backbone pass by ``score`` and ``evaluate``.
 SCORE_CHUNK = 32
-#: ``score`` CSV columns.
-SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction")
+#: ``score`` CSV columns (``error`` is empty for scored images).
+SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction", "error")
+#: What ``score`` writes into its output folder (replaced together at the end).
+SCORE_OUTPUTS = ("scores.csv", "heatmaps")
+#: Unreadable images listed one by one on stderr (the rest only in scores.csv).
+N_LISTED_FAILURES = 10
+
+
+class ScoredChunk(NamedTuple):
+    """One chunk of :func:`iter_scored`: every input path, with NaN / None gaps for failures."""
+
+    start: int
+    paths: list[str]
+    scores: np.ndarray  # score_samples, NaN where the image could not be read
+    maps: list | np.ndarray  # NaN maps (array) or None (list) where it could not be read
+    errors: list[str | None]  # None, or why the image could not be read
 
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``skpatchcore score`` with parsed arguments; returns the exit status."""
-    model = load_model(args.model, args.device)
+    apply_pixel_limit(args)
+    model = load_model(args.model, args.device, args.allow_pickle)
     images = collect_images(args.inputs)
-    check_readable(images)
+    if args.fail_fast:
+        check_readable(images)
     write_images = not args.no_images
     if write_images:
         from .plotting import _require_matplotlib
@@ -34,49 +70,124 @@ def run_score(args: argparse.Namespace) -> int:
         except ImportError as error:
             raise CommandError(f"{error} Or pass --no-images.") from error
     output = Path(args.output)
-    heatmap_dir = output / "heatmaps"
-    (heatmap_dir if write_images else output).mkdir(parents=True, exist_ok=True)
     features = model.steps[0][1]
     offset = float(model.steps[-1][1].offset_)
     vmin, vmax = colour_range(model, args.vmin, args.vmax)
     names = unique_names(images)
     n_anomalous = 0
+    failures: list[tuple[str, str]] = []
     start_time = time.perf_counter()
-    with open(output / "scores.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SCORE_COLUMNS)
-        scored = iter_scored(
-            model, images, args.batch_size, original_size=features.crop_size is None,
-            progress=progress_enabled(args),
-        )
-        for start, batch, scores, maps in scored:
-            n_anomalous += int(np.count_nonzero(scores - offset < 0))
-            for i, (path, score) in enumerate(zip(batch, scores)):
-                writer.writerow([path, *prediction_cells(score, offset)])
-                if write_images:
-                    save_heatmap(heatmap_dir / names[start + i], features, path, maps[i], vmin, vmax)
-            handle.flush()
+    with staged_outputs(output, SCORE_OUTPUTS) as staging:
+        with atomic_write(staging / "scores.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SCORE_COLUMNS)
+            scored = iter_scored(
+                model, images, args.batch_size, original_size=features.crop_size is None,
+                progress=progress_enabled(args), fail_fast=args.fail_fast,
+            )
+            for chunk in scored:
+                for i, (path, score, error) in enumerate(zip(chunk.paths, chunk.scores, chunk.errors)):
+                    if error is not None:
+                        failures.append((path, error))
+                        writer.writerow([path, "", "", "", error])
+                        continue
+                    n_anomalous += int(score - offset < 0)
+                    writer.writerow([path, *prediction_cells(score, offset), ""])
+                    if write_images:
+                        target = staging / "heatmaps" / names[chunk.start + i]
+                        save_heatmap(target, features, path, chunk.maps[i], vmin, vmax)
     elapsed = time.perf_counter() - start_time
-    info(args, f"Scored {len(images)} images in {elapsed:.1f} s: {n_anomalous} anomalous, "
-               f"{len(images) - n_anomalous} normal")
+    n_scored = len(images) - len(failures)
+    info(args, f"Scored {n_scored} images in {elapsed:.1f} s: {n_anomalous} anomalous, "
+               f"{n_scored - n_anomalous} normal")
     info(args, f"Wrote {output / 'scores.csv'}"
-               + (f" and {len(images)} heatmaps in {heatmap_dir}" if write_images else ""))
-    return 0
+               + (f" and {n_scored} heatmaps in {output / 'heatmaps'}" if write_images else ""))
+    return report_failures(failures, len(images), output / "scores.csv")
+
+
+def report_failures(failures: Sequence[tuple[str, str]], n_images: int, listing: Path | None) -> int:
+    """Warn about unreadable images on stderr; the exit status (0, or EXIT_PARTIAL)."""
+    if not failures:
+        return 0
+    where = f" (all listed in the error column of {listing})" if listing is not None else ""
+    warn(f"{len(failures)} of {n_images} images could not be read and were not scored{where}:")
+    for _, error in failures[:N_LISTED_FAILURES]:
+        warn(f"  {error}")
+    if len(failures) > N_LISTED_FAILURES:
+        warn(f"  ... and {len(failures) - N_LISTED_FAILURES} more")
+    return EXIT_PARTIAL
 
 
 def iter_scored(
-    model, images: Sequence[str], chunk: int, original_size: bool, progress: bool
-) -> Iterator[tuple[int, list[str], np.ndarray, list | np.ndarray]]:
-    """Score images chunk by chunk: ``(start, paths, score_samples, maps)``."""
+    model, images: Sequence[str], chunk: int, original_size: bool, progress: bool, fail_fast: bool = True
+) -> Iterator[ScoredChunk]:
+    """Score images chunk by chunk, reporting unreadable ones instead of stopping.
+
+    Parameters
+    ----------
+    model : PatchCorePipeline
+    images : sequence of str
+    chunk : int
+        Images per call of ``model.score_and_maps``.
+    original_size : bool
+        Passed to ``score_and_maps``.
+    progress : bool
+        Show a progress bar on stderr.
+    fail_fast : bool, default=True
+        Raise the first unreadable image's error. Otherwise a chunk whose
+        scoring fails on an unreadable file is decoded image by image, the
+        readable ones are scored (as one call) and the others reported in
+        ``errors``.
+
+    Yields
+    ------
+    chunk : ScoredChunk
+    """
     from tqdm import tqdm
 
-    model.steps[0][1].set_params(progress=False)
+    features = model.steps[0][1]
+    features.set_params(progress=False)
     with tqdm(total=len(images), desc="Scoring", unit="img", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(images), chunk):
             batch = list(images[start:start + chunk])
-            scores, maps = model.score_and_maps(batch, original_size=original_size)
-            yield start, batch, scores, maps
+            errors: list[str | None] = [None] * len(batch)
+            try:
+                scores, maps = model.score_and_maps(batch, original_size=original_size)
+            except (UnreadableImageError, FileNotFoundError):
+                if fail_fast:
+                    raise
+                errors = [_read_error(features, path) for path in batch]
+                if all(error is None for error in errors):
+                    raise  # not a file that fails to decode: a real error
+                scores, maps = _score_readable(model, batch, errors, original_size)
+            yield ScoredChunk(start, batch, scores, maps, errors)
             bar.update(len(batch))
+
+
+def _read_error(features, path: str) -> str | None:
+    """Why `path` cannot be turned into backbone input, or None if it can."""
+    try:
+        features._preprocess(path)
+    except (UnreadableImageError, FileNotFoundError) as error:
+        return " ".join(str(error).split())
+    return None
+
+
+def _score_readable(model, batch, errors, original_size):
+    """``score_and_maps`` of the readable images, with NaN / None where the others were."""
+    readable = [path for path, error in zip(batch, errors) if error is None]
+    keep = np.flatnonzero([error is None for error in errors])
+    scores = np.full(len(batch), np.nan)
+    if original_size:
+        maps: list | np.ndarray = [None] * len(batch)
+    else:
+        maps = np.full((len(batch), *model.steps[0][1].input_size_), np.nan, dtype=np.float32)
+    if readable:
+        readable_scores, readable_maps = model.score_and_maps(readable, original_size=original_size)
+        scores[keep] = readable_scores
+        for position, anomaly_map in zip(keep, readable_maps):
+            maps[position] = anomaly_map
+    return scores, maps
 
 
 def prediction_cells(score_sample: float, offset: float) -> list[str]:

@@ -102,6 +102,7 @@ def _checked(
 
 
 _positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 _ratio = _checked(float, lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
 
 
@@ -160,6 +161,11 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
         "--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos"), default="bilinear",
         help="resampling filter of the resize (default: bilinear)",
     )
+    geometry.add_argument(
+        "--no-exif-transpose", dest="exif_transpose", action="store_false",
+        help="ignore the EXIF orientation tag of image files (default: turn them upright, as viewers do)",
+    )
+    _add_image_limit_option(geometry)
     memory = parser.add_argument_group("memory bank")
     memory.add_argument(
         "--sampling-ratio", type=_ratio, default=0.1,
@@ -171,6 +177,14 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
     )
     memory.add_argument(
         "--random-state", type=int, default=0, help="seed of the coreset and calibration (default: 0)"
+    )
+
+
+def _add_image_limit_option(group) -> None:
+    group.add_argument(
+        "--max-image-pixels", type=_non_negative_int, default=None, metavar="N",
+        help="refuse image files with more than N pixels before decoding them (default: PIL's "
+        "decompression-bomb limit, about 89 million; 0: no limit)",
     )
 
 
@@ -186,6 +200,7 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
         help="stop at the first unreadable image (default: score the readable ones, list the failures "
         f"and exit with status {EXIT_PARTIAL})",
     )
+    _add_image_limit_option(group)
     group.add_argument(
         "--allow-pickle", action="store_true",
         help="also read a pickle / joblib model file. Unpickling runs any code the file contains: "
