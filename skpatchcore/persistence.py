@@ -6,8 +6,8 @@
 back. Unlike a pickle (``joblib.dump``), reading the file only parses JSON
 and copies tensors: it never imports or calls anything named by the file.
 
-What the file holds
--------------------
+The file holds:
+
 - In the safetensors header's text metadata: ``"format"``
   (:data:`FILE_FORMAT`), ``"format_version"`` (:data:`FILE_FORMAT_VERSION`),
   ``"model"``, a JSON description of the estimator, and ``"sha256"``, a
