@@ -43,8 +43,11 @@ print(t1 - t0, t2 - t1, t3 - t2, ",".join(imported) or "-")
 
 
 def _cold_load(path: Path, kind: str, image: str) -> tuple[float, float, float, str]:
-    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(path), kind, image],
-                         capture_output=True, text=True, check=True).stdout.split()
+    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(path), kind, image],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"loading {path} ({kind}) failed:\n{result.stderr}")
+    out = result.stdout.split()
     return float(out[0]), float(out[1]), float(out[2]), out[3]
 
 

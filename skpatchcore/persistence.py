@@ -141,26 +141,44 @@ class _Encoder:
             if attribute.startswith("_") or not attribute.endswith("_"):
                 continue
             if attribute == "backbone_" and name == "PatchFeatureTransformer":
-                fitted[attribute] = self.state_dict(value, f"{key}.{attribute}")
+                fitted[attribute] = self.backbone(estimator, value, f"{key}.{attribute}")
             else:
                 fitted[attribute] = self.value(value, f"{key}.{attribute}")
         description["fitted"] = fitted
         return description
 
-    def state_dict(self, module, key: str) -> dict:
+    def backbone(self, transformer, network, key: str) -> dict:
+        """The fitted network: its state dict as tensors, and its graph when the allow-lists cover it."""
         import torch
 
+        from ._graph_format import describe, rebuild
+
         seen: set[int] = set()
-        names = []
-        for name, tensor in module.state_dict().items():
+        state, channels_last = {}, []
+        for name, tensor in network.state_dict().items():
+            if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+                channels_last.append(name)
             tensor = tensor.detach().to("cpu").contiguous()
             if tensor.data_ptr() in seen:  # safetensors refuses tensors that share memory
                 tensor = tensor.clone()
             if tensor.numel():
                 seen.add(tensor.data_ptr())
-            self.tensors[f"{key}/{name}"] = tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
-            names.append(name)
-        return {"__state_dict__": key, "names": names}
+            state[name] = tensor
+            self.tensors[f"{key}/{name}"] = tensor
+        graph = describe(network)
+        if graph is not None:
+            # Kept only if the network rebuilt from it gives exactly the same layer outputs.
+            probe = torch.randn(2, 3, *transformer.input_size_, generator=torch.Generator().manual_seed(0))
+            probe = probe.contiguous(memory_format=torch.channels_last)
+            try:
+                rebuilt = _channels_last(rebuild(graph, state), channels_last)
+                with torch.inference_mode():
+                    expected, got = network.to("cpu")(probe), rebuilt(probe)
+                same = len(expected) == len(got) and all(torch.equal(a, b) for a, b in zip(expected, got))
+            except Exception:  # any failure: rebuild from the backbone's name instead
+                same = False
+            graph = graph if same else None
+        return {"__state_dict__": key, "names": list(state), "channels_last": channels_last, "graph": graph}
 
     def value(self, value, key: str):
         import torch
@@ -193,6 +211,18 @@ class _Encoder:
             "numbers, strings, None, tuples, lists, dicts and numeric arrays). Save the model with "
             "joblib.dump instead, and load that file only if you trust it."
         )
+
+
+def _channels_last(network, names):
+    """Give the named 4-D parameters and buffers the channels-last layout they were saved from."""
+    import torch
+
+    tensors = dict(network.named_parameters())
+    tensors.update(network.named_buffers())
+    for name in names:
+        tensor = tensors[name]
+        tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return network
 
 
 def _digest(model_text: str, tensors: dict) -> str:
@@ -407,11 +437,25 @@ class _Decoder:
         return estimator
 
     def backbone(self, transformer, description: dict, key: str):
+        """Rebuild the fitted network from its graph, or else by name, and load the saved state dict."""
+        prefix = description["__state_dict__"]
+        state = {name: self.tensors[f"{prefix}/{name}"] for name in description["names"]}
+        if description.get("graph") is not None:
+            from ._graph_format import rebuild
+
+            try:
+                network = rebuild(description["graph"], state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as error:
+                raise IncompatibleModelError(
+                    f"{str(self.path)!r}: the backbone graph at {key!r} cannot be rebuilt: {error}"
+                ) from error
+            return _channels_last(network, description.get("channels_last", []))
+        return self.backbone_by_name(transformer, state, key)
+
+    def backbone_by_name(self, transformer, state: dict, key: str):
         """Rebuild the fitted network with ``weights=None`` and load the saved state dict."""
         from sklearn.base import clone
 
-        prefix = description["__state_dict__"]
-        state = {name: self.tensors[f"{prefix}/{name}"] for name in description["names"]}
         builder = clone(transformer).set_params(weights=None, progress=False)
         builder.fit()
         network = builder.backbone_

@@ -69,6 +69,54 @@ def test_round_trip_scores_bit_identically(fitted, saved, images):
     assert loaded[1].coreset_indices_.dtype == fitted[1].coreset_indices_.dtype
 
 
+def test_fresh_process_loads_without_torchvision_and_scores_identically(fitted, saved, images, tmp_path):
+    np.save(tmp_path / "images.npy", images)
+    code = (
+        "import sys, numpy as np, skpatchcore;"
+        f"m = skpatchcore.load({str(saved)!r});"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported';"
+        f"np.save({str(tmp_path / 'scores.npy')!r}, m.score_samples(np.load({str(tmp_path / 'images.npy')!r})))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), fitted.score_samples(images))
+
+
+def _backbone_entry(description):
+    return description["estimator"]["steps"][0][1]["fitted"]["backbone_"]
+
+
+def test_backbone_without_graph_is_rebuilt_by_name(fitted, saved, images, tmp_path):
+    def drop_graph(metadata, description):
+        assert _backbone_entry(description)["graph"] is not None  # resnet18 is described as a graph
+        _backbone_entry(description)["graph"] = None
+
+    loaded = skpatchcore.load(_rewrite(saved, tmp_path / "by-name.skpc", drop_graph))
+    np.testing.assert_array_equal(loaded.score_samples(images), fitted.score_samples(images))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda node: node.update(op="call_function", target="os.system"), "os.system"),
+    (lambda node: node.update(op="call_method", target="__reduce__"), "__reduce__"),
+    (lambda node: node.update(op="call_module", target="__class__"), "__class__"),
+])
+def test_graph_outside_the_allow_lists_is_refused(saved, tmp_path, change, match):
+    def edit(metadata, description):
+        nodes = _backbone_entry(description)["graph"]["nodes"]
+        change(next(node for node in nodes if node["op"] == "call_module"))
+
+    with pytest.raises(IncompatibleModelError, match=match):
+        skpatchcore.load(_rewrite(saved, tmp_path / "edited.skpc", edit))
+
+
+def test_graph_module_classes_are_allow_listed(saved, tmp_path):
+    def edit(metadata, description):
+        modules = _backbone_entry(description)["graph"]["modules"]
+        modules[next(iter(modules))] = {"class": "Module", "arguments": {}}
+
+    with pytest.raises(IncompatibleModelError, match="'Module' is not allowed"):
+        skpatchcore.load(_rewrite(saved, tmp_path / "edited.skpc", edit))
+
+
 def test_any_public_fitted_attribute_round_trips(tmp_path):
     detector = PatchCoreDetector(random_state=0).fit(np.random.default_rng(0).normal(size=(30, 4)))
     detector.bank_image_index_ = np.arange(30, dtype=np.int32)  # attributes a later version may add
