@@ -191,6 +191,9 @@ def _build_module(spec: dict) -> nn.Module:
     if set(arguments) - set(allowed):
         raise ValueError(f"unexpected arguments {sorted(set(arguments) - set(allowed))} for {name}")
     arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+    if cls in (nn.Conv2d, nn.BatchNorm2d):
+        # Weights on the meta device (no memory, no random init); the state dict replaces them.
+        return cls(**arguments, device="meta")
     return cls(**arguments)
 
 
@@ -223,7 +226,8 @@ def rebuild(description: dict, state: dict) -> torch.fx.GraphModule:
     ----------
     description : dict
     state : dict of str to Tensor
-        Loaded strictly; tensors recorded as channels-last are converted.
+        Loaded strictly; the tensors become the network's parameters and
+        buffers (not copied).
 
     Returns
     -------
@@ -268,8 +272,7 @@ def rebuild(description: dict, state: dict) -> torch.fx.GraphModule:
         elif op == "get_attr":
             target = _checked(entry["target"])
             tensor = state[target]
-            _set_path(root, target, nn.Parameter(tensor.clone(), requires_grad=False) if entry["parameter"]
-                      else tensor.clone())
+            _set_path(root, target, nn.Parameter(tensor, requires_grad=False) if entry["parameter"] else tensor)
             node = graph.get_attr(target)
         elif op == "call_function":
             function = FUNCTIONS[entry["target"]]
@@ -284,7 +287,10 @@ def rebuild(description: dict, state: dict) -> torch.fx.GraphModule:
             raise ValueError(f"node kind {op!r} is not allowed")
         created.append(node)
     network = torch.fx.GraphModule(root, graph, class_name="BackboneLayers")
-    network.load_state_dict(state, strict=True)
+    network.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the weights
+    left = [name for name, tensor in [*network.named_parameters(), *network.named_buffers()] if tensor.is_meta]
+    if left:
+        raise ValueError(f"no saved values for {left}")
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     return network.eval()

@@ -19,11 +19,16 @@ The file holds:
   tuples, lists and string-keyed dicts are stored as JSON (tuples tagged so
   that they come back as tuples); numpy arrays as tensors.
 - The backbone of a :class:`~skpatchcore.PatchFeatureTransformer` is not
-  stored as code: only its parameters (the ``backbone`` name, ``layers``,
-  image geometry...) and the fitted (pruned, traced) network's state dict as
-  tensors. :func:`load` rebuilds the network with the transformer's own
-  ``fit`` and ``weights=None`` (random initialisation, no download) and then
-  loads the saved state dict into it, strictly.
+  stored as code. Its weights (the fitted, pruned network's state dict) are
+  tensors. Its structure is either the traced ``torch.fx`` graph written as
+  data, with module classes, functions and tensor methods from fixed
+  allow-lists (``skpatchcore._graph_format``; kept only when the network
+  rebuilt from it gives exactly the same layer outputs at save time), which
+  :func:`load` rebuilds without importing torchvision or timm; or, for
+  networks outside the allow-lists, nothing beyond the transformer's
+  parameters: :func:`load` then rebuilds the network by name with the
+  transformer's own ``fit`` and ``weights=None`` (random initialisation, no
+  download). Either way the saved state dict is loaded strictly.
 
 Attributes with a leading underscore are caches (search structures) and are
 rebuilt on first use. A corrupted or truncated file raises
@@ -156,22 +161,26 @@ class _Encoder:
         seen: set[int] = set()
         state, channels_last = {}, []
         for name, tensor in network.state_dict().items():
+            tensor = tensor.detach().to("cpu")
             if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+                # Stored in its memory order (N, H, W, C), so that loading needs no copy.
                 channels_last.append(name)
-            tensor = tensor.detach().to("cpu").contiguous()
-            if tensor.data_ptr() in seen:  # safetensors refuses tensors that share memory
-                tensor = tensor.clone()
-            if tensor.numel():
-                seen.add(tensor.data_ptr())
+                stored = tensor.permute(0, 2, 3, 1)
+            else:
+                stored = tensor.contiguous()
+            if stored.data_ptr() in seen:  # safetensors refuses tensors that share memory
+                stored = stored.clone()
+            if stored.numel():
+                seen.add(stored.data_ptr())
+            self.tensors[f"{key}/{name}"] = stored
             state[name] = tensor
-            self.tensors[f"{key}/{name}"] = tensor
         graph = describe(network)
         if graph is not None:
             # Kept only if the network rebuilt from it gives exactly the same layer outputs.
             probe = torch.randn(2, 3, *transformer.input_size_, generator=torch.Generator().manual_seed(0))
             probe = probe.contiguous(memory_format=torch.channels_last)
             try:
-                rebuilt = _channels_last(rebuild(graph, state), channels_last)
+                rebuilt = rebuild(graph, {name: tensor.clone() for name, tensor in state.items()})
                 with torch.inference_mode():
                     expected, got = network.to("cpu")(probe), rebuilt(probe)
                 same = len(expected) == len(got) and all(torch.equal(a, b) for a, b in zip(expected, got))
@@ -211,18 +220,6 @@ class _Encoder:
             "numbers, strings, None, tuples, lists, dicts and numeric arrays). Save the model with "
             "joblib.dump instead, and load that file only if you trust it."
         )
-
-
-def _channels_last(network, names):
-    """Give the named 4-D parameters and buffers the channels-last layout they were saved from."""
-    import torch
-
-    tensors = dict(network.named_parameters())
-    tensors.update(network.named_buffers())
-    for name in names:
-        tensor = tensors[name]
-        tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    return network
 
 
 def _digest(model_text: str, tensors: dict) -> str:
@@ -348,10 +345,14 @@ def load(path: str | os.PathLike):
     FileNotFoundError
         If `path` does not exist.
     """
-    from safetensors.torch import load as load_tensors
+    from safetensors.torch import load_file
 
     path = Path(path)
-    data = path.read_bytes()
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+        length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        rest = max(0, min(length, _MAX_HEADER) + 8 - len(head))
+        data = head + handle.read(rest) if _kind(head) == "safe" else head  # the header only
     metadata = _read_metadata(data, path)
     version = metadata.get("format_version")
     if version != str(FILE_FORMAT_VERSION):
@@ -360,7 +361,7 @@ def load(path: str | os.PathLike):
             f"{FILE_FORMAT_VERSION}. Load it with the skpatchcore version that wrote it, or refit."
         )
     try:
-        tensors = load_tensors(data)
+        tensors = load_file(path)  # memory-mapped: one copy of the tensor data
     except Exception as error:  # safetensors reports damage with its own error types
         raise CorruptModelError(f"{str(path)!r} is damaged: {error}") from error
     model_text = metadata.get("model", "")
@@ -440,6 +441,8 @@ class _Decoder:
         """Rebuild the fitted network from its graph, or else by name, and load the saved state dict."""
         prefix = description["__state_dict__"]
         state = {name: self.tensors[f"{prefix}/{name}"] for name in description["names"]}
+        for name in description.get("channels_last", []):  # stored as (N, H, W, C): a view, no copy
+            state[name] = state[name].permute(0, 3, 1, 2)
         if description.get("graph") is not None:
             from ._graph_format import rebuild
 
@@ -449,7 +452,7 @@ class _Decoder:
                 raise IncompatibleModelError(
                     f"{str(self.path)!r}: the backbone graph at {key!r} cannot be rebuilt: {error}"
                 ) from error
-            return _channels_last(network, description.get("channels_last", []))
+            return network
         return self.backbone_by_name(transformer, state, key)
 
     def backbone_by_name(self, transformer, state: dict, key: str):
