@@ -229,7 +229,12 @@ def save_heatmap(target: Path, features, image_path: str, anomaly_map, vmin: flo
     """Overlay on the original image without a crop, else on the cropped view."""
     from .plotting import save_overlay_png
 
-    image = image_path if features.crop_size is None else model_view(features, image_path)
+    if features.crop_size is not None:
+        image = model_view(features, image_path)
+    else:  # the original image, turned upright only if the model turned it
+        from .images import read_image
+
+        image = np.asarray(read_image(image_path, getattr(features, "exif_transpose", True)))
     save_overlay_png(target, image, anomaly_map, vmin, vmax)
 
 

@@ -12,6 +12,7 @@ from PIL import Image  # noqa: E402
 
 from skpatchcore.images import UnreadableImageError, preprocess_image  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on damaged TIFF tags
 SIDE = 16
 #: (file format, PIL mode) pairs that PIL writes.
 FORMATS_AND_MODES = [
