@@ -85,6 +85,20 @@ def _backbone_entry(description):
     return description["estimator"]["steps"][0][1]["fitted"]["backbone_"]
 
 
+def test_timm_efficientnet_graph_round_trips(images, tmp_path):
+    pytest.importorskip("timm")
+    model = make_patchcore("timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=None, resize=64,
+                           crop_size=None, random_state=0).fit(images[:3])
+    model.set_params(features__random_state=None)  # the by-name rebuild could not reproduce the weights
+    path = skpatchcore.save(model, tmp_path / "lite0.skpc")
+    data = path.read_bytes()
+    description = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["model"])
+    graph = _backbone_entry(description)["graph"]
+    assert graph is not None and "Sequential" in {m["class"] for m in graph["modules"].values()}
+    loaded = skpatchcore.load(path)
+    np.testing.assert_array_equal(loaded.score_samples(images), model.score_samples(images))
+
+
 def test_backbone_without_graph_is_rebuilt_by_name(fitted, saved, images, tmp_path):
     def drop_graph(metadata, description):
         assert _backbone_entry(description)["graph"] is not None  # resnet18 is described as a graph
