@@ -2,19 +2,23 @@
 
 __version__ = "0.1.0"
 
-from ._persistence import IncompatibleModelError  # noqa: E402
+from ._persistence import CorruptModelError, IncompatibleModelError  # noqa: E402
 from .coreset import CoresetSampler  # noqa: E402
 from .detector import PatchCoreDetector  # noqa: E402
 from .features import PatchFeatureTransformer  # noqa: E402
 from .pipeline import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore  # noqa: E402
+from .persistence import load, save  # noqa: E402
 
 __all__ = [
     "CoresetSampler",
+    "CorruptModelError",
     "IncompatibleModelError",
     "NormalOnlyKFold",
     "PatchCoreDetector",
     "PatchCorePipeline",
     "PatchFeatureTransformer",
     "anomaly_auroc_scorer",
+    "load",
     "make_patchcore",
+    "save",
 ]

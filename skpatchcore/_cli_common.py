@@ -13,6 +13,8 @@ from pathlib import Path
 from .images import IMAGE_EXTENSIONS
 
 PROG = "skpatchcore"
+#: Exit status of ``score`` and ``evaluate`` when some images could not be read.
+EXIT_PARTIAL = 3
 #: Default feature layers of torchvision ResNets (and other backbones).
 RESNET_LAYERS = ("layer2", "layer3")
 #: Default feature layers of timm EfficientNets.
@@ -108,16 +110,33 @@ def check_readable(paths: Sequence[str]) -> None:
         image_size(path)
 
 
-def load_model(path: str | os.PathLike, device: str | None = None):
+def apply_pixel_limit(args: argparse.Namespace) -> None:
+    """``--max-image-pixels``: PIL's decoding limit for this process (0: no limit)."""
+    limit = getattr(args, "max_image_pixels", None)
+    if limit is not None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = limit or None
+
+
+def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle: bool = False):
     """Load a PatchCore pipeline saved by ``skpatchcore fit``.
+
+    The file's kind is read from its first bytes before anything else: the
+    safe format (:func:`skpatchcore.load`) is always read; a pickle or
+    joblib file only with ``allow_pickle=True``, since unpickling runs any
+    code the file contains.
 
     Parameters
     ----------
     path : str or path-like
-        A :func:`joblib.dump` file (only load files you trust).
+        A safe-format model file, or (with `allow_pickle`) a
+        :func:`joblib.dump` file.
     device : str, default=None
         Device that replaces the one stored in the model (``"cpu"``,
         ``"cuda"``...); the stored one is kept when None or empty.
+    allow_pickle : bool, default=False
+        Read pickle / joblib files (only for files you trust).
 
     Returns
     -------
@@ -126,21 +145,42 @@ def load_model(path: str | os.PathLike, device: str | None = None):
     Raises
     ------
     CommandError
-        If the file is missing, is not a joblib file, holds something other
-        than a PatchCore pipeline, or was saved by an incompatible version.
+        If the file is missing, is a pickle and `allow_pickle` is False, is
+        damaged, holds something other than a PatchCore pipeline, or was
+        saved by an incompatible version.
     """
-    import joblib
-
-    from ._persistence import IncompatibleModelError
+    from ._persistence import CorruptModelError, IncompatibleModelError
+    from .persistence import detect_format, load
     from .pipeline import PatchCorePipeline
 
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"model file not found: {str(path)!r}")
+    kind = detect_format(path)
     try:
-        model = joblib.load(path)
+        if kind == "safe":
+            model = load(path)
+        elif not allow_pickle:
+            if kind == "pickle":
+                raise CommandError(
+                    f"{str(path)!r} is a pickle (joblib) file, and loading a pickle runs any code it "
+                    "contains; refusing to open it. Pass --allow-pickle only if you trust the file, or "
+                    "refit with 'skpatchcore fit -o model.skpc' (the safe format)"
+                )
+            raise CommandError(
+                f"{str(path)!r} is not a skpatchcore model file (neither the safe format nor, with "
+                "--allow-pickle, a joblib file); write one with 'skpatchcore fit'"
+            )
+        else:
+            import joblib
+
+            model = joblib.load(path)
+    except CommandError:
+        raise
     except IncompatibleModelError as error:
         raise CommandError(f"incompatible model file {str(path)!r}: {error}") from error
+    except CorruptModelError as error:
+        raise CommandError(str(error)) from error
     except Exception as error:
         raise CommandError(
             f"{str(path)!r} is not a skpatchcore model file ({type(error).__name__}: {error}); "

@@ -1,5 +1,11 @@
 """``skpatchcore evaluate``: benchmark metrics of a model on an MVTec-layout
-test set, with its scores.csv, heatmaps and plots."""
+test set, with its scores.csv, heatmaps and plots.
+
+Unreadable test images are left out of the metrics, listed in
+``metrics.json`` and ``scores.csv`` and make the exit status
+:data:`~skpatchcore._cli_common.EXIT_PARTIAL`; the results replace earlier
+ones only when complete (see :func:`skpatchcore._atomic.staged_outputs`).
+"""
 
 from __future__ import annotations
 
@@ -13,18 +19,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_common import apply_run_options, check_readable, info, load_model, progress_enabled
+from ._atomic import atomic_path, atomic_write, staged_outputs
+from ._cli_common import (
+    CommandError,
+    apply_pixel_limit,
+    apply_run_options,
+    check_readable,
+    info,
+    load_model,
+    progress_enabled,
+)
 from ._cli_score import (
     colour_range,
     iter_scored,
     model_view,
     prediction_cells,
+    report_failures,
     save_heatmap,
     unique_names,
 )
 
-#: ``evaluate`` CSV columns.
-EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction")
+#: ``evaluate`` CSV columns (``error`` is empty for scored images).
+EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction", "error")
+#: What ``evaluate`` writes into its output folder (replaced together at the end).
+EVALUATE_OUTPUTS = ("metrics.json", "scores.csv", "heatmaps", "roc.png", "worst_examples.png")
 #: Examples of each kind shown in ``evaluate --plots``'s worst_examples.png.
 N_WORST = 3
 
@@ -33,14 +51,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``skpatchcore evaluate`` with parsed arguments; returns the exit status."""
     from .datasets import load_mvtec
 
-    model = load_model(args.model, args.device)
+    apply_pixel_limit(args)
+    model = load_model(args.model, args.device, args.allow_pickle)
     apply_run_options(model, args)
     data = load_mvtec(args.category_dir)
     info(args, f"Evaluating {args.model} on {len(data.test_images)} test images of {data.category!r}")
     metrics = evaluate_model(
         model, data, output=args.output, plots=args.plots, heatmaps=args.heatmaps,
         fpr_limit=args.fpr_limit, progress=progress_enabled(args),
-        vmin=args.vmin, vmax=args.vmax, extra={"model": str(args.model)},
+        vmin=args.vmin, vmax=args.vmax, extra={"model": str(args.model)}, fail_fast=args.fail_fast,
     )
     print(format_metrics(metrics), flush=True)
     if args.output is not None:
@@ -48,7 +67,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         written += ["roc.png", "worst_examples.png"] if args.plots else []
         written += ["heatmaps/"] if args.heatmaps else []
         info(args, f"Wrote {', '.join(written)} in {args.output}")
-    return 0
+    failures = [(item["path"], item["error"]) for item in metrics["unreadable"]]
+    listing = None if args.output is None else Path(args.output) / "scores.csv"
+    return report_failures(failures, metrics["n_test_images"], listing)
 
 
 def evaluate_model(
@@ -62,6 +83,7 @@ def evaluate_model(
     vmin: float | None = None,
     vmax: float | None = None,
     extra: dict | None = None,
+    fail_fast: bool = False,
 ) -> dict:
     """Score an MVTec-layout test set and compute the benchmark metrics.
 
@@ -73,7 +95,9 @@ def evaluate_model(
         Output of :func:`skpatchcore.datasets.load_mvtec`.
     output : Path, default=None
         Folder for ``metrics.json`` and ``scores.csv`` (nothing is written
-        when None).
+        when None). Everything is written into a staging folder first and
+        replaces the previous results (see :data:`EVALUATE_OUTPUTS`) only
+        when complete.
     plots : bool, default=False
         Also write ``roc.png`` and ``worst_examples.png``.
     heatmaps : bool, default=False
@@ -85,20 +109,24 @@ def evaluate_model(
         Heatmap colour limits (see :func:`skpatchcore._cli_score.colour_range`).
     extra : dict, default=None
         Further entries for ``metrics.json``.
+    fail_fast : bool, default=False
+        Raise at the first unreadable test image. Otherwise unreadable images
+        are left out of the metrics and listed in ``metrics["unreadable"]``
+        and in the ``error`` column of ``scores.csv``.
 
     Returns
     -------
     metrics : dict
         ``image_auroc``, ``pixel_auroc``, ``aupro`` (None where undefined, e.g.
-        a test set without defects), per-defect image AUROC and counts.
+        a test set without defects), per-defect image AUROC and counts,
+        ``n_unreadable`` and ``unreadable`` (``{"path", "error"}`` dicts).
     """
-    from .metrics import aupro, image_auroc, pixel_auroc
-
     features = model.steps[0][1]
     offset = float(model.steps[-1][1].offset_)
     images = list(data.test_images)
     labels = np.asarray(data.test_labels, dtype=int)
-    check_readable(images)
+    if fail_fast:
+        check_readable(images)
     if (plots or heatmaps) and output is not None:
         from .plotting import _require_matplotlib
 
@@ -107,27 +135,58 @@ def evaluate_model(
     height, width = features.input_size_
     maps = np.empty((len(images), height, width), dtype=np.float32)
     anomaly = np.empty(len(images), dtype=np.float64)
+    errors: list[str | None] = [None] * len(images)
     names = unique_names(images)
     start_time = time.perf_counter()
     with ExitStack() as stack:
-        writer = None
+        staging = writer = None
         if output is not None:
-            output.mkdir(parents=True, exist_ok=True)
-            handle = stack.enter_context(open(output / "scores.csv", "w", newline="", encoding="utf-8"))
+            staging = stack.enter_context(staged_outputs(output, EVALUATE_OUTPUTS))
+            handle = stack.enter_context(atomic_write(staging / "scores.csv", "w", newline="", encoding="utf-8"))
             writer = csv.writer(handle)
             writer.writerow(EVALUATE_COLUMNS)
-        for start, batch, scores, batch_maps in iter_scored(model, images, False, progress):
-            maps[start:start + len(batch)] = batch_maps
-            anomaly[start:start + len(batch)] = -scores
-            for i, score in enumerate(scores, start):
+        for scored in iter_scored(model, images, False, progress, fail_fast=fail_fast):
+            stop = scored.start + len(scored.paths)
+            maps[scored.start:stop] = scored.maps
+            anomaly[scored.start:stop] = -scored.scores
+            errors[scored.start:stop] = scored.errors
+            for i in range(scored.start, stop):
+                row = [images[i], data.test_defect_types[i], int(labels[i])]
+                if errors[i] is not None:
+                    if writer is not None:
+                        writer.writerow([*row, "", "", "", errors[i]])
+                    continue
                 if writer is not None:
-                    writer.writerow([images[i], data.test_defect_types[i], int(labels[i]),
-                                     *prediction_cells(score, offset)])
-                if heatmaps and output is not None:
-                    save_heatmap(output / "heatmaps" / names[i], features, images[i], maps[i], low, high)
-    seconds = time.perf_counter() - start_time
-    masks = masks_at_map_geometry(features, data.test_masks)
+                    writer.writerow([*row, *prediction_cells(-anomaly[i], offset), ""])
+                if heatmaps and staging is not None:
+                    save_heatmap(staging / "heatmaps" / names[i], features, images[i], maps[i], low, high)
+        seconds = time.perf_counter() - start_time
+        scored_idx = np.flatnonzero([error is None for error in errors])
+        if scored_idx.size == 0:
+            raise CommandError(f"none of the {len(images)} test images could be read; the first: {errors[0]}")
+        metrics = _metrics(data, features, images, labels, anomaly, maps, scored_idx, offset, fpr_limit)
+        masks = metrics.pop("_masks")
+        metrics["seconds"] = round(seconds, 3)
+        metrics["n_unreadable"] = len(images) - int(scored_idx.size)
+        metrics["unreadable"] = [{"path": path, "error": error} for path, error in zip(images, errors) if error]
+        if extra:
+            metrics.update(extra)
+        if staging is not None:
+            with atomic_write(staging / "metrics.json", "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics, indent=2) + "\n")
+            if plots:
+                keep = scored_idx
+                _write_plots(staging, features, [images[i] for i in keep], labels[keep], anomaly[keep],
+                             masks, maps[keep], low, high)
+    return metrics
 
+
+def _metrics(data, features, images, labels, anomaly, maps, keep, offset, fpr_limit) -> dict:
+    """The metrics of the images at indices `keep` (those that could be read)."""
+    from .metrics import aupro, image_auroc, pixel_auroc
+
+    masks = masks_at_map_geometry(features, [data.test_masks[i] for i in keep])
+    labels, anomaly, maps = labels[keep], anomaly[keep], maps[keep]
     predicted = anomaly > -offset
     metrics = {
         "category": data.category,
@@ -141,21 +200,15 @@ def evaluate_model(
         "threshold": -offset,
         "n_predicted_anomalous": int(predicted.sum()),
         "accuracy": float(np.mean(predicted == (labels == 1))),
-        "map_size": [height, width],
-        "seconds": round(seconds, 3),
+        "map_size": list(features.input_size_),
     }
-    types = np.asarray(data.test_defect_types)
+    types = np.asarray(data.test_defect_types)[keep]
     for defect in sorted(set(types) - {"good"}):
-        keep = (types == "good") | (types == defect)
+        subset = (types == "good") | (types == defect)
         metrics["image_auroc_per_defect"][defect] = _safe_metric(
-            lambda keep=keep: image_auroc(labels[keep], anomaly[keep])
+            lambda subset=subset: image_auroc(labels[subset], anomaly[subset])
         )
-    if extra:
-        metrics.update(extra)
-    if output is not None:
-        (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        if plots:
-            _write_plots(output, features, images, labels, anomaly, masks, maps, low, high)
+    metrics["_masks"] = masks
     return metrics
 
 
@@ -225,7 +278,8 @@ def _write_plots(output, features, images, labels, anomaly, masks, maps, vmin, v
         figure = plot_roc_curves(
             labels, anomaly, masks if with_pixels else None, maps if with_pixels else None
         )
-        figure.savefig(output / "roc.png", dpi=100)
+        with atomic_path(output / "roc.png") as temporary:
+            figure.savefig(temporary, dpi=100, format="png")
     normal = np.flatnonzero(labels == 0)
     defective = np.flatnonzero(labels == 1)
     worst = [(i, "highest-scored good") for i in normal[np.argsort(-anomaly[normal])][:N_WORST]]
@@ -239,4 +293,5 @@ def _write_plots(output, features, images, labels, anomaly, masks, maps, vmin, v
         vmin=vmin,
         vmax=vmax,
     )
-    figure.savefig(output / "worst_examples.png", dpi=80)
+    with atomic_path(output / "worst_examples.png") as temporary:
+        figure.savefig(temporary, dpi=80, format="png")

@@ -7,8 +7,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._atomic import atomic_path, check_writable_file
 from ._cli_common import (
     CommandError,
+    apply_pixel_limit,
     check_readable,
     check_scheduler,
     choose_layers,
@@ -18,17 +20,25 @@ from ._cli_common import (
     parse_weights,
     progress_enabled,
 )
+from .persistence import SUFFIX
+
+
+#: ``fit -o`` suffixes that ask for a joblib (pickle) file instead of the safe format.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 
 def run_fit(args: argparse.Namespace) -> int:
     """Run ``skpatchcore fit`` with parsed arguments; returns the exit status."""
-    import joblib
-
     from .pipeline import make_patchcore
 
+    apply_pixel_limit(args)
     output = Path(args.output)
     if output.is_dir():
-        raise CommandError(f"-o {str(output)!r} is a folder; give a model file name such as model.joblib")
+        raise CommandError(f"-o {str(output)!r} is a folder; give a model file name such as model{SUFFIX}")
+    try:
+        check_writable_file(output)
+    except OSError as error:
+        raise CommandError(f"-o: {error}") from error
     crop_size = None if args.no_crop else args.crop_size
     if crop_size is not None and crop_size > args.resize:
         raise CommandError(
@@ -50,6 +60,7 @@ def run_fit(args: argparse.Namespace) -> int:
         resize=args.resize,
         crop_size=crop_size,
         interpolation=args.interpolation,
+        exif_transpose=args.exif_transpose,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
         working_memory=args.working_memory,
@@ -58,11 +69,46 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     info(args, f"Fitting PatchCore on {len(images)} images ({args.backbone}, weights: {describe_weights(weights)})")
     elapsed = fit_model(model, images)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, output)
+    save_model(model, output)
     info(args, fit_summary(model, len(images), elapsed))
-    info(args, f"Saved {output} ({_human_size(output.stat().st_size)})")
+    kind = "joblib pickle: 'score' and 'evaluate' read it only with --allow-pickle" if _is_pickle_name(output) \
+        else "safe format"
+    info(args, f"Saved {output} ({_human_size(output.stat().st_size)}, {kind})")
     return 0
+
+
+def _is_pickle_name(path: Path) -> bool:
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def save_model(model, path: str | Path) -> Path:
+    """Write a fitted model atomically: joblib for a pickle suffix, else the safe format.
+
+    Parameters
+    ----------
+    model : PatchCorePipeline
+    path : str or Path
+        A name ending in ``.joblib``, ``.pkl`` or ``.pickle`` gets a
+        :func:`joblib.dump` file; any other name the safe format of
+        :func:`skpatchcore.save` (suggested suffix ``.skpc``). Either way
+        the file is written to a temporary file in the same folder and
+        renamed into place, so an interrupted save keeps an existing file.
+
+    Returns
+    -------
+    path : Path
+    """
+    from .persistence import save
+
+    path = Path(path)
+    if not _is_pickle_name(path):
+        return save(model, path)
+    import joblib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        joblib.dump(model, temporary)
+    return path
 
 
 def fit_model(model, images: Sequence[str]) -> float:

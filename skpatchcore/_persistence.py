@@ -1,4 +1,5 @@
-"""Version stamps in pickled estimators, checked when a model is loaded."""
+"""Version stamps in pickled estimators, checked when a model is loaded, and the
+errors of model files (pickled or in the safe format of :mod:`skpatchcore.persistence`)."""
 
 from __future__ import annotations
 
@@ -36,4 +37,23 @@ class VersionedStateMixin:
                 f"(model format {saved_format}); skpatchcore {__version__} reads model "
                 f"format {MODEL_FORMAT_VERSION}. Refit the model{hint}."
             )
+        # Parameters added after the model was saved take their defaults.
+        for name, default in _init_defaults(type(self)).items():
+            state.setdefault(name, default)
         super().__setstate__(state)
+
+
+def _init_defaults(cls) -> dict:
+    """``{parameter: default}`` of `cls`'s ``__init__`` (parameters with a default only)."""
+    import inspect
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+
+
+class CorruptModelError(ValueError):
+    """A saved model file is damaged (checksum mismatch, truncated) or not a model file."""

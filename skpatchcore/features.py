@@ -206,6 +206,9 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         Seeds the random initialisation of a backbone built with
         ``weights=None`` (in a forked torch RNG, so the global state is left
         alone); no effect on pretrained weights.
+    exif_transpose : bool, default=True
+        Turn image files upright by their EXIF orientation tag (as image
+        viewers show them) before resizing. Arrays are used as they are.
 
     Attributes
     ----------
@@ -252,6 +255,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         n_jobs=None,
         progress=False,
         random_state=None,
+        exif_transpose=True,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -270,6 +274,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         self.n_jobs = n_jobs
         self.progress = progress
         self.random_state = random_state
+        self.exif_transpose = exif_transpose
 
     def _validate_params(self) -> None:
         if isinstance(self.layers, str) or len(self.layers) == 0:
@@ -327,7 +332,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
 
     def _preprocess(self, image) -> np.ndarray:
         return preprocess_image(
-            image, self.resize, self.crop_size, self.interpolation, self.mean, self.std
+            image, self.resize, self.crop_size, self.interpolation, self.mean, self.std, self.exif_transpose
         )
 
     def transform(self, X) -> np.ndarray:
@@ -336,8 +341,10 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         Parameters
         ----------
         X : ndarray of shape (n_images, H, W, 3) or (n_images, H, W), or list
-            uint8 (0-255) or float (0-1) images, a list of arrays of differing
-            sizes, or a list of image file paths.
+            uint8 (0-255), uint16 (0-65535) or float (0-1) images, a list of
+            arrays of differing sizes, or a list of image file paths
+            (8-bit, 16-bit and 32-bit; see :mod:`skpatchcore.images` for
+            how pixel values are scaled).
 
         Returns
         -------

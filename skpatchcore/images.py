@@ -3,6 +3,32 @@
 The transformer accepts several image containers; this module validates them
 and converts one image at a time, so that a folder of files is never loaded
 into memory all at once.
+
+Pixel values are brought to [0, 1] by the range of their type, never by the
+image's own minimum and maximum (which would make a uniformly darker or
+brighter part look normal):
+
+- 8-bit images (files in any 8-bit PIL mode, ``uint8`` arrays): divided by
+  255. Colour files are decoded by PIL to 8 bits per channel.
+- 16-bit greyscale files (PIL modes ``I;16``, ``I;16L``, ``I;16B``,
+  ``I;16N``) and ``uint16`` arrays: divided by 65535.
+- 32-bit integer files (PIL mode ``I``, e.g. 32-bit TIFF) and other integer
+  arrays (``int16``, ``int32``, ``uint32``, ``int64``...): divided by 65535
+  when every value fits in 16 bits (PIL also returns some 16-bit files as
+  mode ``I``), else by 2**32 - 1; negative values are refused.
+- Float files (PIL mode ``F``) and float arrays: used as they are, and they
+  must lie in [0, 1]; a float has no range of its own, so other values are
+  refused with a message instead of being guessed (divide by your sensor's
+  full-scale value first).
+
+Files are turned upright by their EXIF orientation tag unless
+``exif_transpose=False``. Files with more pixels than
+``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit, about 89
+million pixels by default) are refused before they are decoded; raise the
+limit with ``PIL.Image.MAX_IMAGE_PIXELS = n`` (``None`` removes it) or the
+command line's ``--max-image-pixels``. Every file that cannot be read raises
+:class:`UnreadableImageError` (a ``ValueError``) naming the file; a missing
+file raises ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -13,7 +39,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -22,6 +48,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: PIL modes of single-channel images with more than 8 bits per pixel.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112
+_UINT16_MAX = 65535.0
+_UINT32_MAX = 4294967295.0
+
+
+class UnreadableImageError(ValueError):
+    """An image file cannot be decoded (damaged, truncated, not an image, too large...)."""
+
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -93,10 +130,16 @@ def _check_array_image(image: np.ndarray, index: int) -> None:
         raise ValueError(f"Image {index} is empty (shape {image.shape}).")
     if image.dtype == np.uint8:
         return
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() < 0:
+            raise ValueError(f"Image {index} (dtype {image.dtype}) has negative values; integer images must be >= 0.")
+        if image.max() > _UINT32_MAX:
+            raise ValueError(f"Image {index} (dtype {image.dtype}) has values above 2**32 - 1.")
+        return
     if not np.issubdtype(image.dtype, np.floating):
         raise ValueError(
-            f"Image {index} has dtype {image.dtype}; expected uint8 (0-255) or "
-            "float (0-1)."
+            f"Image {index} has dtype {image.dtype}; expected uint8 (0-255), another "
+            "unsigned integer type (uint16: 0-65535) or float (0-1)."
         )
     if not np.isfinite(image).all():
         raise ValueError(f"Image {index} contains NaN or infinite values.")
@@ -104,57 +147,178 @@ def _check_array_image(image: np.ndarray, index: int) -> None:
     if low < 0.0 or high > 1.0:
         raise ValueError(
             f"Float image {index} has values in [{low:g}, {high:g}]; float images "
-            "must be scaled to [0, 1] (or pass uint8 0-255)."
+            "must be scaled to [0, 1] (or pass uint8 0-255 or uint16 0-65535)."
         )
 
 
-def read_image(path: str) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file.
+def scale_to_unit(array: np.ndarray) -> np.ndarray:
+    """Pixel values of a non-8-bit image as float32 in [0, 1], by the range of their type.
+
+    ``uint16`` and integer images whose values fit in 16 bits are divided by
+    65535, other integer images by 2**32 - 1; float images are returned as
+    float32 unchanged (they must already lie in [0, 1]).
+
+    Parameters
+    ----------
+    array : ndarray
+        Integer (values >= 0) or float pixel values.
+
+    Returns
+    -------
+    scaled : ndarray of float32, same shape
+    """
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    if array.dtype == np.uint16 or array.size == 0 or array.max() <= _UINT16_MAX:
+        return (array.astype(np.float32) / np.float32(_UINT16_MAX)).astype(np.float32)
+    return (array.astype(np.float64) / _UINT32_MAX).astype(np.float32)
+
+
+def _open_checked(path: str) -> Image.Image:
+    """``Image.open`` with the decoding limit and errors that name the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(_too_large(path, error)) from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImageError(f"Cannot read image {path}: {error}") from error
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        image.close()
+        raise UnreadableImageError(_too_large(path, f"{width} x {height} = {width * height} pixels"))
+    return image
+
+
+def _too_large(path: str, detail) -> str:
+    return (
+        f"Cannot read image {path}: it has more pixels than the decoding limit "
+        f"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} ({detail}). If the file is trusted, raise "
+        "the limit: --max-image-pixels N on the command line, or PIL.Image.MAX_IMAGE_PIXELS = N in Python."
+    )
+
+
+def _upright(image: Image.Image, exif_transpose: bool) -> Image.Image:
+    """Apply the EXIF orientation tag (when present and not 1)."""
+    if exif_transpose and image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        transposed = ImageOps.exif_transpose(image)
+        return image if transposed is None else transposed
+    return image
+
+
+def read_pixels(path: str, exif_transpose: bool = True) -> Image.Image | np.ndarray:
+    """Decode an image file: 8-bit RGB, or a high-bit-depth greyscale in [0, 1].
 
     Parameters
     ----------
     path : str
         Image file path.
+    exif_transpose : bool, default=True
+        Turn the image upright by its EXIF orientation tag.
+
+    Returns
+    -------
+    image : PIL.Image.Image or ndarray
+        An RGB ``PIL`` image for 8-bit files (every mode PIL can convert to
+        RGB), or for 16-bit and 32-bit greyscale files (modes
+        :data:`HIGH_DEPTH_MODES`) a float32 ``(height, width)`` array scaled
+        as described in the module docstring.
+
+    Raises
+    ------
+    UnreadableImageError
+        If the file cannot be decoded or exceeds the decoding limit.
+    FileNotFoundError
+        If `path` does not exist.
+    """
+    image = _open_checked(path)
+    try:
+        with image:
+            image = _upright(image, exif_transpose)
+            if image.mode in HIGH_DEPTH_MODES:
+                return _high_depth_array(image, path)
+            return image.convert("RGB")
+    except UnreadableImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(_too_large(path, error)) from error
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
+        raise UnreadableImageError(f"Cannot read image {path}: {error}") from error
+
+
+def _high_depth_array(image: Image.Image, path: str) -> np.ndarray:
+    array = np.asarray(image)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise UnreadableImageError(f"Cannot read image {path}: it contains NaN or infinite values.")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise UnreadableImageError(
+                f"Cannot read image {path}: a float image (PIL mode F) must hold values in [0, 1], "
+                f"got [{low:g}, {high:g}]; divide it by the sensor's full-scale value first."
+            )
+    elif array.size and array.min() < 0:
+        raise UnreadableImageError(f"Cannot read image {path}: a 32-bit integer image with negative values.")
+    return scale_to_unit(array)
+
+
+def read_image(path: str, exif_transpose: bool = True) -> Image.Image:
+    """Open an image file as 8-bit RGB (for display), with an error that names the file.
+
+    High-bit-depth greyscale files are scaled as for the backbone (see the
+    module docstring) and rounded to 8 bits.
+
+    Parameters
+    ----------
+    path : str
+        Image file path.
+    exif_transpose : bool, default=True
+        Turn the image upright by its EXIF orientation tag.
 
     Returns
     -------
     image : PIL.Image.Image
         The image converted to RGB.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"Cannot read image {path}: {error}") from error
+    pixels = read_pixels(path, exif_transpose)
+    if isinstance(pixels, Image.Image):
+        return pixels
+    grey = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode="RGB")
 
 
-def image_size(image: ImageLike) -> tuple[int, int]:
-    """Return ``(height, width)`` of a path or array image."""
+def image_size(image: ImageLike, exif_transpose: bool = True) -> tuple[int, int]:
+    """Return ``(height, width)`` of a path or array image (upright, for files)."""
     if isinstance(image, np.ndarray):
         return int(image.shape[0]), int(image.shape[1])
-    if not Path(image).is_file():
-        raise FileNotFoundError(f"Image file not found: {image}")
-    try:
-        with Image.open(image) as opened:
-            width, height = opened.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Cannot read image {image}: {error}") from error
-    return height, width
+    with _open_checked(image) as opened:
+        width, height = opened.size
+        try:
+            orientation = opened.getexif().get(_EXIF_ORIENTATION, 1) if exif_transpose else 1
+        except Exception:  # a damaged EXIF block: decoding will report it
+            orientation = 1
+    # Orientations 5-8 rotate by 90 degrees (ImageOps.exif_transpose).
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
-def _to_pil_channels(image: ImageLike) -> list[Image.Image]:
+def _to_pil_channels(image: ImageLike, exif_transpose: bool = True) -> list[Image.Image]:
     """Return the image as a list of PIL images: one RGB or three float planes."""
     if not isinstance(image, np.ndarray):
-        return [read_image(image)]
+        image = read_pixels(image, exif_transpose)
+        if isinstance(image, Image.Image):
+            return [image]
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
     if image.dtype == np.uint8:
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
         return [Image.fromarray(np.ascontiguousarray(image), mode="RGB")]
-    planes = np.ascontiguousarray(np.moveaxis(image.astype(np.float32), -1, 0))
+    image = scale_to_unit(image)
+    if image.ndim == 2:
+        return [Image.fromarray(np.ascontiguousarray(image), mode="F")] * 3
+    planes = np.ascontiguousarray(np.moveaxis(image, -1, 0))
     return [Image.fromarray(plane, mode="F") for plane in planes]
 
 
@@ -182,13 +346,16 @@ def preprocess_image(
     interpolation: str,
     mean: Sequence[float],
     std: Sequence[float],
+    exif_transpose: bool = True,
 ) -> np.ndarray:
     """Resize, optionally centre-crop and normalise one image.
 
     Parameters
     ----------
     image : str or ndarray
-        Image file path, or an array (uint8 0-255 or float 0-1).
+        Image file path, or an array (uint8 0-255, uint16 0-65535, other
+        integer types or float 0-1; see the module docstring for the
+        scaling).
     resize : int
         With ``crop_size`` set, the shorter side is resized to ``resize``
         (aspect ratio kept) before the centre crop, as torchvision's
@@ -200,6 +367,8 @@ def preprocess_image(
         PIL resampling filter.
     mean, std : sequence of 3 floats
         Per-channel normalisation.
+    exif_transpose : bool, default=True
+        Turn files upright by their EXIF orientation tag.
 
     Returns
     -------
@@ -207,7 +376,12 @@ def preprocess_image(
         Normalised channels-first image.
     """
     resample = _RESAMPLING[interpolation]
-    planes = [_resize_and_crop(p, resize, crop_size, resample) for p in _to_pil_channels(image)]
+    resized: dict[int, Image.Image] = {}
+    planes = []
+    for channel in _to_pil_channels(image, exif_transpose):
+        if id(channel) not in resized:  # a greyscale plane repeated three times is resized once
+            resized[id(channel)] = _resize_and_crop(channel, resize, crop_size, resample)
+        planes.append(resized[id(channel)])
     if len(planes) == 1:
         array = np.asarray(planes[0], dtype=np.float32) / 255.0
         array = np.moveaxis(array, -1, 0)

@@ -352,7 +352,8 @@ def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, origina
             return detector.score_samples(features), None
         scores, maps = detector.score_and_maps(features, first.input_size_)
     if original_size:
-        maps = [resize_map(m, image_size(image)) for m, image in zip(maps, images)]
+        upright = getattr(first, "exif_transpose", True)
+        maps = [resize_map(m, image_size(image, upright)) for m, image in zip(maps, images)]
     return scores, maps
 
 

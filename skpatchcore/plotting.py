@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageLike, read_image
+from ._atomic import atomic_path
+from .images import ImageLike, read_image, scale_to_unit
 from .metrics import image_auroc, pixel_auroc
 
 __all__ = [
@@ -58,7 +59,11 @@ def _new_figure(width: float, height: float):
 
 
 def _rgb_array(image: ImageLike) -> np.ndarray:
-    """Return an image (path, uint8 or float 0-1 array) as uint8 RGB (H, W, 3)."""
+    """Return an image (path, uint8, uint16 or float 0-1 array) as uint8 RGB (H, W, 3).
+
+    Files are read upright (EXIF orientation applied); integer arrays other
+    than uint8 are scaled by their type's range (:func:`~skpatchcore.images.scale_to_unit`).
+    """
     if isinstance(image, (str, os.PathLike)):
         return np.asarray(read_image(os.fspath(image)), dtype=np.uint8)
     array = np.asarray(image)
@@ -73,9 +78,9 @@ def _rgb_array(image: ImageLike) -> np.ndarray:
     array = array[..., :3]
     if array.dtype == np.uint8:
         return array
-    if np.issubdtype(array.dtype, np.floating) or array.dtype == bool:
-        return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-    return np.clip(array, 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        array = scale_to_unit(np.clip(array, 0, None))
+    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _resize_map(anomaly_map, size: tuple[int, int]) -> np.ndarray:
@@ -352,7 +357,8 @@ def save_overlay_png(
     Parameters
     ----------
     path : str or path-like
-        Output file; parent folders are created.
+        Output file; parent folders are created. Written atomically (a
+        temporary file renamed into place).
     image : str, path-like or ndarray
         Image file, or array (H, W[, 3]), uint8 or float in [0, 1].
     anomaly_map : array-like of shape (h, w)
@@ -377,5 +383,6 @@ def save_overlay_png(
     blended = (1.0 - alpha) * (rgb / 255.0) + alpha * colours
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)).save(output)
+    with atomic_path(output) as temporary:
+        Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)).save(temporary, format="PNG")
     return output

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import skpatchcore
 from skpatchcore import PatchCoreDetector, _persistence, cli, demo
 from skpatchcore._cli_common import collect_images
 from skpatchcore._cli_evaluate import masks_at_map_geometry
@@ -37,7 +38,7 @@ def category(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_path(category, tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "model.joblib"
+    path = tmp_path_factory.mktemp("models") / "model.skpc"
     assert main(["fit", str(category / "train"), "-o", str(path), *FAST, "--quiet"]) == 0
     return path
 
@@ -60,13 +61,13 @@ def _read_csv(path):
 
 
 def test_fit_prints_summary_and_saves_pipeline(category, tmp_path, capsys):
-    out = tmp_path / "nested" / "m.joblib"
+    out = tmp_path / "nested" / "m.skpc"
     assert main(["fit", str(category / "train" / "good"), "-o", str(out), *FAST, "--sampling-ratio", "0.2"]) == 0
     captured = capsys.readouterr()
     assert "6 images" in captured.out and "resnet18" in captured.out
     assert "memory bank" in captured.out and f"Saved {out}" in captured.out
     assert "Patch features" not in captured.err  # no progress bar when stderr is not a terminal
-    model = joblib.load(out)
+    model = skpatchcore.load(out)
     assert isinstance(model, PatchCorePipeline)
     params = model.get_params()
     assert params["features__crop_size"] is None and params["features__resize"] == 64
@@ -77,15 +78,15 @@ def test_fit_prints_summary_and_saves_pipeline(category, tmp_path, capsys):
 
 def test_fit_random_backbone_is_reproducible(model_path, category, tmp_path):
     rng_state = torch.get_rng_state()
-    again = tmp_path / "again.joblib"
+    again = tmp_path / "again.skpc"
     assert main(["fit", str(category / "train"), "-o", str(again), *FAST, "-q"]) == 0
     assert torch.equal(torch.get_rng_state(), rng_state)  # torch's global RNG is left alone
-    first, second = joblib.load(model_path), joblib.load(again)
+    first, second = skpatchcore.load(model_path), skpatchcore.load(again)
     np.testing.assert_array_equal(first.steps[-1][1].memory_bank_, second.steps[-1][1].memory_bank_)
 
 
 def test_quiet_before_or_after_subcommand(category, tmp_path, capsys):
-    out = tmp_path / "m.joblib"
+    out = tmp_path / "m.skpc"
     assert main(["--quiet", "fit", str(category / "train"), "-o", str(out), *FAST]) == 0
     assert capsys.readouterr().out == ""
     assert main(["score", str(out), str(category / "test" / "good"), "-o", str(tmp_path / "s"), "-q"]) == 0
@@ -105,7 +106,7 @@ def test_score_writes_csv_and_heatmaps(model_path, category, tmp_path, capsys):
     assert len(rows) == 1 + 5
     paths = [row[0] for row in rows[1:]]
     assert paths == sorted(str(p) for p in (category / "test").rglob("*.png"))
-    model = joblib.load(model_path)
+    model = skpatchcore.load(model_path)
     anomaly = np.array([float(row[1]) for row in rows[1:]])
     decision = np.array([float(row[2]) for row in rows[1:]])
     np.testing.assert_allclose(anomaly, -model.score_samples(paths), rtol=1e-5)
@@ -131,7 +132,7 @@ def test_score_colliding_stems_and_no_images(model_path, category, tmp_path):
 
 
 def test_score_with_centre_crop_overlays_the_cropped_view(category, tmp_path):
-    model = tmp_path / "crop.joblib"
+    model = tmp_path / "crop.skpc"
     args = [a for a in FAST if a != "--no-crop"]
     assert main(["fit", str(category / "train"), "-o", str(model), *args, "--crop-size", "48", "-q"]) == 0
     out = tmp_path / "s"
@@ -234,6 +235,8 @@ def test_model_file_errors(model_path, category, tmp_path, capsys):
     other = tmp_path / "dict.joblib"
     joblib.dump({"a": 1}, other)
     assert main(["evaluate", str(other), str(category)]) == 1
+    assert "--allow-pickle" in _error_line(capsys)
+    assert main(["evaluate", str(other), str(category), "--allow-pickle"]) == 1
     assert "not a PatchCore pipeline" in _error_line(capsys)
 
 
@@ -243,7 +246,7 @@ def test_incompatible_model_version(category, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(_persistence, "MODEL_FORMAT_VERSION", 999)
         joblib.dump(detector, old)
-    assert main(["score", str(old), str(category / "test"), "-o", str(tmp_path / "o")]) == 1
+    assert main(["score", str(old), str(category / "test"), "-o", str(tmp_path / "o"), "--allow-pickle"]) == 1
     line = _error_line(capsys)
     assert "incompatible model file" in line and "model format 999" in line
 
@@ -320,11 +323,11 @@ def test_demo_quick(tmp_path, capsys):
     assert metrics["backbone"] == "resnet18" and metrics["pretrained"] is False
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[key] <= 1.0
-    for name in ("model.joblib", "scores.csv", "roc.png", "worst_examples.png"):
+    for name in ("model.skpc", "scores.csv", "roc.png", "worst_examples.png"):
         assert (out / name).is_file()
     data = load_mvtec(out / "data" / "synthetic")
     assert len(list((out / "heatmaps").glob("*.png"))) == len(data.test_images) == 5
-    assert isinstance(joblib.load(out / "model.joblib"), PatchCorePipeline)
+    assert isinstance(skpatchcore.load(out / "model.skpc"), PatchCorePipeline)
 
 
 def test_demo_refuses_a_foreign_data_folder(tmp_path, capsys):
