@@ -220,7 +220,7 @@ def test_cli_fit_and_score_on_the_cluster(cluster, image_files, tmp_path, capsys
     train.mkdir()
     for path in image_files[:8]:
         os.link(path, train / os.path.basename(path))
-    model_file = tmp_path / "model.joblib"
+    model_file = tmp_path / "model.skpc"
     common = ["--scheduler", cluster.scheduler_address, "--n-jobs", "1", "--working-memory", "2"]
     assert main(["fit", str(train), "-o", str(model_file), "--backbone", "resnet18", "--weights", "none",
                  "--resize", "96", "--no-crop", "--quiet", *common]) == 0
@@ -229,7 +229,7 @@ def test_cli_fit_and_score_on_the_cluster(cluster, image_files, tmp_path, capsys
                  *common]) == 0
     assert len((out / "scores.csv").read_text().splitlines()) == 5
     with dask.config.set({"skpatchcore.connect-timeout": "1s"}):
-        assert main(["fit", str(train), "-o", str(tmp_path / "never.joblib"), "--quiet",
+        assert main(["fit", str(train), "-o", str(tmp_path / "never.skpc"), "--quiet",
                      "--scheduler", "tcp://127.0.0.1:9"]) == 1
     assert "Cannot reach a Dask scheduler" in capsys.readouterr().err
-    assert not (tmp_path / "never.joblib").exists()
+    assert not (tmp_path / "never.skpc").exists()
