@@ -16,6 +16,10 @@ from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
 
 
+#: ``chunk_sampling_ratio=None`` keeps this many times ``sampling_ratio`` of each chunk.
+CHUNK_OVERSAMPLING = 4
+
+
 class PatchRows(np.ndarray):
     """Feature rows that remember which image (and which input row) each came from.
 
@@ -161,12 +165,12 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         Random rows whose mean distance initialises the coverage distances.
     chunk_sampling_ratio : float in (0, 1] or None, default=None
         Fraction of each chunk's rows that its chunk coreset keeps before
-        the merge. ``None`` keeps ``sampling_ratio``: the union of the chunk
-        coresets is then the bank, with no merge pass (also in
-        ``partial_fit``, where the new chunks join the existing bank).
-        Larger values let a final greedy pass choose among more rows (closer
-        to one greedy pass over everything, see :meth:`merge`) at the cost
-        of that pass.
+        the merge's greedy pass keeps ``sampling_ratio`` of all rows. None:
+        ``min(1, 4 * sampling_ratio)`` (``CHUNK_OVERSAMPLING``). Chunk coresets
+        only as large as the final ratio spend their picks on every chunk's
+        own common patterns and cover rare normal patterns worse (lower
+        AUROC, see docs/benchmarks.md); four times larger ones let the merge
+        choose, at the cost of a longer merge.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -343,8 +347,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         coreset : ChunkCoreset
-            ``int(n_rows * chunk_sampling_ratio)`` rows, at least one
-            (``sampling_ratio`` when that is None).
+            ``int(n_rows * chunk_ratio())`` rows, at least one.
         """
         check_is_fitted(self, "seed_")
         features = np.asarray(X)
@@ -355,10 +358,9 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         rows, local_image = pool_patches(features)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows = rows.shape[0]
-        ratio = self.sampling_ratio if self.chunk_sampling_ratio is None else self.chunk_sampling_ratio
-        # Rounded down, so that with chunk_sampling_ratio=None the union never
-        # exceeds int(n_rows_total * sampling_ratio) and the merge keeps it whole.
-        n_selected = min(n_rows, max(1, int(n_rows * ratio)))
+        # Rounded down: with chunk_sampling_ratio == sampling_ratio the union never
+        # exceeds int(n_rows_total * sampling_ratio), and the merge keeps it whole.
+        n_selected = min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
         first_row = int(first_image) * n_rows // features.shape[0]
         if n_selected >= n_rows:
             picks, radius = np.arange(n_rows), 0.0
@@ -423,6 +425,12 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         self.n_rows_seen_ = n_rows_total
         self.n_images_seen_ = int(sum(part.n_images for part in parts))
         return PatchRows(rows[picks], image_index[picks], row_index[picks])
+
+    def chunk_ratio(self) -> float:
+        """The fraction of its rows a chunk coreset keeps (``chunk_sampling_ratio`` resolved)."""
+        if self.chunk_sampling_ratio is not None:
+            return float(self.chunk_sampling_ratio)
+        return min(1.0, CHUNK_OVERSAMPLING * float(self.sampling_ratio))
 
     def _shared_projection(self, n_dims: int) -> np.ndarray | None:
         """The projection every chunk and the merge share (drawn from ``seed_``)."""

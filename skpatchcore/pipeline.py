@@ -165,8 +165,7 @@ class PatchCorePipeline(Pipeline):
         height, width, n_dims = self.steps[0][1].feature_shape_
         sampler = self.steps[1][1]
         projected = n_dims if sampler.projection_dim is None else min(n_dims, sampler.projection_dim)
-        kept = sampler.sampling_ratio if sampler.chunk_sampling_ratio is None else sampler.chunk_sampling_ratio
-        return int(height * width * (4 * n_dims * (1 + kept) + 4 * projected + 24))
+        return int(height * width * (4 * n_dims * (1 + sampler.chunk_ratio()) + 4 * projected + 24))
 
     def _check_fit_memory(self, n_images: int, chunk: int) -> None:
         """Refuse at once a fit whose chunk and memory bank cannot fit in the available memory."""

@@ -13,6 +13,9 @@ from skpatchcore.metrics import image_auroc
 
 # A 96 px resnet18 image has 12 x 12 patches of 1024 float32: 0.56 MiB of features.
 ONE_IMAGE_MIB = 12 * 12 * 1024 * 4 / 2**20
+# Fitting holds features, the chunk coreset (all rows: 4 x 0.25), projection and greedy state:
+# 1.2 MiB an image, so this budget takes 4 images a chunk.
+FOUR_IMAGES_MIB = 4.8
 
 
 def small_model(**params):
@@ -38,8 +41,8 @@ def count_transform_calls(model, monkeypatch) -> list[int]:
 
 @pytest.fixture(scope="module")
 def chunked(synthetic):
-    """Fitted with a budget of about 4 images: 4 chunks of the 16 training images."""
-    return small_model(working_memory=4 * 0.8).fit(synthetic.train_images)
+    """Fitted with a budget of 4 images: 4 chunks of the 16 training images."""
+    return small_model(working_memory=FOUR_IMAGES_MIB).fit(synthetic.train_images)
 
 
 def test_fit_within_the_budget_is_the_single_greedy_pass(synthetic):
@@ -55,7 +58,7 @@ def test_fit_within_the_budget_is_the_single_greedy_pass(synthetic):
 
 
 def test_chunked_fit_reads_chunks_and_keeps_the_ratio(synthetic, monkeypatch):
-    model = small_model(working_memory=4 * 0.8)
+    model = small_model(working_memory=FOUR_IMAGES_MIB)
     sizes = count_transform_calls(model, monkeypatch)
     model.fit(synthetic.train_images)
     assert sizes == [4, 4, 4, 4]  # never more than the budget's images at once
@@ -99,10 +102,12 @@ def test_chunk_coresets_depend_only_on_seed_and_first_image(chunked, synthetic):
     assert not np.array_equal(first.row_index - 4 * 144, other.row_index - 8 * 144)
 
 
-def test_larger_chunk_coresets_give_the_merge_a_choice(synthetic):
-    model = small_model(working_memory=4 * 0.8)
-    model.set_params(coreset__chunk_sampling_ratio=0.5).fit(synthetic.train_images)
-    assert model[-1].memory_bank_.shape[0] == int(16 * 144 * 0.25)
+def test_chunk_coresets_keep_four_times_the_ratio_by_default(synthetic):
+    assert CoresetSampler(sampling_ratio=0.01).chunk_ratio() == 0.04
+    assert CoresetSampler(sampling_ratio=0.5).chunk_ratio() == 1.0
+    model = small_model(working_memory=FOUR_IMAGES_MIB, sampling_ratio=0.1)
+    model.set_params(coreset__chunk_sampling_ratio=0.1).fit(synthetic.train_images)  # no merge pass
+    assert model[-1].memory_bank_.shape[0] == 4 * int(4 * 144 * 0.1)
     assert image_auroc(synthetic.test_labels, -model.score_samples(synthetic.test_images)) > 0.9
 
 
@@ -156,13 +161,13 @@ def test_a_budget_below_one_image_is_a_clear_error(synthetic):
 def test_sklearn_working_memory_setting_is_the_default_budget(synthetic, monkeypatch):
     model = small_model()
     sizes = count_transform_calls(model, monkeypatch)
-    with sklearn.config_context(working_memory=4 * 0.8):
+    with sklearn.config_context(working_memory=FOUR_IMAGES_MIB):
         model.fit(synthetic.train_images[:8])
     assert sizes == [4, 4]
 
 
 def test_partial_fit_adds_images_without_reading_the_old_ones(synthetic, monkeypatch):
-    model = small_model(working_memory=4 * 0.8).fit(synthetic.train_images[:8])
+    model = small_model(working_memory=FOUR_IMAGES_MIB).fit(synthetic.train_images[:8])
     offset_before = model[-1].offset_
     sizes = count_transform_calls(model, monkeypatch)
     model.partial_fit(synthetic.train_images[8:])
@@ -176,8 +181,8 @@ def test_partial_fit_adds_images_without_reading_the_old_ones(synthetic, monkeyp
 
 
 def test_partial_fit_on_an_unfitted_model_fits(synthetic):
-    first = small_model(working_memory=4 * 0.8).partial_fit(synthetic.train_images[:8])
-    fitted = small_model(working_memory=4 * 0.8).fit(synthetic.train_images[:8])
+    first = small_model(working_memory=FOUR_IMAGES_MIB).partial_fit(synthetic.train_images[:8])
+    fitted = small_model(working_memory=FOUR_IMAGES_MIB).fit(synthetic.train_images[:8])
     np.testing.assert_array_equal(first[-1].memory_bank_, fitted[-1].memory_bank_)
 
 
