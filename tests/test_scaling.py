@@ -78,7 +78,8 @@ def test_chunked_coverage_radius_bounds_every_training_row(chunked, synthetic):
     rows = chunked[0].transform(synthetic.train_images).reshape(-1, 1024)
     projection = sampler._shared_projection(1024)
     projected_rows, projected_bank = _project(rows, projection), _project(bank, projection)
-    nearest = torch.cdist(torch.from_numpy(projected_rows), torch.from_numpy(projected_bank)).min(dim=1).values
+    nearest = torch.cdist(torch.from_numpy(projected_rows).double(),
+                          torch.from_numpy(projected_bank).double()).min(dim=1).values
     assert float(nearest.max()) <= sampler.coverage_radius_ * (1 + 1e-5)
     assert 0 < sampler.coverage_radius_ < np.inf
 
@@ -91,7 +92,7 @@ def test_chunked_fit_detects_like_the_single_pass(chunked, synthetic):
 
 
 def test_chunk_coresets_depend_only_on_seed_and_first_image(chunked, synthetic):
-    sampler = chunked[1]
+    sampler = CoresetSampler(sampling_ratio=0.05, random_state=0).begin_chunks()  # keeps 20% of a chunk
     features = chunked[0].transform(synthetic.train_images[4:8])
     first = sampler.chunk_coreset(features, first_image=4)
     again = sampler.chunk_coreset(features, first_image=4)
@@ -107,7 +108,10 @@ def test_chunk_coresets_keep_four_times_the_ratio_by_default(synthetic):
     assert CoresetSampler(sampling_ratio=0.5).chunk_ratio() == 1.0
     model = small_model(working_memory=FOUR_IMAGES_MIB, sampling_ratio=0.1)
     model.set_params(coreset__chunk_sampling_ratio=0.1).fit(synthetic.train_images)  # no merge pass
-    assert model[-1].memory_bank_.shape[0] == 4 * int(4 * 144 * 0.1)
+    step = model._fit_chunk(16)
+    assert step < 16
+    chunk_sizes = [min(step, 16 - start) for start in range(0, 16, step)]
+    assert model[-1].memory_bank_.shape[0] == sum(int(n * 144 * 0.1) for n in chunk_sizes)
     assert image_auroc(synthetic.test_labels, -model.score_samples(synthetic.test_images)) > 0.9
 
 
@@ -211,11 +215,17 @@ def test_detector_partial_fit_appends_rows_and_recalibrates(rng):
 
 def test_sampler_merge_of_one_chunk_equals_its_coreset(rng):
     X = rng.normal(size=(2, 10, 10, 8)).astype(np.float32)
-    sampler = CoresetSampler(sampling_ratio=0.1, random_state=0).begin_chunks()
+    sampler = CoresetSampler(sampling_ratio=0.1, chunk_sampling_ratio=0.1, random_state=0).begin_chunks()
     part = sampler.chunk_coreset(X, first_image=0)
     bank = sampler.merge([part])
     np.testing.assert_array_equal(bank, part.rows)
     assert sampler.n_rows_seen_ == 200 and sampler.n_features_in_ == 8
+    # The default keeps 40% of the chunk; the merge's greedy pass keeps 10% of all rows among them.
+    sampler = CoresetSampler(sampling_ratio=0.1, random_state=0).begin_chunks()
+    part = sampler.chunk_coreset(X, first_image=0)
+    assert len(part.rows) == 80
+    bank = sampler.merge([part])
+    assert len(bank) == 20 and set(bank.row_index) <= set(part.row_index)
     with pytest.raises(ValueError, match="n_images, h, w, n_features"):
         sampler.chunk_coreset(X[0])
     with pytest.raises(ValueError, match="at least one"):
