@@ -16,8 +16,11 @@ from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
 
 
-#: ``chunk_sampling_ratio=None`` keeps this many times ``sampling_ratio`` of each chunk.
+#: ``chunk_sampling_ratio=None`` keeps this many times ``sampling_ratio`` of each chunk...
 CHUNK_OVERSAMPLING = 4
+#: ...but no more than this fraction of the chunk (or ``sampling_ratio`` if that is larger):
+#: the merge's greedy pass slows down sharply as its input grows.
+OVERSAMPLED_RATIO_LIMIT = 0.04
 
 
 class PatchRows(np.ndarray):
@@ -166,11 +169,13 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
     chunk_sampling_ratio : float in (0, 1] or None, default=None
         Fraction of each chunk's rows that its chunk coreset keeps before
         the merge's greedy pass keeps ``sampling_ratio`` of all rows. None:
-        ``min(1, 4 * sampling_ratio)`` (``CHUNK_OVERSAMPLING``). Chunk coresets
-        only as large as the final ratio spend their picks on every chunk's
-        own common patterns and cover rare normal patterns worse (lower
-        AUROC, see docs/benchmarks.md); four times larger ones let the merge
-        choose, at the cost of a longer merge.
+        ``4 * sampling_ratio``, but at most 0.04 or ``sampling_ratio`` if
+        that is larger (0.04 for 1%, ``sampling_ratio`` itself from 4% on).
+        Chunk coresets only as large as the final ratio spend their picks on
+        every chunk's own common patterns and cover rare normal patterns
+        worse (lower AUROC at 1%, see docs/benchmarks.md); four times larger
+        ones let the merge choose. The merge pass slows down sharply as its
+        input grows, hence the limit.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -430,7 +435,8 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         """The fraction of its rows a chunk coreset keeps (``chunk_sampling_ratio`` resolved)."""
         if self.chunk_sampling_ratio is not None:
             return float(self.chunk_sampling_ratio)
-        return min(1.0, CHUNK_OVERSAMPLING * float(self.sampling_ratio))
+        ratio = float(self.sampling_ratio)
+        return min(CHUNK_OVERSAMPLING * ratio, max(ratio, OVERSAMPLED_RATIO_LIMIT))
 
     def _shared_projection(self, n_dims: int) -> np.ndarray | None:
         """The projection every chunk and the merge share (drawn from ``seed_``)."""

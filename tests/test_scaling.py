@@ -13,9 +13,9 @@ from skpatchcore.metrics import image_auroc
 
 # A 96 px resnet18 image has 12 x 12 patches of 1024 float32: 0.56 MiB of features.
 ONE_IMAGE_MIB = 12 * 12 * 1024 * 4 / 2**20
-# Fitting holds features, the chunk coreset (all rows: 4 x 0.25), projection and greedy state:
-# 1.2 MiB an image, so this budget takes 4 images a chunk.
-FOUR_IMAGES_MIB = 4.8
+# Fitting holds features, the chunk coreset (0.25 of the rows), projection and greedy state:
+# 0.78 MiB an image, so this budget takes 4 images a chunk.
+FOUR_IMAGES_MIB = 3.5
 
 
 def small_model(**params):
@@ -105,7 +105,10 @@ def test_chunk_coresets_depend_only_on_seed_and_first_image(chunked, synthetic):
 
 def test_chunk_coresets_keep_four_times_the_ratio_by_default(synthetic):
     assert CoresetSampler(sampling_ratio=0.01).chunk_ratio() == 0.04
-    assert CoresetSampler(sampling_ratio=0.5).chunk_ratio() == 1.0
+    assert CoresetSampler(sampling_ratio=0.005).chunk_ratio() == 0.02
+    assert CoresetSampler(sampling_ratio=0.02).chunk_ratio() == 0.04
+    assert CoresetSampler(sampling_ratio=0.1).chunk_ratio() == 0.1
+    assert CoresetSampler(sampling_ratio=0.1, chunk_sampling_ratio=0.3).chunk_ratio() == 0.3
     model = small_model(working_memory=FOUR_IMAGES_MIB, sampling_ratio=0.1)
     model.set_params(coreset__chunk_sampling_ratio=0.1).fit(synthetic.train_images)  # no merge pass
     step = model._fit_chunk(16)
@@ -220,12 +223,12 @@ def test_sampler_merge_of_one_chunk_equals_its_coreset(rng):
     bank = sampler.merge([part])
     np.testing.assert_array_equal(bank, part.rows)
     assert sampler.n_rows_seen_ == 200 and sampler.n_features_in_ == 8
-    # The default keeps 40% of the chunk; the merge's greedy pass keeps 10% of all rows among them.
-    sampler = CoresetSampler(sampling_ratio=0.1, random_state=0).begin_chunks()
+    # At 2% the default keeps 4% of the chunk; the merge's greedy pass keeps 2% of all rows among them.
+    sampler = CoresetSampler(sampling_ratio=0.02, random_state=0).begin_chunks()
     part = sampler.chunk_coreset(X, first_image=0)
-    assert len(part.rows) == 80
+    assert len(part.rows) == 8
     bank = sampler.merge([part])
-    assert len(bank) == 20 and set(bank.row_index) <= set(part.row_index)
+    assert len(bank) == 4 and set(bank.row_index) <= set(part.row_index)
     with pytest.raises(ValueError, match="n_images, h, w, n_features"):
         sampler.chunk_coreset(X[0])
     with pytest.raises(ValueError, match="at least one"):
