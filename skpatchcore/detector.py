@@ -259,7 +259,10 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         chosen = np.flatnonzero(np.isin(groups, unique))
         largest_group = int(np.max(np.bincount(np.searchsorted(unique, groups[chosen]))))
         k = min(n_bank, self.n_neighbors + largest_group)
-        distances, indices = self._kneighbors(self.memory_bank_[chosen], k)
+        # Exact search under "auto": a few thousand queries with a large k, where building
+        # pynndescent's index for a large bank costs far more than brute force.
+        algorithm = "exact" if self.algorithm == "auto" else None
+        distances, indices = self._kneighbors(self.memory_bank_[chosen], k, algorithm)
         other = groups[indices] != groups[chosen][:, None]
         # Keep, per row, the first n_neighbors neighbours from other groups.
         rank = np.cumsum(other, axis=1)
