@@ -200,6 +200,10 @@ class PatchCorePipeline(Pipeline):
             raise TypeError("The first pipeline step must be a fitted PatchFeatureTransformer.")
         return first, detector
 
+    def _scores_images(self) -> bool:
+        """Whether a fitted feature transformer feeds a PatchCoreDetector (else: plain ``Pipeline``)."""
+        return isinstance(self.steps[-1][1], PatchCoreDetector) and hasattr(self.steps[0][1], "input_size_")
+
     def _score_chunk(self) -> int:
         """Images per scoring chunk: features, search results and maps in the budget."""
         first, detector = self._features_and_detector()
@@ -303,7 +307,7 @@ class PatchCorePipeline(Pipeline):
             from .distributed import score_collection
 
             return score_collection(self, X, "score_samples")
-        if not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(self.steps[0][1], "input_size_"):
+        if not self._scores_images():
             return super().score_samples(X)
         parts = [scores for _, scores, _ in self.iter_score_and_maps(X, maps=False)]
         return np.concatenate(parts)
@@ -314,7 +318,7 @@ class PatchCorePipeline(Pipeline):
             from .distributed import score_collection
 
             return score_collection(self, X, "decision_function")
-        if not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(self.steps[0][1], "input_size_"):
+        if not self._scores_images():
             return super().decision_function(X)
         return self.score_samples(X) - self.steps[-1][1].offset_
 
@@ -324,9 +328,7 @@ class PatchCorePipeline(Pipeline):
             from .distributed import score_collection
 
             return score_collection(self, X, "predict")
-        if params or not isinstance(self.steps[-1][1], PatchCoreDetector) or not hasattr(
-            self.steps[0][1], "input_size_"
-        ):
+        if params or not self._scores_images():
             return super().predict(X, **params)
         return np.where(self.decision_function(X) < 0, -1, 1)
 
