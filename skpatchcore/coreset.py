@@ -266,8 +266,18 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         -------
         self : CoresetSampler
         """
-        self.fit_transform(X)
+        self._fit_rows(X)
         return self
+
+    def _fit_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validate, select the coreset and set the fitted attributes; return the pooled rows."""
+        self._validate_params()
+        rows, image_index = validate_features(self, X, reset=True)
+        self._select(rows)
+        self.seed_ = _draw_seed(self.random_state)  # after the picks: they stay as before chunking existed
+        self.n_rows_seen_ = int(rows.shape[0])
+        self.n_images_seen_ = None if image_index is None else int(np.asarray(X).shape[0])
+        return rows, image_index
 
     def _select(self, rows: np.ndarray) -> None:
         rng = check_random_state(self.random_state)
@@ -313,12 +323,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
             The selected rows; for 4-D input ``rows.image_index`` tells each
             row's source image.
         """
-        self._validate_params()
-        rows, image_index = validate_features(self, X, reset=True)
-        self._select(rows)
-        self.seed_ = _draw_seed(self.random_state)  # after the picks: they stay as before chunking existed
-        self.n_rows_seen_ = int(rows.shape[0])
-        self.n_images_seen_ = None if image_index is None else int(np.asarray(X).shape[0])
+        rows, image_index = self._fit_rows(X)
         selected = rows[self.coreset_indices_]
         source = None if image_index is None else image_index[self.coreset_indices_]
         return PatchRows(selected, source, np.asarray(self.coreset_indices_))

@@ -22,25 +22,13 @@ from skpatchcore._cli_common import collect_images
 from skpatchcore._cli_evaluate import masks_at_map_geometry
 from skpatchcore._cli_score import SCORE_COLUMNS
 from skpatchcore.cli import main
-from skpatchcore.datasets import load_mvtec, make_synthetic_defects, save_mvtec_layout
+from skpatchcore.datasets import load_mvtec
 from skpatchcore.pipeline import PatchCorePipeline
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--no-crop",
         "--layers", "layer2", "layer3"]
 PREFIX = "skpatchcore: error: "
 
-
-@pytest.fixture(scope="module")
-def category(tmp_path_factory):
-    bunch = make_synthetic_defects(n_train=6, n_test_good=2, n_test_defect=3, image_size=64, random_state=0)
-    return save_mvtec_layout(bunch, tmp_path_factory.mktemp("data"), category="parts")
-
-
-@pytest.fixture(scope="module")
-def model_path(category, tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "model.skpc"
-    assert main(["fit", str(category / "train"), "-o", str(path), *FAST, "--quiet"]) == 0
-    return path
 
 
 def _error_line(capsys) -> str:

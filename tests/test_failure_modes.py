@@ -14,7 +14,6 @@ from PIL import Image
 
 from skpatchcore import _cli_fit
 from skpatchcore.cli import main
-from skpatchcore.datasets import make_synthetic_defects, save_mvtec_layout
 from skpatchcore.images import UnreadableImageError
 
 from _helpers import small_transformer
@@ -22,18 +21,6 @@ from _helpers import small_transformer
 FAST = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--no-crop",
         "--layers", "layer2", "layer3", "--quiet"]
 
-
-@pytest.fixture(scope="module")
-def category(tmp_path_factory):
-    bunch = make_synthetic_defects(n_train=6, n_test_good=2, n_test_defect=3, image_size=64, random_state=0)
-    return save_mvtec_layout(bunch, tmp_path_factory.mktemp("data"), category="parts")
-
-
-@pytest.fixture(scope="module")
-def model_path(category, tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "model.skpc"
-    assert main(["fit", str(category / "train"), "-o", str(path), *FAST]) == 0
-    return path
 
 
 def _rows(path):
