@@ -99,13 +99,14 @@ def _farthest(points, value, up_to_date, heap, pick_vectors, t):  # pragma: no c
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
-def _pick(points, value, up_to_date, heap, picks, pick_vectors, start, stop):  # pragma: no cover
+def _pick(points, value, up_to_date, heap, picks, pick_vectors, radii, start, stop):  # pragma: no cover
     """Make picks ``start`` to ``stop - 1``; return the distances computed."""
     n_computed = 0
     for t in range(start, stop):
         top, n = _farthest(points, value, up_to_date, heap, pick_vectors, t)
         n_computed += n
         picks[t] = top
+        radii[t] = value[top]
         pick_vectors[t] = points[top]
         value[top] = 0.0
         up_to_date[top] = t + 1
@@ -113,7 +114,7 @@ def _pick(points, value, up_to_date, heap, picks, pick_vectors, start, stop):  #
     return n_computed
 
 
-def greedy_numba(points: np.ndarray, starts: np.ndarray, n_picks: int, progress=None):
+def greedy_numba(points: np.ndarray, starts: np.ndarray, n_picks: int, progress=None, radii=None):
     """Lazy greedy picks; exactly the picks of :func:`greedy_reference`.
 
     Parameters
@@ -124,6 +125,9 @@ def greedy_numba(points: np.ndarray, starts: np.ndarray, n_picks: int, progress=
     n_picks : int
     progress : tqdm progress bar, optional
         Advanced as picks are made (in about 100 steps).
+    radii : ndarray of shape (n_picks,), float64, optional
+        Filled with each pick's distance to the coreset when it was picked
+        (non-increasing).
 
     Returns
     -------
@@ -137,11 +141,13 @@ def greedy_numba(points: np.ndarray, starts: np.ndarray, n_picks: int, progress=
     value, up_to_date, heap = _start_heap(points, np.asarray(starts, dtype=np.int64))
     picks = np.empty(n_picks, dtype=np.int64)
     pick_vectors = np.empty((n_picks, points.shape[1]), dtype=points.dtype)
+    if radii is None:
+        radii = np.empty(n_picks, dtype=np.float64)
     n_computed = 0
     step = max(1, n_picks // 100)
     for start in range(0, n_picks, step):
         stop = min(start + step, n_picks)
-        n_computed += _pick(points, value, up_to_date, heap, picks, pick_vectors, start, stop)
+        n_computed += _pick(points, value, up_to_date, heap, picks, pick_vectors, radii, start, stop)
         if progress is not None:
             progress.update(stop - start)
     top, n = _farthest(points, value, up_to_date, heap, pick_vectors, n_picks)
@@ -167,11 +173,13 @@ def greedy_reference(points: np.ndarray, starts: np.ndarray, n_picks: int) -> np
     return picks
 
 
-def greedy_torch(points, starts, n_picks: int, device) -> tuple[np.ndarray, float]:
+def greedy_torch(points, starts, n_picks: int, device, radii=None) -> tuple[np.ndarray, float]:
     """Greedy picks with torch (the CUDA path): one fused pass per pick.
 
     Distances use ``|x|^2 - 2 x.p + |p|^2`` in float32 on the device, so picks
     can differ from the CPU kernel where two distances tie within rounding.
+
+    ``radii``, when given, is filled as by :func:`greedy_numba`.
 
     Returns
     -------
@@ -193,8 +201,12 @@ def greedy_torch(points, starts, n_picks: int, device) -> tuple[np.ndarray, floa
 
         min_distance = distances_to(start_index).mean(dim=1)
         picks = torch.empty(n_picks, dtype=torch.long, device=device)
+        pick_radii = torch.empty(n_picks, dtype=min_distance.dtype, device=device)
         for t in range(n_picks):
             best = torch.argmax(min_distance)
             picks[t] = best
+            pick_radii[t] = min_distance[best]
             torch.minimum(min_distance, distances_to(best)[:, 0], out=min_distance)
+        if radii is not None:
+            radii[:] = pick_radii.cpu().numpy()
         return picks.cpu().numpy(), float(min_distance.max().item())

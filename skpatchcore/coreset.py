@@ -16,11 +16,15 @@ from ._persistence import VersionedStateMixin
 from .backbones import resolve_device
 
 
-#: ``chunk_sampling_ratio=None`` keeps this many times ``sampling_ratio`` of each chunk...
+#: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
+#: ``sampling_ratio`` of all rows...
 CHUNK_OVERSAMPLING = 4
-#: ...but no more than this fraction of the chunk (or ``sampling_ratio`` if that is larger):
+#: ...but no more than this fraction (or ``sampling_ratio`` if that is larger):
 #: the merge's greedy pass slows down sharply as its input grows.
 OVERSAMPLED_RATIO_LIMIT = 0.04
+#: A chunk's greedy order runs to this many times ``chunk_sampling_ratio`` of its
+#: rows, so that chunks with more varied patches can give more rows to the union.
+ALLOCATION_HEADROOM = 2
 
 
 class PatchRows(np.ndarray):
@@ -78,6 +82,10 @@ class ChunkCoreset(NamedTuple):
     radius : float
         Largest distance (projected space) from a row of the chunk to the
         nearest selected row.
+    radii : ndarray of shape (n_selected,) or None, default=None
+        For every row, in greedy order, its distance to the rows picked
+        before it when it was picked (non-increasing). None for rows that
+        are kept whole (random picks, an existing memory bank).
     """
 
     rows: np.ndarray
@@ -86,6 +94,7 @@ class ChunkCoreset(NamedTuple):
     n_rows: int
     n_images: int
     radius: float
+    radii: np.ndarray | None = None
 
 
 def pool_patches(X) -> tuple[np.ndarray, np.ndarray | None]:
@@ -147,10 +156,13 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
     the detector with all their patches.
 
     Features that do not fit in memory at once are reduced chunk by chunk
-    (composable coresets, see :meth:`chunk_coreset` and :meth:`merge`): each
-    chunk keeps ``chunk_sampling_ratio`` of its rows by the same greedy
-    selection, and one more greedy pass over the union of the chunk coresets
-    keeps ``int(n_rows * sampling_ratio)`` rows of all the rows seen.
+    (composable coresets, see :meth:`chunk_coreset`, :meth:`allocate` and
+    :meth:`merge`): each chunk orders its rows by the same greedy selection;
+    the union keeps ``chunk_sampling_ratio`` of all rows, taking from every
+    chunk the rows it picked at the largest distances (one distance
+    threshold for all chunks, so varied chunks give more rows); one more
+    greedy pass over that union keeps ``int(n_rows * sampling_ratio)`` rows
+    of all the rows seen.
     :class:`~skpatchcore.PatchCorePipeline` does this when the features
     exceed its ``working_memory``, in ``partial_fit`` and on Dask.
 
@@ -167,15 +179,16 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
     n_starting_points : int, default=10
         Random rows whose mean distance initialises the coverage distances.
     chunk_sampling_ratio : float in (0, 1] or None, default=None
-        Fraction of each chunk's rows that its chunk coreset keeps before
-        the merge's greedy pass keeps ``sampling_ratio`` of all rows. None:
-        ``4 * sampling_ratio``, but at most 0.04 or ``sampling_ratio`` if
-        that is larger (0.04 for 1%, ``sampling_ratio`` itself from 4% on).
-        Chunk coresets only as large as the final ratio spend their picks on
-        every chunk's own common patterns and cover rare normal patterns
-        worse (lower AUROC at 1%, see docs/benchmarks.md); four times larger
-        ones let the merge choose. The merge pass slows down sharply as its
-        input grows, hence the limit.
+        Fraction of all rows that the union of the chunk coresets keeps
+        before the merge's greedy pass keeps ``sampling_ratio`` of them.
+        None: ``4 * sampling_ratio``, but at most 0.04 or ``sampling_ratio``
+        if that is larger (0.04 for 1%, ``sampling_ratio`` itself from 4%
+        on). A union only as large as the final ratio spends picks on every
+        chunk's own common patterns and covers rare normal patterns worse
+        (lower AUROC at 1%, see docs/benchmarks.md); a four times larger one
+        lets the merge choose. The merge pass slows down sharply as its
+        input grows, hence the limit. Each chunk's greedy order runs to
+        twice this fraction of its rows.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -293,19 +306,23 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
             return
         starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
         projected = _project(rows, self._projection_matrix(rows.shape[1], rng))
-        self.coreset_indices_, self.coverage_radius_ = self._greedy(projected, starts, n_selected)
+        self.coreset_indices_, self.coverage_radius_, _ = self._greedy(projected, starts, n_selected)
 
-    def _greedy(self, projected: np.ndarray, starts: np.ndarray, n_selected: int) -> tuple[np.ndarray, float]:
+    def _greedy(
+        self, projected: np.ndarray, starts: np.ndarray, n_selected: int
+    ) -> tuple[np.ndarray, float, np.ndarray]:
+        """Greedy picks, the radius after the last one, and every pick's radius when picked."""
         device = resolve_device(self.device)
         # Imported here: numba is only needed to fit, not to load and score.
         from ._greedy import greedy_numba, greedy_torch
 
+        radii = np.empty(n_selected, dtype=np.float64)
         if device.type == "cuda":
-            picks, radius = greedy_torch(projected, starts, n_selected, device)
+            picks, radius = greedy_torch(projected, starts, n_selected, device, radii=radii)
         else:
             with tqdm(total=n_selected, desc="Coreset", unit="pick", disable=not self.progress) as bar:
-                picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar)
-        return picks, float(radius)
+                picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar, radii=radii)
+        return picks, float(radius), radii
 
     def _projection_matrix(self, n_dims: int, rng: np.random.RandomState) -> np.ndarray | None:
         """Random linear projection, initialised like ``torch.nn.Linear``; None for no projection."""
@@ -344,7 +361,7 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         return self
 
     def chunk_coreset(self, X, first_image: int = 0) -> ChunkCoreset:
-        """Greedy coreset of one chunk of image features (does not change the sampler).
+        """Greedy order of one chunk of image features (does not change the sampler).
 
         Parameters
         ----------
@@ -357,7 +374,9 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         coreset : ChunkCoreset
-            ``int(n_rows * chunk_ratio())`` rows, at least one.
+            The first ``int(n_rows * 2 * chunk_ratio())`` greedy picks with
+            their radii (at least one row), for :meth:`allocate`; with
+            ``method="random"``, ``int(n_rows * chunk_ratio())`` random rows.
         """
         check_is_fitted(self, "seed_")
         features = np.asarray(X)
@@ -368,38 +387,73 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         rows, local_image = pool_patches(features)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows = rows.shape[0]
-        # Rounded down: with chunk_sampling_ratio == sampling_ratio the union never
-        # exceeds int(n_rows_total * sampling_ratio), and the merge keeps it whole.
-        n_selected = min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
         first_row = int(first_image) * n_rows // features.shape[0]
-        if n_selected >= n_rows:
-            picks, radius = np.arange(n_rows), 0.0
-        elif self.method == "random":
-            rng = _derived_rng(self.seed_, 1, first_row)
+        rng = _derived_rng(self.seed_, 1, first_row)
+        radii = None
+        if self.method == "random":
+            n_selected = min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
             picks, radius = np.sort(rng.choice(n_rows, n_selected, replace=False)), float("nan")
         else:
-            rng = _derived_rng(self.seed_, 1, first_row)
+            n_selected = min(n_rows, max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))))
             starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
             projected = _project(rows, self._shared_projection(rows.shape[1]))
-            picks, radius = self._greedy(projected, starts, n_selected)
+            picks, radius, radii = self._greedy(projected, starts, n_selected)
         return ChunkCoreset(
             rows=rows[picks], image_index=local_image[picks] + int(first_image),
             row_index=picks + first_row, n_rows=n_rows, n_images=int(features.shape[0]), radius=radius,
+            radii=radii,
         )
+
+    def allocate(self, parts: Sequence[ChunkCoreset], n_rows_total: int) -> list[ChunkCoreset]:
+        """Cut chunk coresets down to the union's share of ``n_rows_total`` rows.
+
+        Keeps ``int(n_rows_total * chunk_ratio())`` rows in all: every row
+        without radii (an existing bank, random picks), at least each chunk's
+        first pick, then the picks made at the largest radii over all chunks
+        (ties: earlier chunk, earlier pick). Every chunk keeps a prefix of its
+        greedy order, so it still covers its rows within the radius of its
+        first dropped pick, which becomes its ``radius``. The result does
+        not depend on the order of `parts`, so chunks can be allocated as
+        they arrive (the memory held stays near the union's share).
+
+        Parameters
+        ----------
+        parts : sequence of ChunkCoreset
+        n_rows_total : int
+            Rows of all chunks of the fit, including those still to come.
+
+        Returns
+        -------
+        parts : list of ChunkCoreset
+            Sorted by their first row.
+        """
+        parts = sorted(parts, key=lambda part: int(part.row_index[0]) if len(part.row_index) else -1)
+        ranked = [part for part in parts if part.radii is not None and len(part.radii) > 1]
+        is_ranked = {id(part) for part in ranked}
+        n_fixed = sum(1 if id(part) in is_ranked else len(part.rows) for part in parts)
+        n_free = int(n_rows_total * self.chunk_ratio()) - n_fixed
+        radii = [np.asarray(part.radii[1:], dtype=np.float64) for part in ranked]
+        if not ranked or n_free >= sum(len(values) for values in radii):
+            return parts
+        order = np.argsort(-np.concatenate(radii), kind="stable")[:max(0, n_free)]
+        kept = np.bincount(np.repeat(np.arange(len(ranked)), [len(values) for values in radii])[order],
+                           minlength=len(ranked))
+        cut = {id(part): 1 + int(n) for part, n in zip(ranked, kept)}
+        return [_prefix(part, cut[id(part)]) if id(part) in cut else part for part in parts]
 
     def merge(self, parts: Sequence[ChunkCoreset]) -> PatchRows:
         """One greedy pass over the union of chunk coresets; sets the fitted attributes.
 
-        Keeps ``int(n_rows * sampling_ratio)`` rows, ``n_rows`` being the rows
-        of all chunks together (``ChunkCoreset.n_rows``), or the whole union
-        when it is no larger (chunk coresets at ``sampling_ratio`` leave
-        up to one row per chunk fewer than one pass would keep). If every chunk keeps
-        at least that many rows, greedy selection over the union of greedy
-        chunk coresets covers every input row within 4 times the optimal
-        k-center radius (composable coresets; Indyk et al. 2014, Malkomes
-        et al. 2015), against 2 times for one greedy pass. For smaller
-        chunk coresets ``coverage_radius_`` is the bound: largest chunk
-        radius plus the merge's radius (triangle inequality).
+        The union is first cut to its share by :meth:`allocate`. The merge
+        keeps ``int(n_rows * sampling_ratio)`` rows, ``n_rows`` being the
+        rows of all chunks together (``ChunkCoreset.n_rows``), or the whole
+        union when it is no larger. If every chunk keeps at least that many
+        rows, greedy selection over the union of greedy chunk coresets
+        covers every input row within 4 times the optimal k-center radius
+        (composable coresets; Indyk et al. 2014, Malkomes et al. 2015),
+        against 2 times for one greedy pass. In every case
+        ``coverage_radius_`` is a bound: largest chunk radius plus the
+        merge's radius (triangle inequality).
 
         Parameters
         ----------
@@ -414,10 +468,11 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self, "seed_")
         if len(parts) == 0:
             raise ValueError("merge needs at least one chunk coreset.")
+        n_rows_total = int(sum(part.n_rows for part in parts))
+        parts = self.allocate(parts, n_rows_total)
         rows = np.concatenate([part.rows for part in parts]).astype(np.float32, copy=False)
         image_index = np.concatenate([part.image_index for part in parts])
         row_index = np.concatenate([part.row_index for part in parts])
-        n_rows_total = int(sum(part.n_rows for part in parts))
         n_selected = max(1, int(n_rows_total * self.sampling_ratio))
         chunk_radius = max(float(part.radius) for part in parts)
         if n_selected >= rows.shape[0]:
@@ -428,7 +483,8 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
                 picks, radius = np.sort(rng.choice(rows.shape[0], n_selected, replace=False)), float("nan")
             else:
                 starts = rng.choice(rows.shape[0], min(self.n_starting_points, rows.shape[0]), replace=False)
-                picks, radius = self._greedy(_project(rows, self._shared_projection(rows.shape[1])), starts, n_selected)
+                projected = _project(rows, self._shared_projection(rows.shape[1]))
+                picks, radius, _ = self._greedy(projected, starts, n_selected)
         self.n_features_in_ = int(rows.shape[1])
         self.coreset_indices_ = row_index[picks]
         self.coverage_radius_ = chunk_radius + radius
@@ -480,6 +536,16 @@ def _project(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
 
     with torch.inference_mode():
         return (torch.from_numpy(np.asarray(rows, dtype=np.float32)) @ torch.from_numpy(matrix)).numpy()
+
+
+def _prefix(part: ChunkCoreset, n_kept: int) -> ChunkCoreset:
+    """The first `n_kept` picks of a chunk coreset; its radius becomes the first dropped pick's."""
+    if n_kept >= len(part.rows):
+        return part
+    return part._replace(
+        rows=part.rows[:n_kept], image_index=part.image_index[:n_kept], row_index=part.row_index[:n_kept],
+        radius=float(part.radii[n_kept]), radii=part.radii[:n_kept],
+    )
 
 
 def _draw_seed(random_state) -> int:

@@ -28,8 +28,8 @@ from .search import (
 #: ``algorithm="auto"`` on a CPU (see :meth:`PatchCoreDetector._choose_algorithm`):
 #: calls below this many multiply-adds (queries x bank rows x dims) search
 #: exactly; larger ones use the bfloat16 shortlist where this CPU multiplies
-#: bfloat16 at least 1.5x faster than float32; pynndescent takes over for
-#: banks of at least 50,000 rows (see docs/benchmarks.md for the crossover).
+#: bfloat16 at least 1.5x faster than float32, and pynndescent where it does
+#: not or where the bank has at least 50,000 rows (docs/benchmarks.md).
 AUTO_SMALL_WORK = 1e9
 ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
@@ -90,7 +90,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         slightly too high where a neighbour was missed. ``"auto"``: exact on
         a GPU and for small calls; otherwise pynndescent for banks of
         >= 50,000 rows, else ``"bf16"`` where this CPU multiplies bfloat16
-        >= 1.5x faster than float32, else exact.
+        >= 1.5x faster than float32, else pynndescent.
     reweight : bool, default=False
         Apply the paper's eq. 7 to image scores: the largest patch score is
         scaled by ``1 - softmax`` weight of its nearest bank row among that
@@ -299,7 +299,8 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         ``"auto"``: exact on a GPU and for small calls (< 1e9 multiply-adds);
         otherwise pynndescent for banks of >= 50,000 rows, the bfloat16
         shortlist where bfloat16 products are >= 1.5x faster than float32,
-        and exact search where they are not.
+        and pynndescent where they are not (CPUs without AVX512-BF16 or
+        AMX, where exact float32 search is the slower one).
         """
         if self.algorithm != "auto":
             return self.algorithm
@@ -308,7 +309,7 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             return "exact"
         if n_bank >= AUTO_NNDESCENT_BANK_ROWS:
             return "pynndescent"
-        return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "exact"
+        return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "pynndescent"
 
     def _kneighbors(self, queries: np.ndarray, k: int, algorithm: str | None = None):
         algorithm = algorithm or self._choose_algorithm(len(queries))

@@ -28,6 +28,7 @@ workers x threads never exceed the cores.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -44,8 +45,14 @@ CONNECT_TIMEOUT = "10s"
 #: few enough that results waiting for the caller stay bounded.
 CHUNKS_AHEAD_PER_THREAD = 2
 
+#: glibc's ``M_MMAP_THRESHOLD`` option, and the largest value its dynamic
+#: threshold would reach by itself on 64-bit machines.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
+_large_blocks_reused = False
 
 
 def _require_distributed():
@@ -124,6 +131,41 @@ def _workers(client) -> dict:
     return client.scheduler_info()["workers"]
 
 
+def _reuse_large_blocks(environ=os.environ, load_libc=lambda: ctypes.CDLL(None)) -> bool:
+    """Let glibc keep large freed blocks on a Dask worker; return whether it was changed.
+
+    Dask starts worker processes with ``MALLOC_TRIM_THRESHOLD_`` set, so that
+    they give freed memory back to the system. Setting that option also
+    freezes glibc's mmap threshold at 128 KiB: every activation buffer of a
+    forward pass is then a fresh ``mmap`` whose pages fault in one by one,
+    and CPU inference runs at about half speed (docs/benchmarks.md). Raising
+    the mmap threshold back to where glibc would move it by itself restores
+    the speed and keeps Dask's trimming. Nothing changes where the variable
+    is not set, where ``MALLOC_MMAP_THRESHOLD_`` is set, or without glibc.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in environ or "MALLOC_MMAP_THRESHOLD_" in environ:
+        return False
+    try:
+        mallopt = load_libc().mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def _prepare_process() -> None:
+    """Once per process, before a task's first forward pass."""
+    global _large_blocks_reused
+    if not _large_blocks_reused:
+        _large_blocks_reused = True
+        _reuse_large_blocks()
+
+
+def _task_context(plan: dict[str, int], n_jobs: int | None):
+    """What every task runs inside: the process prepared, torch on its threads."""
+    _prepare_process()
+    return torch_threads(_task_threads(plan, n_jobs))
+
+
 def _task_threads(plan: dict[str, int], n_jobs: int | None) -> int:
     if n_jobs is not None:
         return effective_n_jobs(n_jobs)
@@ -133,14 +175,19 @@ def _task_threads(plan: dict[str, int], n_jobs: int | None) -> int:
 
 
 def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs) -> ChunkCoreset:
-    with torch_threads(_task_threads(plan, n_jobs)):
+    with _task_context(plan, n_jobs):
         return sampler.chunk_coreset(features.transform(images), first_image)
 
 
 def chunk_coresets(
-    scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None
+    scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None,
+    held: Sequence[ChunkCoreset] = (), n_rows_total: int | None = None,
 ) -> list[ChunkCoreset]:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
+
+    Results are allocated (:meth:`~skpatchcore.CoresetSampler.allocate`)
+    with `held` as they arrive, so the caller holds about the union's share
+    of rows, never every chunk's picks at once.
 
     Parameters
     ----------
@@ -157,12 +204,17 @@ def chunk_coresets(
         Global index of ``images[0]``.
     n_jobs : int or None
         torch threads per task; None for the worker's share of its cores.
+    held : sequence of ChunkCoreset, default=()
+        Chunk coresets already there (the current bank in ``partial_fit``).
+    n_rows_total : int or None, default=None
+        Rows of `held` and of all `images`; None allocates nothing.
 
     Returns
     -------
     coresets : list of ChunkCoreset
-        In image order.
+        Sorted by their first row.
     """
+    distributed = _require_distributed()
     client = connect(scheduler)
     plan = thread_plan(client)
     features_ref, sampler_ref = client.scatter([features, sampler], broadcast=True, hash=False)
@@ -173,8 +225,14 @@ def chunk_coresets(
         )
         for start in range(0, len(images), chunk)
     ]
+    parts = list(held)
     try:
-        return client.gather(futures)
+        for future, part in distributed.as_completed(futures, loop=client.loop, with_results=True):
+            parts.append(part)
+            if n_rows_total is not None:
+                parts = sampler.allocate(parts, n_rows_total)
+            future.release()
+        return sorted(parts, key=lambda part: int(part.row_index[0]) if len(part.row_index) else -1)
     finally:
         client.cancel([*futures, features_ref, sampler_ref])
 
@@ -182,7 +240,7 @@ def chunk_coresets(
 def _score_task(model, images: list, with_maps: bool, original_size: bool, plan, n_jobs):
     from .pipeline import score_chunk
 
-    with torch_threads(_task_threads(plan, n_jobs)):
+    with _task_context(plan, n_jobs):
         return score_chunk(model, images, with_maps, original_size)
 
 
@@ -228,6 +286,7 @@ def _without_scheduler(model):
 
 
 def _score_partition(paths, model, method: str) -> list:
+    _prepare_process()
     values = list(paths)
     if not values:
         return []
@@ -237,6 +296,7 @@ def _score_partition(paths, model, method: str) -> list:
 def _score_series_partition(paths, model, method: str):
     import pandas as pd
 
+    _prepare_process()
     if len(paths) == 0:
         return pd.Series([], index=paths.index, dtype="float64", name=paths.name)
     return pd.Series(getattr(model, method)(list(paths)), index=paths.index, name=paths.name)

@@ -10,7 +10,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._budget import check_memory, images_per_chunk, resolve_working_memory
 from ._threads import torch_threads
-from .coreset import ChunkCoreset, CoresetSampler
+from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
 from .features import PatchFeatureTransformer
 from .images import as_image_list, image_size
@@ -147,8 +147,8 @@ class PatchCorePipeline(Pipeline):
             n_images=sampler.n_images_seen_, radius=sampler.coverage_radius_,
         )
         with torch_threads(self.n_jobs):
-            parts = self._chunk_coresets(images, self._fit_chunk(len(images)), first_image=sampler.n_images_seen_)
-            detector.fit(sampler.merge([current, *parts]))
+            chunk = self._fit_chunk(len(images))
+            detector.fit(sampler.merge(self._chunk_coresets(images, chunk, sampler.n_images_seen_, held=[current])))
         return self
 
     def _chunkable(self) -> bool:
@@ -161,33 +161,40 @@ class PatchCorePipeline(Pipeline):
         return images_per_chunk(self._fit_bytes_per_image(), n_images, self.working_memory)
 
     def _fit_bytes_per_image(self) -> int:
-        """Features, their projection, the greedy state and the selected copy of one image."""
+        """Features, their projection, the greedy state and the picked copy of one image."""
         height, width, n_dims = self.steps[0][1].feature_shape_
         sampler = self.steps[1][1]
         projected = n_dims if sampler.projection_dim is None else min(n_dims, sampler.projection_dim)
-        return int(height * width * (4 * n_dims * (1 + sampler.chunk_ratio()) + 4 * projected + 24))
+        picked = min(1.0, ALLOCATION_HEADROOM * sampler.chunk_ratio())
+        return int(height * width * (4 * n_dims * (1 + picked) + 4 * projected + 32))
 
     def _check_fit_memory(self, n_images: int, chunk: int) -> None:
-        """Refuse at once a fit whose chunk and memory bank cannot fit in the available memory."""
+        """Refuse at once a fit whose chunk and chunk coresets cannot fit in the available memory."""
         height, width, n_dims = self.steps[0][1].feature_shape_
         per_image = self._fit_bytes_per_image()
-        bank = int(n_images * height * width * self.steps[1][1].sampling_ratio) * n_dims * 4
+        union = int(n_images * height * width * self.steps[1][1].chunk_ratio()) * n_dims * 4
         check_memory(
-            min(chunk, n_images) * per_image + bank,
+            min(chunk, n_images) * per_image + union,
             f"Fitting {n_images} images ({min(chunk, n_images)} at a time, working_memory="
             f"{resolve_working_memory(self.working_memory):g} MiB)",
         )
 
-    def _chunk_coresets(self, images: list, chunk: int, first_image: int) -> list[ChunkCoreset]:
+    def _chunk_coresets(self, images: list, chunk: int, first_image: int, held=()) -> list[ChunkCoreset]:
+        """Chunk coresets of `images`, allocated with `held` as they arrive (see ``CoresetSampler.allocate``)."""
         features, sampler = self.steps[0][1], self.steps[1][1]
+        height, width, _ = features.feature_shape_
+        n_rows_total = sum(part.n_rows for part in held) + len(images) * height * width
         if self.scheduler is not None:
             from .distributed import chunk_coresets
 
-            return chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs)
-        return [
-            sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
-            for start in range(0, len(images), chunk)
-        ]
+            return chunk_coresets(
+                self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, list(held), n_rows_total,
+            )
+        parts = list(held)
+        for start in range(0, len(images), chunk):
+            part = sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
+            parts = sampler.allocate([*parts, part], n_rows_total)
+        return parts
 
     # -------------------------------------------------------------- scoring
     def _features_and_detector(self):

@@ -20,13 +20,18 @@ def test_lazy_kernel_picks_equal_naive_greedy(seed, kind):
     rng = np.random.default_rng(seed)
     points = clustered(rng) if kind == "clustered" else rng.normal(size=(2000, 8)).astype(np.float32)
     starts = rng.choice(len(points), 10, replace=False).astype(np.int64)
-    picks, radius, n_computed = greedy_numba(points, starts, 150)
+    radii = np.empty(150)
+    picks, radius, n_computed = greedy_numba(points, starts, 150, radii=radii)
     expected = greedy_reference(points, starts, 150)
     np.testing.assert_array_equal(picks, expected)
     # The radius is the largest remaining distance to the coreset.
     direct = np.linalg.norm(points[:, None, :].astype(np.float64) - points[None, picks].astype(np.float64), axis=2)
-    remaining = np.minimum(direct.min(axis=1), mean_distance_to_starts(points, starts))
+    initial = mean_distance_to_starts(points, starts)
+    remaining = np.minimum(direct.min(axis=1), initial)
     assert radius == pytest.approx(remaining.max(), rel=1e-12)
+    # Each pick's radius is its distance to the picks before it (or its initial distance).
+    before = [min([initial[p], *direct[p, :t]]) for t, p in enumerate(picks)]
+    np.testing.assert_allclose(radii, before, rtol=1e-12)
     if kind == "clustered":
         assert n_computed < 0.5 * len(points) * 150  # lazy evaluation skipped work
 
@@ -35,9 +40,12 @@ def test_torch_kernel_matches_reference_on_separated_data():
     rng = np.random.default_rng(3)
     points = clustered(rng, n_points=1500)
     starts = rng.choice(len(points), 10, replace=False)
-    picks, radius = greedy_torch(points, starts, 40, "cpu")
+    numba_radii, torch_radii = np.empty(40), np.empty(40)
+    picks, radius = greedy_torch(points, starts, 40, "cpu", radii=torch_radii)
     np.testing.assert_array_equal(picks, greedy_reference(points, starts, 40))
     assert radius > 0
+    greedy_numba(points, starts.astype(np.int64), 40, radii=numba_radii)
+    np.testing.assert_allclose(torch_radii, numba_radii, rtol=1e-4)
 
 
 def test_initial_distance_is_mean_distance_to_starting_points():

@@ -110,6 +110,38 @@ def test_workers_share_the_cores(client):
     assert set(plan.values()) == {max(1, (os.cpu_count() or 1) // 2)}
 
 
+def test_workers_keep_large_freed_blocks_where_dask_trims_memory():
+    """Dask sets MALLOC_TRIM_THRESHOLD_ on workers, which freezes glibc's mmap threshold."""
+    from skpatchcore.distributed import M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, _reuse_large_blocks
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    assert _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "65536"}, FakeLibc)
+    assert calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)]
+    # Left alone: no Dask trimming, a threshold the user chose, no glibc.
+    assert not _reuse_large_blocks({}, FakeLibc)
+    assert not _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "1"}, FakeLibc)
+    assert not _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "1"}, lambda: object())
+    assert len(calls) == 1
+
+
+def test_workers_run_tasks_with_large_blocks_kept(client):
+    from skpatchcore.distributed import _prepare_process
+
+    def prepared():
+        import skpatchcore.distributed as distributed
+
+        _prepare_process()
+        return distributed._large_blocks_reused, "MALLOC_TRIM_THRESHOLD_" in os.environ
+
+    assert set(client.run(prepared).values()) == {(True, True)}
+
+
 # ------------------------------------------------------------ worker failure
 def _slow_down_tasks():
     """Run on each worker: make chunk coresets and scoring chunks take TASK_DELAY longer."""

@@ -13,9 +13,9 @@ from skpatchcore.metrics import image_auroc
 
 # A 96 px resnet18 image has 12 x 12 patches of 1024 float32: 0.56 MiB of features.
 ONE_IMAGE_MIB = 12 * 12 * 1024 * 4 / 2**20
-# Fitting holds features, the chunk coreset (0.25 of the rows), projection and greedy state:
-# 0.78 MiB an image, so this budget takes 4 images a chunk.
-FOUR_IMAGES_MIB = 3.5
+# Fitting holds features, the chunk's greedy picks (0.5 of the rows), projection and greedy
+# state: 0.92 MiB an image, so this budget takes 4 images a chunk.
+FOUR_IMAGES_MIB = 4.0
 
 
 def small_model(**params):
@@ -111,11 +111,43 @@ def test_chunk_coresets_keep_four_times_the_ratio_by_default(synthetic):
     assert CoresetSampler(sampling_ratio=0.1, chunk_sampling_ratio=0.3).chunk_ratio() == 0.3
     model = small_model(working_memory=FOUR_IMAGES_MIB, sampling_ratio=0.1)
     model.set_params(coreset__chunk_sampling_ratio=0.1).fit(synthetic.train_images)  # no merge pass
-    step = model._fit_chunk(16)
-    assert step < 16
-    chunk_sizes = [min(step, 16 - start) for start in range(0, 16, step)]
-    assert model[-1].memory_bank_.shape[0] == sum(int(n * 144 * 0.1) for n in chunk_sizes)
+    assert model._fit_chunk(16) < 16
+    assert model[-1].memory_bank_.shape[0] == int(16 * 144 * 0.1)
     assert image_auroc(synthetic.test_labels, -model.score_samples(synthetic.test_images)) > 0.9
+
+
+def spread_part(sampler, X, first_image):
+    part = sampler.chunk_coreset(X, first_image=first_image)
+    assert np.all(np.diff(part.radii) <= 0)  # greedy radii never grow
+    return part
+
+
+def test_allocation_takes_more_rows_from_varied_chunks_by_one_threshold(rng):
+    varied = rng.normal(size=(2, 10, 10, 8)).astype(np.float32)
+    plain = (0.01 * rng.normal(size=(2, 10, 10, 8))).astype(np.float32)
+    sampler = CoresetSampler(sampling_ratio=0.1, random_state=0).begin_chunks()
+    parts = [spread_part(sampler, varied, 0), spread_part(sampler, plain, 2)]
+    assert [len(part.rows) for part in parts] == [40, 40]  # greedy order to twice the union's share
+    kept = sampler.allocate(parts, n_rows_total=400)
+    assert sum(len(part.rows) for part in kept) == 40
+    assert len(kept[0].rows) > 30 and len(kept[1].rows) >= 1
+    for part, whole in zip(kept, parts):
+        n = len(part.rows)
+        np.testing.assert_array_equal(part.row_index, whole.row_index[:n])  # a prefix of the greedy order
+        assert part.radius == (whole.radii[n] if n < len(whole.rows) else whole.radius)
+    # One threshold: no dropped pick (after a chunk's first) lies above a kept one.
+    dropped = np.concatenate([whole.radii[len(part.rows):] for part, whole in zip(kept, parts)])
+    kept_radii = np.concatenate([part.radii[1:] for part in kept])
+    assert dropped.max() <= kept_radii.min()
+    # Arrival order does not matter (Dask results come as they finish).
+    again = sampler.allocate(parts[::-1], n_rows_total=400)
+    for a, b in zip(kept, again):
+        np.testing.assert_array_equal(a.row_index, b.row_index)
+    # Rows without radii (an existing bank) are all kept.
+    bank = parts[1]._replace(radii=None, rows=parts[1].rows[:5], row_index=parts[1].row_index[:5],
+                             image_index=parts[1].image_index[:5])
+    with_bank = sampler.allocate([bank, parts[0]], n_rows_total=400)
+    assert len(with_bank[1].rows) == 5 and len(with_bank[0].rows) == 35
 
 
 def test_scoring_in_chunks_gives_the_same_scores_and_maps(chunked, synthetic, monkeypatch):
@@ -220,15 +252,16 @@ def test_sampler_merge_of_one_chunk_equals_its_coreset(rng):
     X = rng.normal(size=(2, 10, 10, 8)).astype(np.float32)
     sampler = CoresetSampler(sampling_ratio=0.1, chunk_sampling_ratio=0.1, random_state=0).begin_chunks()
     part = sampler.chunk_coreset(X, first_image=0)
+    assert len(part.rows) == 40  # the greedy order runs to twice the chunk ratio
     bank = sampler.merge([part])
-    np.testing.assert_array_equal(bank, part.rows)
+    np.testing.assert_array_equal(bank, part.rows[:20])
     assert sampler.n_rows_seen_ == 200 and sampler.n_features_in_ == 8
-    # At 2% the default keeps 4% of the chunk; the merge's greedy pass keeps 2% of all rows among them.
+    # At 2% the union keeps 4%; the merge's greedy pass keeps 2% of all rows among them.
     sampler = CoresetSampler(sampling_ratio=0.02, random_state=0).begin_chunks()
     part = sampler.chunk_coreset(X, first_image=0)
-    assert len(part.rows) == 8
+    assert len(part.rows) == 16
     bank = sampler.merge([part])
-    assert len(bank) == 4 and set(bank.row_index) <= set(part.row_index)
+    assert len(bank) == 4 and set(bank.row_index) <= set(part.row_index[:8])
     with pytest.raises(ValueError, match="n_images, h, w, n_features"):
         sampler.chunk_coreset(X[0])
     with pytest.raises(ValueError, match="at least one"):
