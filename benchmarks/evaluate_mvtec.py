@@ -26,8 +26,7 @@ import numpy as np
 
 from skpatchcore import make_patchcore
 from skpatchcore.datasets import load_mvtec
-from skpatchcore.images import preprocess_mask
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.evaluation import evaluate
 
 
 def peak_rss_gb() -> float:
@@ -75,15 +74,10 @@ def run_category(path: Path, args, ratio: float) -> dict:
     bank = model[-1].memory_bank_
     n_rows = model[1].n_rows_seen_
 
-    start = time.perf_counter()
-    scores, maps = [], []
-    for _, chunk_scores, chunk_maps in model.iter_score_and_maps(test):
-        scores.append(-chunk_scores)
-        maps.append(chunk_maps)
-    predict_s = time.perf_counter() - start
-    scores, maps = np.concatenate(scores), np.concatenate(maps)
-    crop_size = None if args.no_crop else args.crop_size
-    masks = np.stack([preprocess_mask(data.test_masks[i], args.resize, crop_size) for i in test_index])
+    metrics, _ = evaluate(
+        model, images=test, labels=labels, masks=[data.test_masks[i] for i in test_index],
+        defect_types=[data.test_defect_types[i] for i in test_index], progress=args.progress,
+    )
     return {
         "category": path.name,
         "ratio": ratio,
@@ -91,11 +85,11 @@ def run_category(path: Path, args, ratio: float) -> dict:
         "n_test": len(test),
         "n_patches": n_rows,
         "bank": len(bank),
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps) if masks.any() else float("nan"),
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics["pixel_auroc"],
+        "aupro": float("nan") if metrics["aupro"] is None else metrics["aupro"],
         "fit_s": fit_s,
-        "predict_ms": 1000 * predict_s / len(test),
+        "predict_ms": 1000 * metrics["seconds"] / len(test),
         "peak_rss_gb": peak_rss_gb(),
     }
 

@@ -87,10 +87,10 @@ def lite0_model(args, sampling_ratio: float, **params):
 
 
 def evaluate(model, mtd: Path) -> dict:
-    from skpatchcore._cli_evaluate import evaluate_model
     from skpatchcore.datasets import load_mvtec
+    from skpatchcore.evaluation import evaluate
 
-    metrics = evaluate_model(model, load_mvtec(mtd))
+    metrics, _ = evaluate(model, load_mvtec(mtd))
     return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
             "predict_s": metrics["seconds"]}
 

@@ -28,16 +28,6 @@ class _AllLayersCaptured(Exception):
     """Raised inside the forward pass once every requested layer is captured."""
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Turn ``"auto"`` into CUDA when available, else CPU; validate others."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available.")
-    return resolved
-
-
 def _is_weights_path(weights) -> bool:
     if isinstance(weights, os.PathLike):
         return True

@@ -9,11 +9,12 @@ from typing import NamedTuple
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._device import resolve_device
 from ._persistence import VersionedStateMixin
-from .backbones import resolve_device
+from ._validation import PatchRows, pool_patches, validate_features
 
 
 #: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
@@ -25,43 +26,6 @@ OVERSAMPLED_RATIO_LIMIT = 0.04
 #: A chunk's greedy order runs to this many times ``chunk_sampling_ratio`` of its
 #: rows, so that chunks with more varied patches can give more rows to the union.
 ALLOCATION_HEADROOM = 2
-
-
-class PatchRows(np.ndarray):
-    """Feature rows that remember which image (and which input row) each came from.
-
-    A plain ``ndarray`` subclass. :meth:`CoresetSampler.fit_transform` returns
-    it so that :class:`PatchCoreDetector` can calibrate its threshold by
-    leaving whole images out; any numpy operation that makes a new array
-    drops the extra attributes.
-
-    Attributes
-    ----------
-    image_index : ndarray of int or None
-        For every row, the index of its source image.
-    row_index : ndarray of int or None
-        For every row, its index among all pooled input rows
-        (``image * h * w + position`` for image features).
-    """
-
-    def __new__(cls, rows: np.ndarray, image_index: np.ndarray | None, row_index: np.ndarray | None = None):
-        obj = np.asarray(rows).view(cls)
-        obj.image_index = image_index
-        obj.row_index = row_index
-        return obj
-
-    def __array_finalize__(self, obj):
-        self.image_index = None
-        self.row_index = None
-
-    def __reduce__(self):
-        # Keep the indices through pickling (joblib caches, Pipeline(memory=...), Dask).
-        constructor, arguments, state = super().__reduce__()
-        return constructor, arguments, (state, self.image_index, self.row_index)
-
-    def __setstate__(self, state):
-        array_state, self.image_index, self.row_index = state
-        super().__setstate__(array_state)
 
 
 class ChunkCoreset(NamedTuple):
@@ -95,48 +59,6 @@ class ChunkCoreset(NamedTuple):
     n_images: int
     radius: float
     radii: np.ndarray | None = None
-
-
-def pool_patches(X) -> tuple[np.ndarray, np.ndarray | None]:
-    """Flatten ``(n, h, w, D)`` features to ``(n * h * w, D)`` rows (a view when possible).
-
-    Returns
-    -------
-    rows : ndarray of shape (n_rows, D)
-    image_index : ndarray of shape (n_rows,) or None
-        Source image of each row for 4-D input, ``None`` for 2-D input.
-    """
-    X = np.asarray(X)
-    if X.ndim == 4:
-        n_images, height, width, n_dims = X.shape
-        rows = X.reshape(-1, n_dims)
-        return rows, np.repeat(np.arange(n_images), height * width)
-    return X, None
-
-
-def validate_features(estimator, X, reset: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validate 2-D rows or 4-D patch features and return pooled rows.
-
-    Features keep float32/float64; anything else becomes float64. NaN,
-    infinity, empty input and a changed feature size raise ``ValueError``.
-    """
-    X_array = X if isinstance(X, np.ndarray) else None
-    if X_array is not None and X_array.ndim == 4:
-        if min(X_array.shape) == 0:
-            raise ValueError(f"Found empty patch features of shape {X_array.shape}.")
-        rows, image_index = pool_patches(X_array)
-    elif X_array is not None and X_array.ndim not in (1, 2):
-        raise ValueError(
-            f"Expected 2-D rows (n_samples, n_features) or 4-D patch features "
-            f"(n_images, h, w, n_features); got an array of shape {X_array.shape}. "
-            "Reshape your data."
-        )
-    else:
-        rows, image_index = X, None
-    rows = validate_data(
-        estimator, rows, reset=reset, dtype=[np.float32, np.float64], order="C"
-    )
-    return rows, image_index
 
 
 class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.utils import Bunch
 
-from .images import IMAGE_EXTENSIONS, read_mask
+from .images import IMAGE_EXTENSIONS, list_images, read_mask
 
 __all__ = [
     "load_mvtec",
@@ -107,7 +107,7 @@ def load_mvtec(root: str | os.PathLike, category: str | None = None) -> Bunch:
             f"No train/good folder in {str(base)!r}; expected MVTec AD layout "
             "<category>/{train/good, test/<type>, ground_truth/<type>}."
         )
-    train_images = [str(p) for p in _list_images(train_dir)]
+    train_images = [str(p) for p in list_images(train_dir)]
     if not train_images:
         raise ValueError(f"No images found in {str(train_dir)!r}.")
 
@@ -119,7 +119,7 @@ def load_mvtec(root: str | os.PathLike, category: str | None = None) -> Bunch:
     masks: list[str | None] = []
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         defect = type_dir.name
-        for image in _list_images(type_dir):
+        for image in list_images(type_dir):
             test_images.append(str(image))
             defect_types.append(defect)
             if defect == "good":
@@ -395,17 +395,6 @@ def save_mvtec_layout(
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-def _list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
 
 
 def _find_mask(mask_dir: Path, image: Path) -> Path:

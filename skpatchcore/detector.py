@@ -14,9 +14,9 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import images_per_chunk
+from ._device import resolve_device
 from ._persistence import VersionedStateMixin
-from .backbones import resolve_device
-from .coreset import PatchRows, validate_features
+from ._validation import PatchRows, validate_features
 from .search import (
     BFloat16Shortlist,
     bfloat16_speedup,

@@ -15,13 +15,13 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._device import resolve_device
 from ._persistence import VersionedStateMixin
 from ._threads import torch_threads
 from .backbones import (
     build_backbone,
     layer_extractor,
     prune_unused_modules,
-    resolve_device,
 )
 from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
 

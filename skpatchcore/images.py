@@ -450,3 +450,53 @@ def mask_to_bool(array: np.ndarray) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"A mask must be 2-D (height, width) or (height, width, channels); got shape {array.shape}.")
     return array != 0
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files in a folder, sorted, by their suffix.
+
+    Parameters
+    ----------
+    folder : str or path-like
+    recursive : bool, default=False
+        Also search the subfolders.
+
+    Returns
+    -------
+    paths : list of Path
+        Files whose suffix (case-insensitive) is in :data:`IMAGE_EXTENSIONS`,
+        sorted; hidden files, and with `recursive` files in hidden folders,
+        are skipped.
+    """
+    folder = Path(folder)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        path for path in candidates
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+
+
+def model_view(features, image: ImageLike) -> np.ndarray:
+    """An image as the backbone of a fitted transformer sees it, for display.
+
+    Parameters
+    ----------
+    features : PatchFeatureTransformer
+        Its ``resize``, ``crop_size``, ``interpolation``, ``mean``, ``std``
+        and ``exif_transpose`` are applied.
+    image : str, path-like or ndarray
+
+    Returns
+    -------
+    view : ndarray of shape (H, W, 3), float32
+        Resized (and cropped) RGB with the normalisation undone, in [0, 1].
+    """
+    array = preprocess_image(
+        image, features.resize, features.crop_size, features.interpolation, features.mean, features.std,
+        features.exif_transpose,
+    )
+    mean = np.asarray(features.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(features.std, dtype=np.float32)[:, None, None]
+    return np.clip(np.moveaxis(array * std + mean, 0, -1), 0.0, 1.0)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.integrate import trapezoid
 from sklearn.metrics import roc_auc_score
 
 __all__ = ["image_auroc", "pixel_auroc", "aupro"]
@@ -127,7 +128,7 @@ def pixel_auroc(masks, maps) -> float:
     fps = ends + 1 - tps
     tpr = np.concatenate(([0.0], tps / n_pos))
     fpr = np.concatenate(([0.0], fps / n_neg))
-    return _trapezoid(tpr, fpr)
+    return float(trapezoid(tpr, fpr))
 
 
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
@@ -233,7 +234,7 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x = np.append(x, fpr_limit)
         y = np.append(y, y_lim)
-    return _trapezoid(y, x) / fpr_limit
+    return float(trapezoid(y, x)) / fpr_limit
 
 
 def _binary(values: np.ndarray, name: str) -> np.ndarray:
@@ -331,11 +332,6 @@ def _pool(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         start = stop
     _check_finite(scores)
     return scores, labels
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    """Trapezoidal integral of `y` over `x` (works with numpy 1.x and 2.x)."""
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
 
 
 def _check_finite(scores: np.ndarray) -> None:

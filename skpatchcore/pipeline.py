@@ -9,6 +9,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import check_memory, images_per_chunk, resolve_working_memory
+from ._maps import resize_map
 from ._threads import torch_threads
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
@@ -382,16 +383,6 @@ def _normal_samples(X, y):
 
 def _is_dask_collection(X) -> bool:
     return hasattr(X, "__dask_graph__")
-
-
-def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of one anomaly map to ``size = (height, width)``."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map))[None, None]
-        return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def make_patchcore(

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.metrics import roc_curve
 
 from ._atomic import atomic_path
+from ._maps import resize_map
 from .images import ImageLike, read_image, scale_to_unit
-from .metrics import image_auroc, pixel_auroc
+from .metrics import _pool, image_auroc, pixel_auroc
 
 __all__ = [
     "overlay_heatmap",
@@ -83,19 +85,6 @@ def _rgb_array(image: ImageLike) -> np.ndarray:
     return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _resize_map(anomaly_map, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a 2-D map to ``size = (H, W)``."""
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    if amap.ndim != 2:
-        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {amap.shape}.")
-    if amap.shape == tuple(size):
-        return amap
-    resized = Image.fromarray(np.ascontiguousarray(amap)).resize(
-        (int(size[1]), int(size[0])), Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.float32)
-
-
 def _value_range(anomaly_map: np.ndarray, vmin, vmax) -> tuple[float, float]:
     low = float(np.min(anomaly_map)) if vmin is None else float(vmin)
     high = float(np.max(anomaly_map)) if vmax is None else float(vmax)
@@ -140,7 +129,7 @@ def overlay_heatmap(
     if ax is None:
         ax = _new_figure(4.0, 4.0).add_subplot()
     rgb = _rgb_array(image)
-    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     ax.imshow(rgb)
     ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=low, vmax=high)
@@ -151,7 +140,7 @@ def overlay_heatmap(
 def _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cmap) -> None:
     """Fill three axes with image / anomaly map / ground truth (or overlay)."""
     rgb = _rgb_array(image)
-    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     axes[0].imshow(rgb)
     heading = title or "image"
@@ -269,29 +258,11 @@ def plot_examples(
 
 def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score, thinned for drawing."""
-    order = np.argsort(scores, kind="stable")[::-1]
-    sorted_scores = scores[order]
-    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1)
-    del sorted_scores
-    tps = np.cumsum(labels[order], dtype=np.int64)[ends]
-    del order
-    fps = ends + 1 - tps
-    tpr = np.concatenate(([0.0], tps / max(int(labels.sum()), 1)))
-    fpr = np.concatenate(([0.0], fps / max(int(labels.size - labels.sum()), 1)))
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     if fpr.size > MAX_ROC_POINTS:
         keep = np.unique(np.linspace(0, fpr.size - 1, MAX_ROC_POINTS).astype(np.int64))
         fpr, tpr = fpr[keep], tpr[keep]
     return fpr, tpr
-
-
-def _pooled_pixels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    mask_list = list(masks)
-    map_list = list(maps)
-    if len(mask_list) != len(map_list):
-        raise ValueError(f"Got {len(mask_list)} masks but {len(map_list)} maps.")
-    labels = np.concatenate([np.asarray(m).ravel() != 0 for m in mask_list])
-    scores = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in map_list])
-    return labels, scores
 
 
 def plot_roc_curves(labels, scores, masks=None, maps=None):
@@ -323,8 +294,8 @@ def plot_roc_curves(labels, scores, masks=None, maps=None):
     axes[0].plot(fpr, tpr, color="tab:blue", label=f"image AUROC = {auroc:.3f}")
     axes[0].set_title("Image-level ROC")
     if with_pixels:
-        pixel_labels, pixel_scores = _pooled_pixels(masks, maps)
         pixel_value = pixel_auroc(list(masks), list(maps))
+        pixel_scores, pixel_labels = _pool(list(masks), list(maps))
         fpr, tpr = _roc_points(pixel_labels, pixel_scores)
         axes[1].plot(fpr, tpr, color="tab:red", label=f"pixel AUROC = {pixel_value:.3f}")
         axes[1].set_title("Pixel-level ROC")
@@ -376,7 +347,7 @@ def save_overlay_png(
     """
     matplotlib = _require_matplotlib()
     rgb = _rgb_array(image)
-    amap = _resize_map(anomaly_map, rgb.shape[:2])
+    amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     normalised = np.clip((amap - low) / (high - low), 0.0, 1.0)
     colours = matplotlib.colormaps[cmap](normalised)[..., :3]

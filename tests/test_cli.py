@@ -18,10 +18,11 @@ from PIL import Image
 
 import skpatchcore
 from skpatchcore import PatchCoreDetector, _persistence, cli, demo
-from skpatchcore._cli_common import collect_images
-from skpatchcore._cli_evaluate import masks_at_map_geometry
-from skpatchcore._cli_score import SCORE_COLUMNS
+from skpatchcore.cli import demo as cli_demo
 from skpatchcore.cli import main
+from skpatchcore.cli._common import collect_images
+from skpatchcore.cli.score import SCORE_COLUMNS
+from skpatchcore.evaluation import masks_at_map_geometry
 from skpatchcore.datasets import load_mvtec
 from skpatchcore.pipeline import PatchCorePipeline
 
@@ -344,14 +345,16 @@ def test_demo_weights_search_order(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SKPATCHCORE_WEIGHTS", str(own))
     assert demo.find_demo_weights(tmp_path) == (str(own), "$SKPATCHCORE_WEIGHTS")
     monkeypatch.setenv("SKPATCHCORE_WEIGHTS", str(tmp_path / "gone.pth"))
-    assert demo.find_demo_weights(tmp_path)[1] == "shared weights folder"
+    with pytest.warns(UserWarning, match="is not a file"):
+        assert demo.find_demo_weights(tmp_path)[1] == "shared weights folder"
+    assert demo.find_demo_weights(tmp_path, cli_demo.warn)[1] == "shared weights folder"
     assert "is not a file" in capsys.readouterr().err
 
 
 def test_demo_falls_back_to_random_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "find_demo_weights", lambda output: (None, "not found"))
+    monkeypatch.setattr(demo, "find_demo_weights", lambda output, warn=None: (None, "not found"))
     args = cli.build_parser().parse_args(["demo", "-o", str(tmp_path)])
-    backbone, layers, weights, description, pretrained = demo._demo_backbone(args, tmp_path)
+    backbone, layers, weights, description, pretrained = cli_demo._demo_backbone(args, tmp_path)
     assert (backbone, layers, weights, pretrained) == (demo.DEMO_BACKBONE, demo.DEMO_LAYERS, None, False)
     assert "RANDOM" in description
 

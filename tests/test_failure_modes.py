@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skpatchcore import _cli_fit
+from skpatchcore.cli import fit as cli_fit
 from skpatchcore.cli import main
 from skpatchcore.images import UnreadableImageError
 
@@ -90,7 +90,7 @@ def test_unwritable_output_fails_before_the_fit(category, tmp_path, capsys, monk
     def no_fit(*args, **kwargs):
         raise AssertionError("the fit started")
 
-    monkeypatch.setattr(_cli_fit, "fit_model", no_fit)
+    monkeypatch.setattr(cli_fit, "fit_model", no_fit)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert main(["fit", str(category / "train"), "-o", str(blocker / "sub" / "m.skpc"), *FAST]) == 1

@@ -303,7 +303,7 @@ _SLOW_SAVE = textwrap.dedent("""
     if sys.argv[3] == "cli":
         import numpy as np
         from skpatchcore import PatchCoreDetector
-        from skpatchcore._cli_fit import save_model
+        from skpatchcore.cli.fit import save_model
 
         model = PatchCoreDetector().fit(np.random.default_rng(0).normal(size=(30, 4)))
         os.fsync = slow_fsync

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .images import IMAGE_EXTENSIONS
+from ..images import IMAGE_EXTENSIONS, list_images
 
 PROG = "skpatchcore"
 #: Exit status of ``score`` and ``evaluate`` when some images could not be read.
@@ -83,12 +83,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and p.is_file()
-            )
+            files = list_images(path, recursive=True)
             if not files:
                 raise CommandError(
                     f"no images found in {str(item)!r} (searched recursively for "
@@ -100,14 +95,6 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
         else:
             raise CommandError(f"no such file or folder: {str(item)!r}")
     return list(dict.fromkeys(found))
-
-
-def check_readable(paths: Sequence[str]) -> None:
-    """Open every image header now, so that a bad file fails before the slow work."""
-    from .images import image_size
-
-    for path in paths:
-        image_size(path)
 
 
 def apply_pixel_limit(args: argparse.Namespace) -> None:
@@ -149,9 +136,9 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         damaged, holds something other than a PatchCore pipeline, or was
         saved by an incompatible version.
     """
-    from ._persistence import CorruptModelError, IncompatibleModelError
-    from .persistence import detect_format, load
-    from .pipeline import PatchCorePipeline
+    from .._persistence import CorruptModelError, IncompatibleModelError
+    from ..persistence import detect_format, load
+    from ..pipeline import PatchCorePipeline
 
     path = Path(path)
     if not path.is_file():
@@ -216,7 +203,7 @@ def check_scheduler(address: str | None) -> None:
     """
     if address is None:
         return
-    from .distributed import connect
+    from ..distributed import connect
 
     try:
         connect(address)

@@ -7,11 +7,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._atomic import atomic_path, check_writable_file
-from ._cli_common import (
+from .._atomic import atomic_path, check_writable_file
+from .._scoring import check_readable
+from ..persistence import SUFFIX
+from ._common import (
     CommandError,
     apply_pixel_limit,
-    check_readable,
     check_scheduler,
     choose_layers,
     collect_images,
@@ -20,7 +21,6 @@ from ._cli_common import (
     parse_weights,
     progress_enabled,
 )
-from .persistence import SUFFIX
 
 
 #: ``fit -o`` suffixes that ask for a joblib (pickle) file instead of the safe format.
@@ -29,7 +29,7 @@ PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 def run_fit(args: argparse.Namespace) -> int:
     """Run ``skpatchcore fit`` with parsed arguments; returns the exit status."""
-    from .pipeline import make_patchcore
+    from ..pipeline import make_patchcore
 
     apply_pixel_limit(args)
     output = Path(args.output)
@@ -98,7 +98,7 @@ def save_model(model, path: str | Path) -> Path:
     -------
     path : Path
     """
-    from .persistence import save
+    from ..persistence import save
 
     path = Path(path)
     if not _is_pickle_name(path):

@@ -1,0 +1,103 @@
+"""``skpatchcore score``: scores.csv and heatmap overlays for images.
+
+Unreadable images do not stop a run: they get a row with an ``error`` cell,
+are counted at the end and make the exit status :data:`EXIT_PARTIAL`
+(``--fail-fast`` stops at the first one instead). The results are written
+into a staging folder and replace the previous ``scores.csv`` and
+``heatmaps/`` only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._atomic import atomic_write, staged_outputs
+from .._report import colour_range, prediction_cells, save_heatmap, unique_names
+from .._scoring import check_readable, iter_scored
+from ._common import (
+    EXIT_PARTIAL,
+    CommandError,
+    apply_pixel_limit,
+    apply_run_options,
+    collect_images,
+    info,
+    load_model,
+    progress_enabled,
+    warn,
+)
+
+#: ``score`` CSV columns (``error`` is empty for scored images).
+SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction", "error")
+#: What ``score`` writes into its output folder (replaced together at the end).
+SCORE_OUTPUTS = ("scores.csv", "heatmaps")
+#: Unreadable images listed one by one on stderr (the rest only in scores.csv).
+N_LISTED_FAILURES = 10
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Run ``skpatchcore score`` with parsed arguments; returns the exit status."""
+    apply_pixel_limit(args)
+    model = load_model(args.model, args.device, args.allow_pickle)
+    apply_run_options(model, args)
+    images = collect_images(args.inputs)
+    if args.fail_fast:
+        check_readable(images)
+    write_images = not args.no_images
+    if write_images:
+        from ..plotting import _require_matplotlib
+
+        try:
+            _require_matplotlib()
+        except ImportError as error:
+            raise CommandError(f"{error} Or pass --no-images.") from error
+    output = Path(args.output)
+    features = model.steps[0][1]
+    offset = float(model.steps[-1][1].offset_)
+    vmin, vmax = colour_range(model, args.vmin, args.vmax)
+    names = unique_names(images)
+    n_anomalous = 0
+    failures: list[tuple[str, str]] = []
+    start_time = time.perf_counter()
+    with staged_outputs(output, SCORE_OUTPUTS) as staging:
+        with atomic_write(staging / "scores.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SCORE_COLUMNS)
+            scored = iter_scored(
+                model, images, original_size=features.crop_size is None,
+                progress=progress_enabled(args), fail_fast=args.fail_fast,
+            )
+            for chunk in scored:
+                for i, (path, score, error) in enumerate(zip(chunk.paths, chunk.scores, chunk.errors)):
+                    if error is not None:
+                        failures.append((path, error))
+                        writer.writerow([path, "", "", "", error])
+                        continue
+                    n_anomalous += int(score - offset < 0)
+                    writer.writerow([path, *prediction_cells(score, offset), ""])
+                    if write_images:
+                        target = staging / "heatmaps" / names[chunk.start + i]
+                        save_heatmap(target, features, path, chunk.maps[i], vmin, vmax)
+    elapsed = time.perf_counter() - start_time
+    n_scored = len(images) - len(failures)
+    info(args, f"Scored {n_scored} images in {elapsed:.1f} s: {n_anomalous} anomalous, "
+               f"{n_scored - n_anomalous} normal")
+    info(args, f"Wrote {output / 'scores.csv'}"
+               + (f" and {n_scored} heatmaps in {output / 'heatmaps'}" if write_images else ""))
+    return report_failures(failures, len(images), output / "scores.csv")
+
+
+def report_failures(failures: Sequence[tuple[str, str]], n_images: int, listing: Path | None) -> int:
+    """Warn about unreadable images on stderr; the exit status (0, or EXIT_PARTIAL)."""
+    if not failures:
+        return 0
+    where = f" (all listed in the error column of {listing})" if listing is not None else ""
+    warn(f"{len(failures)} of {n_images} images could not be read and were not scored{where}:")
+    for _, error in failures[:N_LISTED_FAILURES]:
+        warn(f"  {error}")
+    if len(failures) > N_LISTED_FAILURES:
+        warn(f"  ... and {len(failures) - N_LISTED_FAILURES} more")
+    return EXIT_PARTIAL
