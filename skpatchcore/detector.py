@@ -484,7 +484,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         is ``(1 + #{c >= s}) / (n + 1)`` over the ``n`` scores ``c`` of
         ``calibration_scores_``, the training images (or rows) scored
         without themselves (see ``contamination``); see
-        :func:`conformal_pvalues`.
+        :func:`~skpatchcore.detector.conformal_pvalues`.
 
         A small p-value means the sample is unlikely to be normal: if the new
         sample and the calibration images are exchangeable (drawn alike from

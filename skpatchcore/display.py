@@ -293,8 +293,7 @@ class AnomalyRocDisplay:
             figure = _new_figure(4.6 * len(levels), 4.4)
             axes = np.atleast_1d(figure.subplots(1, len(levels)))
         else:
-            axes = np.empty(len(np.atleast_1d(np.asarray(ax, dtype=object))), dtype=object)
-            axes[:] = list(np.atleast_1d(np.asarray(ax, dtype=object)))
+            axes = np.atleast_1d(np.asarray(ax, dtype=object)).ravel()
             if axes.size != len(levels):
                 raise ValueError(f"ax must hold {len(levels)} axes (one per level: image, pixel), got {axes.size}.")
         name = self.name if name is None else name

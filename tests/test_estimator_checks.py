@@ -22,7 +22,7 @@ SAMPLER_XFAIL = {
     "check_transformer_general": ROWS_DIFFER,
     "check_transformer_data_not_an_array": ROWS_DIFFER,
     "check_set_output_transform_pandas": ROWS_DIFFER + ": fewer rows than the input index",
-    "check_global_set_output_transform_pandas": ROWS_DIFFER + ": fewer rows than the input index",
+    "check_global_output_transform_pandas": ROWS_DIFFER + ": fewer rows than the input index",
 }
 
 # PatchCoreDetector is a novelty detector (like LocalOutlierFactor with

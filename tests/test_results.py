@@ -31,6 +31,7 @@ def test_conformal_pvalues_by_hand():
 def test_detector_pvalues_follow_the_formula(rng):
     detector = PatchCoreDetector().fit(rng.normal(size=(200, 3)))
     X = rng.normal(size=(50, 3)) * np.linspace(0.1, 4.0, 50)[:, None]
+    X[-1] = 50.0  # far from every training row
     pvalues = detector.pvalues(X)
     anomaly = -detector.score_samples(X)
     calibration = detector.calibration_scores_
