@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.pipeline import Pipeline
-from sklearn.utils import check_random_state
+from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import check_memory, images_per_chunk, resolve_working_memory
@@ -399,14 +399,14 @@ def _normal_samples(X, y):
     if y is None:
         return X, y
     labels = np.asarray(y)
-    images = as_image_list(X)
-    if labels.shape != (len(images),):
-        raise ValueError(f"y has shape {labels.shape}; expected ({len(images)},), one label per image.")
+    # Arrays and DataFrames (tabular steps) are indexed as they are; other collections are image lists.
+    samples = X if isinstance(X, np.ndarray) or hasattr(X, "iloc") else as_image_list(X)
+    if labels.shape != (len(samples),):
+        raise ValueError(f"y has shape {labels.shape}; expected ({len(samples)},), one label per image.")
     normal = np.flatnonzero(labels == 0)
     if normal.size == 0:
         raise ValueError("y marks every sample as anomalous (y != 0); PatchCore fits on normal samples.")
-    X = [images[i] for i in normal] if not isinstance(X, np.ndarray) else X[normal]
-    return X, labels[normal]
+    return _safe_indexing(samples, normal), labels[normal]
 
 
 def _is_dask_collection(X) -> bool:

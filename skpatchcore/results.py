@@ -55,7 +55,7 @@ def results_frame(model, X):
     (one backbone pass for images):
 
     ========== ===============================================================
-    path       the image's file path (str) when given as a path, else None
+    path       the image's file path (str) when given as a path, else missing
     score      ``score_samples``: higher means more normal
     decision   ``decision_function`` (``score - offset_``): negative for
                predicted anomalies

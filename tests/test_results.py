@@ -73,7 +73,7 @@ def test_results_frame_matches_the_individual_methods(fitted, synthetic, tmp_pat
     frame = results_frame(fitted, mixed)
     assert list(frame.columns) == ["path", "score", "decision", "prediction", "p_value"]
     assert len(frame) == len(images)
-    assert frame["path"].tolist() == [*paths, None, None, None]
+    assert frame["path"][:3].tolist() == paths and frame["path"][3:].isna().all()
     np.testing.assert_allclose(frame["score"], fitted.score_samples(mixed))
     np.testing.assert_allclose(frame["decision"], fitted.decision_function(mixed))
     np.testing.assert_array_equal(frame["prediction"], fitted.predict(mixed))
