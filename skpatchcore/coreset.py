@@ -214,7 +214,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         worker, a retried task) selects the same rows.
     n_features_in_ : int
         Feature size of a row.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of 2-D DataFrame input, when they are all strings.
 
     Examples

@@ -133,7 +133,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         Anomaly scores (positive) of the calibration images or rows; also
         the reference of the conformal p-values (:meth:`pvalues`).
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of 2-D DataFrame input (e.g. through a pipeline with
         ``set_output(transform="pandas")``), when they are all strings.
 
