@@ -9,10 +9,13 @@ from typing import NamedTuple
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._set_output import _get_output_config
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
+from ._doc_link import DocLinkMixin
 from ._persistence import VersionedStateMixin
 from ._validation import PatchRows, pool_patches, validate_features
 
@@ -61,7 +64,12 @@ class ChunkCoreset(NamedTuple):
     radii: np.ndarray | None = None
 
 
-class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
+def _fitted_on_rows(sampler) -> bool:
+    """Whether the sampler is unfitted or was fitted on 2-D rows (not on image features)."""
+    return getattr(sampler, "n_images_seen_", None) is None
+
+
+class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEstimator):
     """Greedy k-center coreset of patch features.
 
     Picks the subset of rows whose nearest-neighbour coverage of all rows is
@@ -141,6 +149,8 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         worker, a retried task) selects the same rows.
     n_features_in_ : int
         Feature size of a row.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Column names of 2-D DataFrame input, when they are all strings.
 
     Examples
     --------
@@ -264,6 +274,12 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         """
         rows, image_index = self._fit_rows(X)
         selected = rows[self.coreset_indices_]
+        if image_index is None and _get_output_config("transform", self)["dense"] == "pandas":
+            # set_output(transform="pandas"): the selected rows keep their own index labels.
+            import pandas as pd
+
+            if isinstance(X, pd.DataFrame):
+                return pd.DataFrame(selected, index=X.index[self.coreset_indices_], columns=self.get_feature_names_out())
         source = None if image_index is None else image_index[self.coreset_indices_]
         return PatchRows(selected, source, np.asarray(self.coreset_indices_))
 
@@ -442,6 +458,28 @@ class CoresetSampler(VersionedStateMixin, TransformerMixin, BaseEstimator):
         if isinstance(X, np.ndarray) and X.ndim == 4:
             return X
         return rows
+
+    @available_if(_fitted_on_rows)
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """The input feature names: the sampler keeps columns as they are.
+
+        Defined for 2-D rows only (image features have no column names), so
+        that ``set_output(transform="pandas")`` gives DataFrames of rows,
+        while 4-D patch features and :class:`PatchRows` pass through unchanged
+        whatever the output configuration.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Defaults to ``feature_names_in_``, or ``x0, x1, ...`` when the
+            sampler was fitted without column names.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self, "n_features_in_")
+        return _check_feature_names_in(self, input_features)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._budget import images_per_chunk
 from ._device import resolve_device
+from ._doc_link import DocLinkMixin
 from ._persistence import VersionedStateMixin
 from ._validation import PatchRows, validate_features
 from .search import (
@@ -52,7 +53,7 @@ def _no_fit_predict(estimator) -> bool:
     )
 
 
-class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
+class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEstimator):
     """PatchCore anomaly detector: nearest-neighbour distance to a memory bank.
 
     ``fit`` stores what it receives as the memory bank: 2-D rows (e.g. the
@@ -129,8 +130,12 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     offset_ : float
         ``decision_function = score_samples - offset_``.
     calibration_scores_ : ndarray
-        Anomaly scores (positive) of the calibration images or rows.
+        Anomaly scores (positive) of the calibration images or rows; also
+        the reference of the conformal p-values (:meth:`pvalues`).
     n_features_in_ : int
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Column names of 2-D DataFrame input (e.g. through a pipeline with
+        ``set_output(transform="pandas")``), when they are all strings.
 
     Examples
     --------
@@ -334,7 +339,9 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
-        n_neighbors : int, default=self.n_neighbors
+        n_neighbors : int or None, default=None
+            Neighbours per row, at least 1 and at most the bank size; None
+            uses the ``n_neighbors`` parameter.
 
         Returns
         -------
@@ -343,8 +350,18 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
             Row indices into ``memory_bank_``.
         """
         check_is_fitted(self, "memory_bank_")
+        if n_neighbors is None:
+            n_neighbors = self.n_neighbors
+        n_bank = self.memory_bank_.shape[0]
+        if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) or not (
+            1 <= n_neighbors <= n_bank
+        ):
+            raise ValueError(
+                f"n_neighbors must be an int in [1, {n_bank}] (the memory bank's rows) or None, "
+                f"got {n_neighbors!r}."
+            )
         rows, _ = validate_features(self, X, reset=False)
-        return self._kneighbors(rows, n_neighbors or self.n_neighbors)
+        return self._kneighbors(rows, int(n_neighbors))
 
     # ------------------------------------------------------------- scoring
     def _reweight_factors(self, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
@@ -461,6 +478,54 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         """``score_samples(X) - offset_``: negative for predicted anomalies."""
         return self.score_samples(X) - self.offset_
 
+    def pvalues(self, X) -> np.ndarray:
+        """Conformal p-values: how unusual each sample is among the calibration samples.
+
+        The p-value of a sample with anomaly score ``s`` (``-score_samples``)
+        is ``(1 + #{c >= s}) / (n + 1)`` over the ``n`` scores ``c`` of
+        ``calibration_scores_``, the training images (or rows) scored
+        without themselves (see ``contamination``); see
+        :func:`~skpatchcore.detector.conformal_pvalues`.
+
+        A small p-value means the sample is unlikely to be normal: if the new
+        sample and the calibration images are exchangeable (drawn alike from
+        the normal data), ``P(p <= alpha) <= alpha`` for every ``alpha``, so
+        flagging the samples with ``p <= alpha`` flags at most a fraction
+        ``alpha`` of normal samples. Calibration images are scored against a
+        bank without their own patches, which makes their scores, if
+        anything, larger than a new normal image's, and the p-values
+        conservative. The smallest possible p-value is ``1 / (n + 1)``
+        (about 0.015 with the 64 calibration images of a large training set).
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,)
+            Values in ``(0, 1]``, non-increasing in the anomaly score.
+        """
+        return self.pvalues_from_scores(self.score_samples(X))
+
+    def pvalues_from_scores(self, scores) -> np.ndarray:
+        """Conformal p-values of samples whose ``score_samples`` are known.
+
+        For scores computed already (``PatchCorePipeline.score_and_maps``):
+        ``pvalues(X)`` equals ``pvalues_from_scores(score_samples(X))``.
+
+        Parameters
+        ----------
+        scores : array-like of shape (n_samples,)
+            ``score_samples`` values (higher means more normal).
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self, "calibration_scores_")
+        return conformal_pvalues(-np.asarray(scores, dtype=np.float64), self.calibration_scores_)
+
     def predict(self, X) -> np.ndarray:
         """+1 for normal samples, -1 for anomalies."""
         return np.where(self.decision_function(X) < 0, -1, 1)
@@ -501,10 +566,25 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
     def score_and_maps(self, X, output_size) -> tuple[np.ndarray, np.ndarray]:
         """``score_samples`` and ``anomaly_maps`` from one nearest-neighbour search.
 
+        Mind the signs: the two outputs point in opposite directions, each
+        following its own convention. The image scores are scikit-learn's
+        ``score_samples``, **higher means more normal** (minus the PatchCore
+        anomaly score); the maps are PatchCore's anomaly maps, **higher means
+        more anomalous**. ``-score_samples`` is the anomaly score to pass to
+        metrics such as :func:`~skpatchcore.metrics.image_auroc`.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+        output_size : int or (int, int)
+            Map size (see :meth:`anomaly_maps`).
+
         Returns
         -------
         score_samples : ndarray of shape (n_images,)
+            Higher means more normal.
         maps : ndarray of shape (n_images, H, W), float32
+            Higher means more anomalous.
         """
         _check_four_d(X)
         check_is_fitted(self, "memory_bank_")
@@ -530,6 +610,43 @@ class PatchCoreDetector(VersionedStateMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True
         return tags
+
+
+def conformal_pvalues(anomaly_scores, calibration_scores) -> np.ndarray:
+    """Conformal p-values of anomaly scores against calibration scores.
+
+    ``p(s) = (1 + #{c >= s}) / (n + 1)`` for each anomaly score ``s`` and
+    the ``n`` calibration scores ``c`` (Vovk et al. 2005; Bates et al. 2023,
+    "Testing for outliers with conformal p-values"). When the scored sample
+    and the calibration samples are exchangeable, ``P(p <= alpha) <= alpha``.
+
+    Parameters
+    ----------
+    anomaly_scores : array-like of shape (n_samples,)
+        Higher means more anomalous (``-score_samples``).
+    calibration_scores : array-like of shape (n_calibration,)
+        Anomaly scores of normal samples not used to build the scorer
+        (``PatchCoreDetector.calibration_scores_``).
+
+    Returns
+    -------
+    pvalues : ndarray of shape (n_samples,)
+        In ``[1 / (n + 1), 1]``.
+
+    Examples
+    --------
+    >>> from skpatchcore.detector import conformal_pvalues
+    >>> conformal_pvalues([0.5, 2.0, 9.0], [1.0, 2.0, 3.0])
+    array([1.  , 0.75, 0.25])
+    """
+    calibration = np.sort(np.asarray(calibration_scores, dtype=np.float64).ravel())
+    scores = np.asarray(anomaly_scores, dtype=np.float64)
+    if calibration.size == 0:
+        raise ValueError("conformal_pvalues needs at least one calibration score.")
+    if np.isnan(calibration).any() or np.isnan(scores).any():
+        raise ValueError("conformal_pvalues got NaN scores.")
+    at_least = calibration.size - np.searchsorted(calibration, scores, side="left")
+    return (1.0 + at_least) / (calibration.size + 1.0)
 
 
 def _check_four_d(X) -> None:

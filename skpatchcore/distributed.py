@@ -343,7 +343,6 @@ def score_collection(model, collection, method: str):
         graph: each worker receives it once (scattered to every worker when
         a ``distributed`` client is active or ``model.scheduler`` is set).
     """
-    import dask
     import dask.bag as db
 
     model_ref = _shared_model(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from scipy import sparse
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
+from ._doc_link import DocLinkMixin
 from ._persistence import VersionedStateMixin
 from ._threads import torch_threads
 from .backbones import (
@@ -148,7 +151,7 @@ def aggregate_concat(layer_maps: Sequence[torch.Tensor], patch_size: int) -> tor
     return torch.cat(pooled, dim=1).permute(0, 2, 3, 1)
 
 
-class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimator):
+class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEstimator):
     """Locally aware patch features of images from a pretrained CNN.
 
     Images are resized (and by default centre-cropped), normalised and passed
@@ -202,10 +205,12 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
         cores); None leaves torch's setting.
     progress : bool, default=False
         Show a progress bar.
-    random_state : int or None, default=None
+    random_state : int, RandomState instance or None, default=None
         Seeds the random initialisation of a backbone built with
         ``weights=None`` (in a forked torch RNG, so the global state is left
-        alone); no effect on pretrained weights.
+        alone); no effect on pretrained weights. An int is the torch seed
+        itself; a ``RandomState`` instance gives a seed drawn from it at each
+        ``fit``.
     exif_transpose : bool, default=True
         Turn image files upright by their EXIF orientation tag (as image
         viewers show them) before resizing. Arrays are used as they are.
@@ -308,7 +313,7 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
             model = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
             if self.random_state is not None:
-                torch.manual_seed(int(self.random_state))
+                torch.manual_seed(_torch_seed(self.random_state))
             model = build_backbone(model, self.weights)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -377,5 +382,33 @@ class PatchFeatureTransformer(VersionedStateMixin, TransformerMixin, BaseEstimat
     def __getstate__(self):
         state = super().__getstate__()
         if "backbone_" in state:
-            state["backbone_"] = state["backbone_"].to("cpu")
+            # A CPU copy for the pickle: the live network stays where it is (on the GPU).
+            state["backbone_"] = _cpu_copy(state["backbone_"])
         return state
+
+
+def _torch_seed(random_state) -> int:
+    """The torch seed of `random_state`: an int as it is, else one drawn from it."""
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    """`module` with every tensor on the CPU, without moving `module` itself.
+
+    A module already on the CPU is returned as it is (pickling does not
+    change it). Otherwise the module is deep-copied with each parameter and
+    buffer replaced by a CPU copy of it, so that the copy never needs a
+    second copy of the weights on the GPU.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return module
+    memo = {}
+    for tensor in tensors:
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = nn.Parameter(cpu, requires_grad=tensor.requires_grad) if isinstance(
+            tensor, nn.Parameter) else cpu
+    copied = copy.deepcopy(module, memo)
+    return copied.to("cpu")  # any other tensor attribute (a traced graph's constants)

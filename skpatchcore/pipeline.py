@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numbers
+import copy
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.pipeline import Pipeline
+from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import check_memory, images_per_chunk, resolve_working_memory
+from ._doc_link import DocLinkMixin
 from ._maps import resize_map
 from ._threads import torch_threads
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
@@ -17,14 +22,15 @@ from .features import PatchFeatureTransformer
 from .images import as_image_list, image_size
 
 
-class PatchCorePipeline(Pipeline):
+class PatchCorePipeline(DocLinkMixin, Pipeline):
     """A scikit-learn ``Pipeline`` with PatchCore's pixel-level outputs, in bounded memory.
 
     Everything a ``Pipeline`` does works unchanged (``score_samples``,
     ``decision_function``, ``predict``, ``GridSearchCV``, ``joblib``). Added:
     :meth:`anomaly_maps`, :meth:`score_and_maps` and
-    :meth:`iter_score_and_maps` (one backbone pass for scores and maps), and
-    :meth:`partial_fit`. The first step must produce patch features (a
+    :meth:`iter_score_and_maps` (one backbone pass for scores and maps),
+    :meth:`pvalues` (conformal p-values) and :meth:`partial_fit`. The first
+    step must produce patch features (a
     :class:`PatchFeatureTransformer`), the last must be a
     :class:`PatchCoreDetector`; with a :class:`CoresetSampler` between them
     the fit runs in bounded memory.
@@ -282,9 +288,11 @@ class PatchCorePipeline(Pipeline):
         Returns
         -------
         score_samples : ndarray of shape (n_images,)
-            Higher means more normal (minus the anomaly score).
+            Higher means more normal (minus the anomaly score), as
+            scikit-learn's ``score_samples``.
         maps : ndarray of shape (n_images, H, W) or list of ndarray
-            Anomaly maps (higher means more anomalous); a list when
+            Anomaly maps, **higher means more anomalous**: the opposite
+            direction of the scores next to them; a list when
             ``original_size=True``. They grow with the number of images:
             for many images use :meth:`iter_score_and_maps`.
         """
@@ -340,6 +348,35 @@ class PatchCorePipeline(Pipeline):
             return super().predict(X, **params)
         return np.where(self.decision_function(X) < 0, -1, 1)
 
+    def pvalues(self, X) -> np.ndarray:
+        """Conformal p-values of the samples (small: unlikely to be normal).
+
+        ``score_samples`` compared with the detector's held-out calibration
+        scores; see :meth:`PatchCoreDetector.pvalues` for the formula and
+        when it is valid.
+
+        Parameters
+        ----------
+        X : images, or rows for a pipeline of tabular steps
+
+        Returns
+        -------
+        pvalues : ndarray of shape (n_samples,)
+            Values in ``(0, 1]``.
+        """
+        detector = self.steps[-1][1]
+        if not isinstance(detector, PatchCoreDetector):
+            raise TypeError("pvalues needs a PatchCoreDetector as the last pipeline step.")
+        return detector.pvalues_from_scores(self.score_samples(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        first = self.steps[0][1] if self.steps else None
+        if isinstance(first, PatchFeatureTransformer):
+            # Images in, like the first step (Pipeline copies only its pairwise/sparse tags).
+            tags.input_tags = copy.deepcopy(first.__sklearn_tags__().input_tags)
+        return tags
+
 
 def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, original_size: bool):
     """Scores (and maps) of one chunk of images: one backbone pass, one search.
@@ -371,14 +408,14 @@ def _normal_samples(X, y):
     if y is None:
         return X, y
     labels = np.asarray(y)
-    images = as_image_list(X)
-    if labels.shape != (len(images),):
-        raise ValueError(f"y has shape {labels.shape}; expected ({len(images)},), one label per image.")
+    # Arrays and DataFrames (tabular steps) are indexed as they are; other collections are image lists.
+    samples = X if isinstance(X, np.ndarray) or hasattr(X, "iloc") else as_image_list(X)
+    if labels.shape != (len(samples),):
+        raise ValueError(f"y has shape {labels.shape}; expected ({len(samples)},), one label per image.")
     normal = np.flatnonzero(labels == 0)
     if normal.size == 0:
         raise ValueError("y marks every sample as anomalous (y != 0); PatchCore fits on normal samples.")
-    X = [images[i] for i in normal] if not isinstance(X, np.ndarray) else X[normal]
-    return X, labels[normal]
+    return _safe_indexing(samples, normal), labels[normal]
 
 
 def _is_dask_collection(X) -> bool:
@@ -409,8 +446,15 @@ def make_patchcore(
         Coreset fraction (:class:`CoresetSampler`).
     n_neighbors : int, default=1
         See :class:`PatchCoreDetector`.
-    random_state : int or None
+    random_state : int, RandomState instance or None, default=None
         Seeds a randomly initialised backbone, the coreset and the detector.
+        An int is given to every step, as scikit-learn's meta-estimators do
+        (each step seeds a different thing with it, and results recorded
+        with that int stay reproducible). A ``RandomState`` instance is not
+        shared: each step gets its own int seed drawn from it when the
+        pipeline is built (three draws), so the steps' random streams do not
+        depend on the order in which the steps consume them. None leaves
+        every step unseeded.
     device : str, default="auto"
     progress : bool, default=False
         Progress bars for feature extraction and coreset selection.
@@ -437,23 +481,31 @@ def make_patchcore(
     >>> [name for name, _ in model.steps]
     ['features', 'coreset', 'detector']
     """
+    seeds = [None] * 3 if random_state is None else _step_seeds(random_state, 3)
     return PatchCorePipeline(
         [
             ("features", PatchFeatureTransformer(
-                backbone=backbone, layers=layers, weights=weights, device=device, random_state=random_state,
+                backbone=backbone, layers=layers, weights=weights, device=device, random_state=seeds[0],
                 progress=progress, **feature_params,
             )),
             ("coreset", CoresetSampler(
-                sampling_ratio=sampling_ratio, device=device, random_state=random_state, progress=progress
+                sampling_ratio=sampling_ratio, device=device, random_state=seeds[1], progress=progress
             )),
             ("detector", PatchCoreDetector(
-                n_neighbors=n_neighbors, device=device, working_memory=working_memory, random_state=random_state
+                n_neighbors=n_neighbors, device=device, working_memory=working_memory, random_state=seeds[2]
             )),
         ],
         working_memory=working_memory,
         n_jobs=n_jobs,
         scheduler=scheduler,
     )
+
+
+def _step_seeds(random_state, n_steps: int) -> list[int]:
+    """The int for every step, or `n_steps` independent int seeds drawn from a RandomState."""
+    if isinstance(random_state, numbers.Integral):
+        return [int(random_state)] * n_steps
+    return [int(seed) for seed in check_random_state(random_state).randint(np.iinfo(np.int32).max, size=n_steps)]
 
 
 class NormalOnlyKFold(BaseCrossValidator):

@@ -83,9 +83,23 @@ def test_grid_search_tunes_the_coreset_ratio(synthetic):
         cv=NormalOnlyKFold(n_splits=2),
     )
     search.fit(X, y)
-    assert search.best_params_["coreset__sampling_ratio"] in (0.02, 0.25)
     assert np.all(search.cv_results_["mean_test_score"] > 0.8)
-    assert isinstance(search.best_estimator_, PatchCorePipeline)
+    # The search's scores, recomputed by hand: same splits, fits on the normal training folds.
+    splits = list(NormalOnlyKFold(n_splits=2).split(X, y))
+    by_hand = {}
+    for ratio in (0.02, 0.25):
+        folds = [anomaly_auroc_scorer(small_model(sampling_ratio=ratio).fit(X[train]), X[test], y[test])
+                 for train, test in splits]
+        by_hand[ratio] = np.mean(folds)
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], [by_hand[0.02], by_hand[0.25]])
+    best = max(by_hand, key=by_hand.get)
+    assert search.best_params_["coreset__sampling_ratio"] == best
+    # The refit model uses the best ratio on the normal samples only.
+    refit = search.best_estimator_
+    assert isinstance(refit, PatchCorePipeline)
+    assert refit[1].sampling_ratio == best
+    n_patches = int(np.sum(y == 0)) * int(np.prod(refit[0].feature_shape_[:2]))
+    assert refit[-1].memory_bank_.shape[0] == int(n_patches * best)
 
 
 def test_anomaly_auroc_scorer_orientation(fitted, synthetic):
