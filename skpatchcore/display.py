@@ -22,8 +22,10 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import RocCurveDisplay, auc, roc_curve
 
+from ._maps import resize_map
 from .images import ImageLike, preprocess_image, preprocess_mask, read_mask
-from .plotting import DEFAULT_CMAP, _new_figure, _pooled_pixels, _resize_map, _rgb_array, _value_range
+from .metrics import _pool
+from .plotting import DEFAULT_CMAP, _new_figure, _rgb_array, _value_range
 
 __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
 
@@ -133,7 +135,7 @@ class AnomalyMapDisplay:
         if ax is None:
             ax = _new_figure(4.4, 4.0).add_subplot()
         rgb = _rgb_array(self.image)
-        amap = _resize_map(self.anomaly_map, rgb.shape[:2])
+        amap = resize_map(self.anomaly_map, rgb.shape[:2], antialias=True)
         low, high = _value_range(amap, vmin, vmax)
         self.image_ = ax.imshow(rgb)
         self.overlay_ = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=low, vmax=high)
@@ -377,7 +379,7 @@ class AnomalyRocDisplay:
                     f"masks and maps must pair up with equal shapes; got {len(masks)} masks and {len(maps)} maps, "
                     f"shapes {shapes[:3]}{'...' if len(shapes) > 3 else ''}."
                 )
-            pixel_labels, pixel_scores = _pooled_pixels(masks, maps)
+            pixel_scores, pixel_labels = _pool(list(masks), list(maps))
             if pixel_labels.all() or not pixel_labels.any():
                 raise ValueError("The pixel level needs masks with both defect and normal pixels.")
             fpr, tpr, _ = roc_curve(pixel_labels, pixel_scores)
