@@ -432,8 +432,8 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         no other patch can beat it and the image score is exact. ``flat``
         (n_images, n_patches), ``distances`` and ``indices`` (one row per
         patch) are updated in place. After the bfloat16 shortlist, the exact
-        search is the shortlist's own, pruned with its PCA lower bound (up to
-        5x cheaper than brute force, see docs/benchmarks.md).
+        search is the shortlist's own, pruned with its PCA lower bound (much
+        cheaper than brute force, see docs/benchmarks.md).
         """
         n_images, n_patches = flat.shape
         pending = np.arange(n_images)

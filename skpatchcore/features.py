@@ -101,7 +101,8 @@ def aggregate_official(
     ``_official_plan``); and since pooling acts on channels and bilinear
     upsampling on positions, deeper layers are upsampled after pooling, on
     their share of the ``target_embed_dim`` outputs. Same numbers as the
-    literal steps up to float rounding (tested), 4-5x faster.
+    literal steps up to float rounding (tested), several times faster
+    (``docs/benchmarks.md``).
 
     Parameters
     ----------
@@ -317,7 +318,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             model = build_backbone(model, self.weights)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        # NHWC convolutions: 1.15-1.4x faster on CPU (oneDNN) for ResNets and EfficientNets.
+        # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
         model = model.to(memory_format=torch.channels_last)
         side = self.crop_size or self.resize
         self.input_size_ = (side, side)

@@ -8,10 +8,12 @@ Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
   holding more than one chunk of the (queries x bank) matrix; the chosen
   distances are then recomputed directly.
 * :class:`BFloat16Shortlist` (``"bf16"``): matrix products in bfloat16
-  (3-4x faster on CPUs with AVX512-BF16 or AMX) in a PCA subspace of the
+  (several times faster on CPUs with AVX512-BF16 or AMX) in a PCA subspace of the
   bank shortlist a few candidates per query, whose float32 distances are
   computed exactly.
 * pynndescent (``"pynndescent"``): an approximate neighbour graph.
+
+Timings and recall of the three are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ CHUNK_ENTRIES = 1 << 24
 
 #: Largest number of gathered bank entries (float32) held at once when
 #: recomputing chosen distances: 2 MB, to stay in cache (the subtraction
-#: runs 5x slower on 64 MB chunks).
+#: runs several times slower on chunks that do not fit; docs/benchmarks.md).
 GATHER_ENTRIES = 1 << 19
 
 #: The shortlist's principal axes come from at most about this many evenly
-#: spaced bank rows (0.1 s instead of 0.25 s for a 16k x 1024 bank).
+#: spaced bank rows, which builds it faster on large banks (docs/benchmarks.md).
 PCA_SAMPLE_ROWS = 4096
 
 
@@ -132,10 +134,10 @@ class BFloat16Shortlist:
     of ``block_size``.
 
     The result is a true distance to some bank row, so it never
-    under-estimates the nearest-neighbour distance. On MTD patch features
-    (EfficientNet-Lite0, bank of 15,680 rows from a 10% coreset, 50,176 test
-    patches) it returned the exact nearest neighbour for 99.998% of them; on
-    a 16,000-row bank it ran 6-8x faster than float32 brute force.
+    under-estimates the nearest-neighbour distance. On real patch features
+    it returns the exact nearest neighbour for almost every patch, several
+    times faster than float32 brute force (recall and timings in
+    ``docs/benchmarks.md``).
     :meth:`exact_kneighbors` makes the answer exact for chosen queries.
 
     Parameters
@@ -220,8 +222,8 @@ class BFloat16Shortlist:
         computed. The bounds come from one float32 product per query
         (``|p|^2 - 2 p.b + |b|^2``), loosened by ``2**-10 (|p|^2 + |b|^2)``,
         far more than that product's rounding error. For the highest-scoring
-        patch of an image about 5 of 15,680 rows (WRN50 features, 64 axes)
-        remained.
+        patch of an image only a handful of bank rows remain
+        (``docs/benchmarks.md``).
 
         Parameters
         ----------
@@ -274,8 +276,9 @@ class BFloat16Shortlist:
 def bfloat16_speedup() -> float:
     """How many times faster this CPU multiplies bfloat16 than float32 matrices.
 
-    Measured once per process on a 1-GFLOP product (a few milliseconds):
-    CPUs with AVX512-BF16 or AMX give 3-4x, others often less than 1x.
+    Measured once per process on a short 1-GFLOP product: CPUs with
+    AVX512-BF16 or AMX give several times, others often less than one
+    (``docs/benchmarks.md``).
     """
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
