@@ -17,6 +17,20 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def image(rng):
+    """A 48 x 80 RGB image (plotting and display tests)."""
+    return rng.integers(80, 170, size=(48, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def hot_map():
+    """A 12 x 20 map (a quarter of the image's size) with one hot square."""
+    amap = np.full((12, 20), 1.0, dtype=np.float32)
+    amap[3:7, 10:15] = 9.0
+    return amap
+
+
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
     """A small MVTec-layout folder of generated 64 px parts (for the command line)."""

@@ -12,18 +12,6 @@ from skpatchcore.plotting import _new_figure  # noqa: E402
 
 
 @pytest.fixture
-def image(rng):
-    return rng.integers(80, 170, size=(48, 80, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def hot_map():
-    amap = np.full((12, 20), 1.0, dtype=np.float32)
-    amap[3:7, 10:15] = 9.0
-    return amap
-
-
-@pytest.fixture
 def mask():
     truth = np.zeros((48, 80), dtype=np.uint8)
     truth[12:28, 40:60] = 255

@@ -18,19 +18,6 @@ from skpatchcore.plotting import (  # noqa: E402
 )
 
 
-@pytest.fixture
-def image():
-    rng = np.random.default_rng(0)
-    return rng.integers(80, 170, size=(48, 80, 3), dtype=np.uint8)
-
-
-@pytest.fixture
-def hot_map():
-    """A 12 x 20 map (a quarter of the image size) with one hot square."""
-    amap = np.full((12, 20), 1.0, dtype=np.float32)
-    amap[3:7, 10:15] = 9.0
-    return amap
-
 
 def _png_size(path):
     with Image.open(path) as opened:
