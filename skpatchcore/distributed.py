@@ -181,7 +181,7 @@ def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan,
 
 def chunk_coresets(
     scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None,
-    held: Sequence[ChunkCoreset] = (), n_rows_total: int | None = None,
+    held: Sequence[ChunkCoreset], n_rows_total: int,
 ) -> list[ChunkCoreset]:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
 
@@ -204,10 +204,10 @@ def chunk_coresets(
         Global index of ``images[0]``.
     n_jobs : int or None
         torch threads per task; None for the worker's share of its cores.
-    held : sequence of ChunkCoreset, default=()
+    held : sequence of ChunkCoreset
         Chunk coresets already there (the current bank in ``partial_fit``).
-    n_rows_total : int or None, default=None
-        Rows of `held` and of all `images`; None allocates nothing.
+    n_rows_total : int
+        Rows of `held` and of all `images`.
 
     Returns
     -------
@@ -228,11 +228,9 @@ def chunk_coresets(
     parts = list(held)
     try:
         for future, part in distributed.as_completed(futures, loop=client.loop, with_results=True):
-            parts.append(part)
-            if n_rows_total is not None:
-                parts = sampler.allocate(parts, n_rows_total)
+            parts = sampler.allocate([*parts, part], n_rows_total)
             future.release()
-        return sorted(parts, key=lambda part: int(part.row_index[0]) if len(part.row_index) else -1)
+        return parts
     finally:
         client.cancel([*futures, features_ref, sampler_ref])
 
