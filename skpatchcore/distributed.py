@@ -232,7 +232,7 @@ def chunk_coresets(
             future.release()
         return parts
     finally:
-        client.cancel([*futures, features_ref, sampler_ref])
+        _stop(client, [*futures, features_ref, sampler_ref])
 
 
 def _score_task(model, images: list, with_maps: bool, original_size: bool, plan, n_jobs):
@@ -271,7 +271,22 @@ def score_chunks(
                 yield future.result()
                 future.release()
     finally:
-        client.cancel([*pending, model_ref])
+        _stop(client, [*pending, model_ref])
+
+
+def _stop(client, futures) -> None:
+    """Cancel the futures still running, then release all of them.
+
+    Finished futures are only released: a cancel request makes the scheduler
+    broadcast ``cancelled-keys`` to every client, and a client that is just
+    connecting then fails its handshake (``assert len(msg) == 1`` in
+    ``Client._ensure_connected``).
+    """
+    running = [future for future in futures if not future.done()]
+    if running:
+        client.cancel(running)
+    for future in futures:
+        future.release()
 
 
 def _without_scheduler(model):
@@ -312,6 +327,12 @@ def _shared_model(model):
 
 
 def _current_client():
+    """The active ``distributed`` client, unless Dask is configured for another scheduler."""
+    import dask
+
+    configured = dask.config.get("scheduler", None)
+    if isinstance(configured, str) and configured not in ("dask.distributed", "distributed"):
+        return None  # e.g. dask.config.set(scheduler="synchronous")
     try:
         from distributed import default_client
     except ImportError:

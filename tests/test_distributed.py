@@ -104,6 +104,31 @@ def test_dask_bag_on_the_local_scheduler(local_fit, image_files):
         score_collection(local_fit, dask.delayed([1]), "score_samples")
 
 
+def test_the_configured_scheduler_wins_over_an_active_client(cluster, local_fit, image_files):
+    with distributed.Client(cluster.scheduler_address), dask.config.set(scheduler="synchronous"):
+        bag = db.from_sequence(image_files[:2], npartitions=1)
+        scores = local_fit.score_samples(bag).compute()
+    np.testing.assert_array_equal(np.array(scores), local_fit.score_samples(image_files[:2]))
+
+
+def test_finished_calls_release_their_futures_without_cancelling(cluster, local_fit, synthetic, image_files):
+    """A cancel request makes the scheduler message every client, which breaks one that is connecting."""
+    user = connect(cluster.scheduler_address)
+
+    def cancels():
+        return sum(event.get("action") == "cancel" for _, event in user.get_events(user.id))
+
+    before = cancels()
+    remote = local_fit.set_params(scheduler=cluster.scheduler_address)
+    try:
+        remote.score_samples(image_files[:4])
+        small_model(scheduler=cluster.scheduler_address).fit(synthetic.train_images[:8])
+    finally:
+        local_fit.set_params(scheduler=None)
+    assert cancels() == before
+    assert not user.futures  # everything released
+
+
 def test_workers_share_the_cores(client):
     plan = thread_plan(client)
     assert len(plan) == 2
