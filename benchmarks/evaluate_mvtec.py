@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from skpatchcore import make_patchcore
+from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
 from skpatchcore.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate
 
@@ -63,6 +64,9 @@ def run_category(path: Path, args, ratio: float) -> dict:
         resize=args.resize,
         crop_size=None if args.no_crop else args.crop_size,
         interpolation=args.interpolation,
+        mean="auto" if args.normalization == "auto" else IMAGENET_MEAN,
+        std="auto" if args.normalization == "auto" else IMAGENET_STD,
+        aggregation=args.aggregation,
         pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim,
         batch_size=args.batch_size,
@@ -105,6 +109,9 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--no-crop", action="store_true", help="square resize, no centre crop")
     parser.add_argument("--interpolation", default="bilinear")
+    parser.add_argument("--normalization", choices=["auto", "imagenet"], default="auto",
+                        help="input mean/std: the weights' own (auto) or ImageNet's (the official code's)")
+    parser.add_argument("--aggregation", choices=["mean_pool", "concat"], default="mean_pool")
     parser.add_argument("--embed-dim", type=int, default=1024)
     parser.add_argument("--sampling-ratio", type=float, nargs="+", default=[0.1])
     parser.add_argument("--n-neighbors", type=int, default=1)

@@ -7,7 +7,8 @@ from .coreset import CoresetSampler  # noqa: E402
 from .detector import PatchCoreDetector  # noqa: E402
 from .display import AnomalyMapDisplay, AnomalyRocDisplay  # noqa: E402
 from .features import PatchFeatureTransformer  # noqa: E402
-from .pipeline import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore  # noqa: E402
+from .model_selection import NormalOnlyKFold, anomaly_auroc_scorer, synthetic_defect_scorer  # noqa: E402
+from .pipeline import PatchCorePipeline, make_patchcore  # noqa: E402
 from .persistence import load, save  # noqa: E402
 from .results import results_frame  # noqa: E402
 
@@ -26,4 +27,5 @@ __all__ = [
     "make_patchcore",
     "results_frame",
     "save",
+    "synthetic_defect_scorer",
 ]

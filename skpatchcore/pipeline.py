@@ -6,8 +6,6 @@ import numbers
 import copy
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.validation import check_is_fitted
@@ -506,53 +504,3 @@ def _step_seeds(random_state, n_steps: int) -> list[int]:
     if isinstance(random_state, numbers.Integral):
         return [int(random_state)] * n_steps
     return [int(seed) for seed in check_random_state(random_state).randint(np.iinfo(np.int32).max, size=n_steps)]
-
-
-class NormalOnlyKFold(BaseCrossValidator):
-    """K-fold splits whose training folds hold normal samples only.
-
-    The normal samples (``y == 0``) are split into ``n_splits`` folds; each
-    split trains on the other folds' normals and tests on the held-out
-    normals plus every anomalous sample (``y != 0``). Use it with
-    :func:`anomaly_auroc_scorer` in ``GridSearchCV``.
-
-    Parameters
-    ----------
-    n_splits : int, default=3
-    shuffle : bool, default=False
-    random_state : int or None, default=None
-    """
-
-    def __init__(self, n_splits: int = 3, shuffle: bool = False, random_state=None):
-        self.n_splits = n_splits
-        self.shuffle = shuffle
-        self.random_state = random_state
-
-    def split(self, X, y=None, groups=None):
-        """Yield ``(train, test)`` index arrays."""
-        if y is None:
-            raise ValueError("NormalOnlyKFold needs labels y (0 = normal, 1 = anomalous).")
-        y = np.asarray(y)
-        normal = np.flatnonzero(y == 0)
-        anomalous = np.flatnonzero(y != 0)
-        if normal.size < self.n_splits:
-            raise ValueError(f"Need at least n_splits={self.n_splits} normal samples, got {normal.size}.")
-        if anomalous.size == 0:
-            raise ValueError("NormalOnlyKFold needs at least one anomalous sample (y != 0) to test on.")
-        folds = KFold(self.n_splits, shuffle=self.shuffle, random_state=self.random_state)
-        for train, test in folds.split(normal):
-            yield normal[train], np.sort(np.concatenate([normal[test], anomalous]))
-
-    def get_n_splits(self, X=None, y=None, groups=None) -> int:
-        """Number of splits."""
-        return self.n_splits
-
-
-def anomaly_auroc_scorer(estimator, X, y) -> float:
-    """AUROC of anomaly detection: ``y`` 1 = anomalous, 0 = normal.
-
-    A scorer for ``GridSearchCV(scoring=anomaly_auroc_scorer)``; it ranks
-    samples by ``-estimator.score_samples(X)``. (sklearn's ``"roc_auc"``
-    would rank by ``decision_function``, where higher means *normal*.)
-    """
-    return float(roc_auc_score(np.asarray(y) != 0, -estimator.score_samples(X)))

@@ -15,3 +15,12 @@ def small_transformer(**params):
     defaults = dict(backbone="resnet18", weights=None, resize=64, crop_size=None, layers=("layer2", "layer3"))
     defaults.update(params)
     return PatchFeatureTransformer(**defaults)
+
+
+def small_model(**params):
+    """A 96 px random-weight resnet18 PatchCore pipeline, 25% coreset, seeded."""
+    from skpatchcore import make_patchcore
+
+    defaults = dict(backbone="resnet18", weights=None, resize=96, crop_size=None, sampling_ratio=0.25, random_state=0)
+    defaults.update(params)
+    return make_patchcore(**defaults)

