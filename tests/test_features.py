@@ -249,13 +249,28 @@ def test_timm_efficientnet_lite0_with_local_weights():
         resize=224, crop_size=None,
     )
     features = transformer.fit_transform(np.full((1, 224, 224, 3), 128, dtype=np.uint8))
-    assert features.shape == (1, 28, 28, 1024)
+    # aggregation="auto": concat for EfficientNets, 40 + 112 channels of blocks.2 and blocks.4
+    assert transformer.aggregation_ == "concat" and features.shape == (1, 28, 28, 152)
+    official = transformer.set_params(aggregation="mean_pool").fit()
+    assert official.aggregation_ == "mean_pool" and official.feature_shape_ == (28, 28, 1024)
     # TF "same" padding is computed from the input size: for the transformer's
     # fixed size it becomes ZeroPad2d + Conv2d, and no timm class is left.
     assert isinstance(transformer.backbone_, torch.fx.GraphModule)
     classes = {type(module) for module in transformer.backbone_.modules()}
     assert torch.nn.ZeroPad2d in classes
     assert all(cls.__module__.startswith("torch.") for cls in classes)
+
+
+def test_auto_aggregation_is_the_papers_except_for_efficientnets():
+    assert small_transformer().fit().aggregation_ == "mean_pool"
+    assert small_transformer(aggregation="concat").fit().aggregation_ == "concat"
+
+    class EfficientNet(torch.nn.Sequential):
+        """A module named like timm's EfficientNet class."""
+
+    module = EfficientNet(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1))
+    transformer = PatchFeatureTransformer(backbone=module, layers=("0",), weights=None, resize=16, crop_size=None)
+    assert transformer.fit().aggregation_ == "concat" and transformer.feature_shape_ == (8, 8, 8)
 
 
 def test_auto_normalisation_follows_the_weights():
