@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--interpolation", default="bilinear")
     parser.add_argument("--normalization", choices=["auto", "imagenet"], default="auto",
                         help="input mean/std: the weights' own (auto) or ImageNet's (the official code's)")
-    parser.add_argument("--aggregation", choices=["mean_pool", "concat"], default="mean_pool")
+    parser.add_argument("--aggregation", choices=["auto", "mean_pool", "concat"], default="mean_pool",
+                        help="patch aggregation (default: the official code's mean_pool, as the reference rows)")
     parser.add_argument("--embed-dim", type=int, default=1024)
     parser.add_argument("--sampling-ratio", type=float, nargs="+", default=[0.1])
     parser.add_argument("--n-neighbors", type=int, default=1)

@@ -42,7 +42,8 @@ CACHE = Path("/tmp/skpatchcore-scaling")
 LITE0 = dict(
     backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=224, crop_size=None,
     interpolation="bicubic", random_state=0,
-    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # ImageNet's, as the official code (reference rows)
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # the official code's recipe (reference rows):
+    aggregation="mean_pool",                                 # ImageNet scaling, mean-pooled embedding
 )
 
 

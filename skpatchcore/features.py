@@ -160,8 +160,9 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     through the backbone up to the last requested layer. Every feature-map
     position becomes a patch vector that aggregates its 3x3 neighbourhood,
     with deeper layers upsampled to the first layer's grid (PatchCore,
-    Roth et al. 2022, section 3.1). The default is the official
-    ``patchcore-inspection`` recipe.
+    Roth et al. 2022, section 3.1). With torchvision backbones the default is
+    the official ``patchcore-inspection`` recipe; EfficientNets get the
+    recipe measured best for them (``aggregation="auto"``, ``mean="auto"``).
 
     Parameters
     ----------
