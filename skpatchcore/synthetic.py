@@ -71,7 +71,7 @@ def add_synthetic_defects(
     >>> images = np.random.default_rng(0).integers(90, 160, (4, 64, 64, 3), dtype=np.uint8)
     >>> data = add_synthetic_defects(images, random_state=0)
     >>> data.labels.tolist(), data.kinds
-    ([0, 1, 0, 1], ['good', 'cutpaste', 'good', 'intensity'])
+    ([0, 0, 1, 1], ['good', 'good', 'cutpaste', 'intensity'])
     """
     from .images import as_image_list, read_image
 
