@@ -32,6 +32,10 @@ from .search import (
 #: bfloat16 at least 1.5x faster than float32, and pynndescent where it does
 #: not or where the bank has at least 50,000 rows (docs/benchmarks.md).
 AUTO_SMALL_WORK = 1e9
+#: Banks below this many multiply-adds per query (rows x dims) are always
+#: searched exactly: an index would cost more to build (and, for pynndescent,
+#: to compile, once per process) than it saves.
+AUTO_SMALL_BANK_WORK = 1e6
 ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
 AUTO_NNDESCENT_BANK_ROWS = 50_000
@@ -301,8 +305,8 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     def _choose_algorithm(self, n_queries: int) -> str:
         """The search used for a call: the ``algorithm`` parameter, or the auto rule.
 
-        ``"auto"``: exact on a GPU and for small calls (< 1e9 multiply-adds);
-        otherwise pynndescent for banks of >= 50,000 rows, the bfloat16
+        ``"auto"``: exact on a GPU, for small calls (< 1e9 multiply-adds) and
+        small banks (< 1e6 multiply-adds per query, rows x dims); otherwise pynndescent for banks of >= 50,000 rows, the bfloat16
         shortlist where bfloat16 products are >= 1.5x faster than float32,
         and pynndescent where they are not (CPUs without AVX512-BF16 or
         AMX, where exact float32 search is the slower one).
@@ -310,7 +314,8 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         if self.algorithm != "auto":
             return self.algorithm
         n_bank, n_dims = self.memory_bank_.shape
-        if resolve_device(self.device).type == "cuda" or n_queries * n_bank * n_dims < AUTO_SMALL_WORK:
+        if (resolve_device(self.device).type == "cuda" or n_queries * n_bank * n_dims < AUTO_SMALL_WORK
+                or n_bank * n_dims < AUTO_SMALL_BANK_WORK):
             return "exact"
         if n_bank >= AUTO_NNDESCENT_BANK_ROWS:
             return "pynndescent"

@@ -246,6 +246,9 @@ def test_auto_rule(rng, monkeypatch):
     monkeypatch.setattr(detector_module, "AUTO_NNDESCENT_BANK_ROWS", 2000)
     assert detector._choose_algorithm(10_000) == "pynndescent"
     assert PatchCoreDetector(algorithm="bf16").fit(rng.normal(size=(50, 4)))._choose_algorithm(1) == "bf16"
+    # A small bank (the demo's: 1,200 rows x 152 dims) is searched exactly however many queries come.
+    small = PatchCoreDetector(device="cpu").fit(rng.normal(size=(1200, 152)).astype(np.float32))
+    assert small._choose_algorithm(1_000_000) == "exact"
 
 
 @pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])
