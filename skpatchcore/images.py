@@ -289,6 +289,31 @@ def read_image(path: str, exif_transpose: bool = True) -> Image.Image:
     return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode="RGB")
 
 
+def rgb_uint8(image: ImageLike) -> np.ndarray:
+    """Return an image (path, uint8, uint16 or float 0-1 array) as uint8 RGB (H, W, 3).
+
+    Files are read upright (EXIF orientation applied); integer arrays other
+    than uint8 are scaled by their type's range (:func:`scale_to_unit`).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return np.asarray(read_image(os.fspath(image)), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {array.shape}."
+        )
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer):
+        array = scale_to_unit(np.clip(array, 0, None))
+    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
 def image_size(image: ImageLike, exif_transpose: bool = True) -> tuple[int, int]:
     """Return ``(height, width)`` of a path or array image (upright, for files)."""
     if isinstance(image, np.ndarray):

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_curve
 
 from ._atomic import atomic_path
 from ._maps import resize_map
-from .images import ImageLike, read_image, scale_to_unit
+from .images import ImageLike, rgb_uint8
 from .metrics import _pool, image_auroc, pixel_auroc
 
 __all__ = [
@@ -58,31 +58,6 @@ def _new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def _rgb_array(image: ImageLike) -> np.ndarray:
-    """Return an image (path, uint8, uint16 or float 0-1 array) as uint8 RGB (H, W, 3).
-
-    Files are read upright (EXIF orientation applied); integer arrays other
-    than uint8 are scaled by their type's range (:func:`~skpatchcore.images.scale_to_unit`).
-    """
-    if isinstance(image, (str, os.PathLike)):
-        return np.asarray(read_image(os.fspath(image)), dtype=np.uint8)
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ValueError(
-            f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {array.shape}."
-        )
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.integer):
-        array = scale_to_unit(np.clip(array, 0, None))
-    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _value_range(anomaly_map: np.ndarray, vmin, vmax) -> tuple[float, float]:
@@ -128,7 +103,7 @@ def overlay_heatmap(
     """
     if ax is None:
         ax = _new_figure(4.0, 4.0).add_subplot()
-    rgb = _rgb_array(image)
+    rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     ax.imshow(rgb)
@@ -139,7 +114,7 @@ def overlay_heatmap(
 
 def _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cmap) -> None:
     """Fill three axes with image / anomaly map / ground truth (or overlay)."""
-    rgb = _rgb_array(image)
+    rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     axes[0].imshow(rgb)
@@ -346,7 +321,7 @@ def save_overlay_png(
     path : pathlib.Path
     """
     matplotlib = _require_matplotlib()
-    rgb = _rgb_array(image)
+    rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
     low, high = _value_range(amap, vmin, vmax)
     normalised = np.clip((amap - low) / (high - low), 0.0, 1.0)

