@@ -10,6 +10,7 @@ scores, anomaly maps) fit in the budget.
 from __future__ import annotations
 
 import numbers
+import shutil
 
 import sklearn
 
@@ -97,4 +98,33 @@ def check_memory(needed: int, what: str) -> None:
             f"{what} needs about {needed / 1e9:.1f} GB but {available / 1e9:.1f} GB of memory is "
             "available. Lower working_memory (MiB; --working-memory on the command line) so that "
             "the images are processed in chunks, or use a smaller sampling_ratio."
+        )
+
+
+def check_disk(needed: int, folder: str, what: str) -> None:
+    """Fail at once when `folder` has less than `needed` bytes free, naming ``TMPDIR``.
+
+    Parameters
+    ----------
+    needed : int
+        Bytes the work will write there.
+    folder : str
+        The folder (the temporary folder of a chunked fit).
+    what : str
+        What needs them, for the message.
+
+    Raises
+    ------
+    OSError
+        If the folder's file system has less free space than `needed`.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise OSError(
+            f"{what} keeps the chunk coresets' rows in the temporary folder {folder!r}: it needs about "
+            f"{needed / 1e9:.1f} GB there but {free / 1e9:.1f} GB is free. Point TMPDIR to a larger disk "
+            "or use a smaller sampling_ratio."
         )

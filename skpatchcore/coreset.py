@@ -23,12 +23,14 @@ from ._validation import PatchRows, pool_patches, validate_features
 #: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
 #: ``sampling_ratio`` of all rows...
 CHUNK_OVERSAMPLING = 4
-#: ...but no more than this fraction (or ``sampling_ratio`` if that is larger):
-#: the merge's greedy pass slows down sharply as its input grows.
+#: ...but no more than this fraction...
 OVERSAMPLED_RATIO_LIMIT = 0.04
+#: ...or this many times ``sampling_ratio`` if that is larger: room for the merge
+#: to drop the rows that several chunks repeat.
+MIN_OVERSAMPLING = 1.5
 #: A chunk's greedy order runs to this many times ``chunk_sampling_ratio`` of its
 #: rows, so that chunks with more varied patches can give more rows to the union.
-ALLOCATION_HEADROOM = 2
+ALLOCATION_HEADROOM = 1.5
 
 
 class ChunkCoreset(NamedTuple):
@@ -52,7 +54,12 @@ class ChunkCoreset(NamedTuple):
     radii : ndarray of shape (n_selected,) or None, default=None
         For every row, in greedy order, its distance to the rows picked
         before it when it was picked (non-increasing). None for rows that
-        are kept whole (random picks, an existing memory bank).
+        are kept whole (random picks, an existing memory bank without
+        radii).
+    projected : ndarray of shape (n_selected, n_projected) or None, default=None
+        The rows in the sampler's projected space (what the merge reads,
+        so that the full rows can stay on disk); None: projected when
+        needed.
     """
 
     rows: np.ndarray
@@ -62,6 +69,7 @@ class ChunkCoreset(NamedTuple):
     n_images: int
     radius: float
     radii: np.ndarray | None = None
+    projected: np.ndarray | None = None
 
 
 def _fitted_on_rows(sampler) -> bool:
@@ -90,9 +98,10 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     :meth:`merge`): each chunk orders its rows by the same greedy selection;
     the union keeps ``chunk_sampling_ratio`` of all rows, taking from every
     chunk the rows it picked at the largest distances (one distance
-    threshold for all chunks, so varied chunks give more rows); one more
-    greedy pass over that union keeps ``int(n_rows * sampling_ratio)`` rows
-    of all the rows seen.
+    threshold for all chunks, so varied chunks give more rows); the merge
+    keeps ``int(n_rows * sampling_ratio)`` rows of all the rows seen, those
+    of largest radius once rows repeated across chunks are discounted
+    (``merge_method="radius"``), or by one more greedy pass (``merge_method="greedy"``).
     :class:`~skpatchcore.PatchCorePipeline` does this when the features
     exceed its ``working_memory``, in ``partial_fit`` and on Dask.
 
@@ -110,15 +119,25 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         Random rows whose mean distance initialises the coverage distances.
     chunk_sampling_ratio : float in (0, 1] or None, default=None
         Fraction of all rows that the union of the chunk coresets keeps
-        before the merge's greedy pass keeps ``sampling_ratio`` of them.
-        None: ``4 * sampling_ratio``, but at most 0.04 or ``sampling_ratio``
-        if that is larger (0.04 for 1%, ``sampling_ratio`` itself from 4%
-        on). A union only as large as the final ratio spends picks on every
-        chunk's own common patterns and covers rare normal patterns worse
-        (lower AUROC at 1%, see docs/benchmarks.md); a four times larger one
-        lets the merge choose. The merge pass slows down sharply as its
-        input grows, hence the limit. Each chunk's greedy order runs to
-        twice this fraction of its rows.
+        before the merge keeps ``sampling_ratio`` of them. None:
+        ``4 * sampling_ratio``, but at most 0.04 or ``1.5 * sampling_ratio``
+        if that is larger (0.04 for 1%, 0.15 for 10%). A union only as
+        large as the final ratio spends picks on every chunk's own common
+        patterns and covers rare normal patterns worse (lower AUROC, see
+        docs/benchmarks.md); a larger one lets the merge choose, at a cost
+        that grows with its size. Each chunk's greedy order runs to 1.5
+        times this fraction of its rows.
+    merge_method : {"radius", "greedy"}, default="radius"
+        How :meth:`merge` chooses the bank among the union of chunk
+        coresets (a fit within the budget is one greedy pass and never
+        merges). ``"radius"`` keeps the rows of largest effective radius:
+        a row's radius in its chunk's greedy order, lowered to its distance
+        to the nearest union row of larger radius, so that a pattern that
+        several chunks picked counts once, as in one greedy pass over all
+        rows. ``"greedy"`` runs one more greedy pass over the union (the
+        composable-coreset construction, with its approximation guarantee;
+        slower on large unions). Both deviate from the paper, which has
+        one pass over all rows; see docs/scaling.rst.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -132,11 +151,17 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     coreset_indices_ : ndarray of shape (n_selected,)
         Indices of the selected rows among the pooled input rows
         (``n_images * h * w`` rows for 4-D input).
+    coreset_radii_ : ndarray of shape (n_selected,)
+        Every selected row's radius when it was selected (its distance to
+        the rows selected before it; after ``merge_method="radius"`` its effective
+        radius), non-increasing; ``inf`` where none was computed (random
+        selection, every row kept). ``partial_fit`` ranks the current bank
+        by them.
     coverage_radius_ : float
         Largest distance (in the projected space) from any input row to its
-        nearest selected row after the last pick; after a merge of chunk
-        coresets an upper bound (largest chunk radius plus the merge's
-        radius). ``nan`` for ``"random"``.
+        nearest selected row after the last pick; after a greedy merge of
+        chunk coresets an upper bound (largest chunk radius plus the merge's
+        radius). ``nan`` for ``"random"`` and after ``merge_method="radius"``.
     n_rows_seen_ : int
         Input rows the coreset was chosen from (all chunks and
         ``partial_fit`` calls).
@@ -169,6 +194,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         projection_dim=128,
         n_starting_points=10,
         chunk_sampling_ratio=None,
+        merge_method="radius",
         device="auto",
         random_state=None,
         progress=False,
@@ -178,6 +204,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self.projection_dim = projection_dim
         self.n_starting_points = n_starting_points
         self.chunk_sampling_ratio = chunk_sampling_ratio
+        self.merge_method = merge_method
         self.device = device
         self.random_state = random_state
         self.progress = progress
@@ -191,6 +218,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
                 raise ValueError(f"{name} must be in (0, 1], got {ratio!r}.")
         if self.method not in ("greedy", "random"):
             raise ValueError(f"method must be 'greedy' or 'random', got {self.method!r}.")
+        if self.merge_method not in ("radius", "greedy"):
+            raise ValueError(f"merge_method must be 'radius' or 'greedy', got {self.merge_method!r}.")
         if self.projection_dim is not None and (
             not isinstance(self.projection_dim, numbers.Integral) or self.projection_dim < 1
         ):
@@ -235,10 +264,11 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             else:
                 self.coreset_indices_ = np.sort(rng.choice(n_rows, n_selected, replace=False))
                 self.coverage_radius_ = float("nan")
+            self.coreset_radii_ = np.full(len(self.coreset_indices_), np.inf)
             return
         starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
         projected = _project(rows, self._projection_matrix(rows.shape[1], rng))
-        self.coreset_indices_, self.coverage_radius_, _ = self._greedy(projected, starts, n_selected)
+        self.coreset_indices_, self.coverage_radius_, self.coreset_radii_ = self._greedy(projected, starts, n_selected)
 
     def _greedy(
         self, projected: np.ndarray, starts: np.ndarray, n_selected: int
@@ -312,7 +342,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         Returns
         -------
         coreset : ChunkCoreset
-            The first ``int(n_rows * 2 * chunk_ratio())`` greedy picks with
+            The first ``int(n_rows * 1.5 * chunk_ratio())`` greedy picks with
             their radii (at least one row), for :meth:`allocate`; with
             ``method="random"``, ``int(n_rows * chunk_ratio())`` random rows.
         """
@@ -336,10 +366,11 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
             projected = _project(rows, self._shared_projection(rows.shape[1]))
             picks, radius, radii = self._greedy(projected, starts, n_selected)
+            projected = projected[picks]
         return ChunkCoreset(
             rows=rows[picks], image_index=local_image[picks] + int(first_image),
             row_index=picks + first_row, n_rows=n_rows, n_images=int(features.shape[0]), radius=radius,
-            radii=radii,
+            radii=radii, projected=None if self.method == "random" else projected,
         )
 
     def allocate(self, parts: Sequence[ChunkCoreset], n_rows_total: int) -> list[ChunkCoreset]:
@@ -380,18 +411,32 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         return [_prefix(part, cut[id(part)]) if id(part) in cut else part for part in parts]
 
     def merge(self, parts: Sequence[ChunkCoreset]) -> PatchRows:
-        """One greedy pass over the union of chunk coresets; sets the fitted attributes.
+        """Choose the memory bank among the union of chunk coresets; sets the fitted attributes.
 
         The union is first cut to its share by :meth:`allocate`. The merge
         keeps ``int(n_rows * sampling_ratio)`` rows, ``n_rows`` being the
         rows of all chunks together (``ChunkCoreset.n_rows``), or the whole
-        union when it is no larger. If every chunk keeps at least that many
-        rows, greedy selection over the union of greedy chunk coresets
-        covers every input row within 4 times the optimal k-center radius
-        (composable coresets; Indyk et al. 2014, Malkomes et al. 2015),
-        against 2 times for one greedy pass. In every case
-        ``coverage_radius_`` is a bound: largest chunk radius plus the
-        merge's radius (triangle inequality).
+        union when it is no larger; how depends on ``merge``:
+
+        - ``"radius"``: the rows of largest effective radius, the smaller of
+          a row's radius in its chunk's greedy order and its distance to the
+          nearest union row of larger radius. This replays what one greedy
+          pass over all rows does to a pattern that several chunks picked:
+          only its first copy keeps its radius. ``coverage_radius_`` is
+          not computed (``nan``): bounding it would cost a search of every
+          union row among the kept ones.
+        - ``"greedy"``: one more greedy pass over the union. If every chunk
+          keeps at least as many rows as the bank, greedy selection over the
+          union of greedy chunk coresets covers every input row within 4
+          times the optimal k-center radius (composable coresets; Indyk et
+          al. 2014, Malkomes et al. 2015), against 2 times for one greedy
+          pass; ``coverage_radius_`` is a bound: largest chunk radius plus
+          the merge's radius (triangle inequality).
+
+        Only the parts' projected rows are read during the selection; the
+        full rows are gathered for the kept rows only, so parts whose rows
+        are memory-mapped (:class:`~skpatchcore._union.SpilledUnion`) stay
+        on disk.
 
         Parameters
         ----------
@@ -403,39 +448,56 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         bank : PatchRows of shape (n_selected, n_features)
             The selected rows with their ``image_index`` and ``row_index``.
         """
+        from ._union import gather_rows, largest_effective_radii
+
         check_is_fitted(self, "seed_")
         if len(parts) == 0:
             raise ValueError("merge needs at least one chunk coreset.")
         n_rows_total = int(sum(part.n_rows for part in parts))
         parts = self.allocate(parts, n_rows_total)
-        rows = np.concatenate([part.rows for part in parts]).astype(np.float32, copy=False)
+        n_union = sum(len(part.rows) for part in parts)
         image_index = np.concatenate([part.image_index for part in parts])
         row_index = np.concatenate([part.row_index for part in parts])
         n_selected = max(1, int(n_rows_total * self.sampling_ratio))
-        chunk_radius = max(float(part.radius) for part in parts)
-        if n_selected >= rows.shape[0]:
-            picks, radius = np.arange(rows.shape[0]), 0.0
-        else:
+        chunk_radius = float(np.max([part.radius for part in parts]))  # nan if any is unknown
+        radii = np.concatenate([np.full(len(part.rows), np.inf) if part.radii is None else part.radii
+                                for part in parts])
+        if n_selected >= n_union:
+            picks, radius = np.arange(n_union), 0.0
+        elif self.method == "random":
             rng = _derived_rng(self.seed_, 2, n_rows_total)
-            if self.method == "random":
-                picks, radius = np.sort(rng.choice(rows.shape[0], n_selected, replace=False)), float("nan")
+            picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
+        else:
+            projected = np.concatenate([self._projected(part) for part in parts])
+            if self.merge_method == "radius":
+                picks, radii = largest_effective_radii(projected, radii, n_selected)
+                radius = float("nan")
             else:
-                starts = rng.choice(rows.shape[0], min(self.n_starting_points, rows.shape[0]), replace=False)
-                projected = _project(rows, self._shared_projection(rows.shape[1]))
-                picks, radius, _ = self._greedy(projected, starts, n_selected)
-        self.n_features_in_ = int(rows.shape[1])
+                rng = _derived_rng(self.seed_, 2, n_rows_total)
+                starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
+                picks, radius, radii = self._greedy(projected, starts, n_selected)
+        if len(radii) != len(picks):
+            radii = radii[picks]
+        self.n_features_in_ = int(parts[0].rows.shape[1])
         self.coreset_indices_ = row_index[picks]
+        self.coreset_radii_ = np.asarray(radii, dtype=np.float64)
         self.coverage_radius_ = chunk_radius + radius
         self.n_rows_seen_ = n_rows_total
         self.n_images_seen_ = int(sum(part.n_images for part in parts))
-        return PatchRows(rows[picks], image_index[picks], row_index[picks])
+        return PatchRows(gather_rows(parts, picks), image_index[picks], row_index[picks])
+
+    def _projected(self, part: ChunkCoreset) -> np.ndarray:
+        """A part's rows in the shared projected space."""
+        if part.projected is not None:
+            return part.projected
+        return _project(part.rows, self._shared_projection(part.rows.shape[1]))
 
     def chunk_ratio(self) -> float:
         """The fraction of its rows a chunk coreset keeps (``chunk_sampling_ratio`` resolved)."""
         if self.chunk_sampling_ratio is not None:
             return float(self.chunk_sampling_ratio)
         ratio = float(self.sampling_ratio)
-        return min(CHUNK_OVERSAMPLING * ratio, max(ratio, OVERSAMPLED_RATIO_LIMIT))
+        return min(1.0, CHUNK_OVERSAMPLING * ratio, max(MIN_OVERSAMPLING * ratio, OVERSAMPLED_RATIO_LIMIT))
 
     def _shared_projection(self, n_dims: int) -> np.ndarray | None:
         """The projection every chunk and the merge share (drawn from ``seed_``)."""
@@ -505,6 +567,7 @@ def _prefix(part: ChunkCoreset, n_kept: int) -> ChunkCoreset:
     return part._replace(
         rows=part.rows[:n_kept], image_index=part.image_index[:n_kept], row_index=part.row_index[:n_kept],
         radius=float(part.radii[n_kept]), radii=part.radii[:n_kept],
+        projected=None if part.projected is None else part.projected[:n_kept],
     )
 
 

@@ -266,25 +266,9 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         if unique.size > limit:
             unique = np.sort(rng.choice(unique, limit, replace=False))
         chosen = np.flatnonzero(np.isin(groups, unique))
-        largest_group = int(np.max(np.bincount(np.searchsorted(unique, groups[chosen]))))
-        k = min(n_bank, self.n_neighbors + largest_group)
-        # Exact search under "auto": a few thousand queries with a large k, where building
-        # pynndescent's index for a large bank costs far more than brute force.
-        algorithm = "exact" if self.algorithm == "auto" else None
-        distances, indices = self._kneighbors(self.memory_bank_[chosen], k, algorithm)
-        other = groups[indices] != groups[chosen][:, None]
-        # Keep, per row, the first n_neighbors neighbours from other groups.
-        rank = np.cumsum(other, axis=1)
-        keep = other & (rank <= self.n_neighbors)
-        n_kept = keep.sum(axis=1)
-        if np.any(n_kept < self.n_neighbors):
-            raise ValueError(
-                f"Too few bank rows outside each training image for n_neighbors={self.n_neighbors}."
-            )
-        row_scores = np.where(keep, distances, 0.0).sum(axis=1) / self.n_neighbors
+        distances, nearest = self._neighbors_in_other_groups(chosen, groups)
+        row_scores = distances.sum(axis=1) / self.n_neighbors
         if self.reweight:
-            first_other = np.argmax(other, axis=1)
-            nearest = indices[np.arange(len(chosen)), first_other]
             queries = self.memory_bank_[chosen]
         group_ids = np.searchsorted(unique, groups[chosen])
         scores = np.full(unique.size, -np.inf)
@@ -295,7 +279,45 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             scores = scores * self._reweight_factors(queries[top], nearest[top])
         return scores.astype(np.float64)
 
+    def _neighbors_in_other_groups(self, chosen: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distances of bank rows `chosen` to their `n_neighbors` nearest rows of other groups, and the nearest.
+
+        Exact search under ``"auto"`` and ``"exact"``: one search that
+        leaves each query's own group out (a few thousand queries, where
+        building pynndescent's index for a large bank costs far more than
+        brute force). Other algorithms search for ``n_neighbors`` plus the
+        largest group's size and drop the query's own group.
+        """
+        queries = self.memory_bank_[chosen]
+        message = f"Too few bank rows outside each training image for n_neighbors={self.n_neighbors}."
+        if self.algorithm in ("auto", "exact"):
+            bank, bank_squared = self._exact_bank()
+            try:
+                distances, indices = brute_force_kneighbors(
+                    queries, bank, self.n_neighbors, bank.device, bank_squared=bank_squared,
+                    exclude_groups=(groups[chosen], groups))
+            except ValueError:
+                raise ValueError(message) from None
+            return distances, indices[:, 0]
+        largest_group = int(np.max(np.unique(groups[chosen], return_counts=True)[1]))
+        k = min(len(groups), self.n_neighbors + largest_group)
+        distances, indices = self._kneighbors(queries, k)
+        other = groups[indices] != groups[chosen][:, None]
+        keep = other & (np.cumsum(other, axis=1) <= self.n_neighbors)  # the first n_neighbors of other groups
+        if np.any(keep.sum(axis=1) < self.n_neighbors):
+            raise ValueError(message)
+        nearest = indices[np.arange(len(chosen)), np.argmax(other, axis=1)]
+        return distances[keep].reshape(len(chosen), self.n_neighbors), nearest
+
     # -------------------------------------------------------------- search
+    def _exact_bank(self):
+        """The bank and its squared row norms as tensors on the search device (cached)."""
+        device = resolve_device(self.device)
+        if self._device_bank is None or self._device_bank[0].device != device:
+            bank = torch.from_numpy(self.memory_bank_).to(device)  # no copy on the CPU
+            self._device_bank = (bank, (bank * bank).sum(dim=1))
+        return self._device_bank
+
     def _reset_caches(self) -> None:
         self._device_bank = None
         self._shortlist = None
@@ -332,12 +354,8 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             if self._nndescent is None:
                 self._nndescent = build_nndescent(self.memory_bank_, self.random_state, self.n_jobs)
             return nndescent_kneighbors(self._nndescent, queries, k)
-        device = resolve_device(self.device)
-        if self._device_bank is None or self._device_bank[0].device != device:
-            bank = torch.from_numpy(self.memory_bank_).to(device)  # no copy on the CPU
-            self._device_bank = (bank, (bank * bank).sum(dim=1))
-        bank, bank_squared = self._device_bank
-        return brute_force_kneighbors(queries, bank, k, device, bank_squared=bank_squared)
+        bank, bank_squared = self._exact_bank()
+        return brute_force_kneighbors(queries, bank, k, bank.device, bank_squared=bank_squared)
 
     def kneighbors(self, X, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank rows of every row or patch.

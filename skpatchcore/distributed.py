@@ -181,13 +181,13 @@ def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan,
 
 def chunk_coresets(
     scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None,
-    held: Sequence[ChunkCoreset], n_rows_total: int,
-) -> list[ChunkCoreset]:
+    union,
+) -> None:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
 
-    Results are allocated (:meth:`~skpatchcore.CoresetSampler.allocate`)
-    with `held` as they arrive, so the caller holds about the union's share
-    of rows, never every chunk's picks at once.
+    Results are added to `union` (allocated, their rows spilled to disk) as
+    they arrive, so the caller holds about the union's share of rows, never
+    every chunk's picks at once.
 
     Parameters
     ----------
@@ -204,15 +204,8 @@ def chunk_coresets(
         Global index of ``images[0]``.
     n_jobs : int or None
         torch threads per task; None for the worker's share of its cores.
-    held : sequence of ChunkCoreset
-        Chunk coresets already there (the current bank in ``partial_fit``).
-    n_rows_total : int
-        Rows of `held` and of all `images`.
-
-    Returns
-    -------
-    coresets : list of ChunkCoreset
-        Sorted by their first row.
+    union : SpilledUnion
+        Collects the chunk coresets (:class:`skpatchcore._union.SpilledUnion`).
     """
     distributed = _require_distributed()
     client = connect(scheduler)
@@ -225,12 +218,10 @@ def chunk_coresets(
         )
         for start in range(0, len(images), chunk)
     ]
-    parts = list(held)
     try:
         for future, part in distributed.as_completed(futures, loop=client.loop, with_results=True):
-            parts = sampler.allocate([*parts, part], n_rows_total)
+            union.add(part)
             future.release()
-        return parts
     finally:
         _stop(client, [*futures, features_ref, sampler_ref])
 

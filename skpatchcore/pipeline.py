@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import numbers
 import copy
+import numbers
+import tempfile
 
 import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._budget import check_memory, images_per_chunk, resolve_working_memory
+from ._budget import check_disk, check_memory, images_per_chunk, resolve_working_memory
 from ._doc_link import DocLinkMixin
 from ._maps import resize_map
 from ._threads import torch_threads
+from ._union import SpilledUnion
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
 from .features import PatchFeatureTransformer
@@ -36,10 +38,11 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
     Memory is a budget, not a function of the number of images. Images are
     scored in chunks whose features and maps fit in ``working_memory``. Fit
     extracts features chunk by chunk, reduces each chunk with the greedy
-    coreset and merges the chunk coresets with a final greedy pass
-    (:meth:`CoresetSampler.merge`); when all the features fit in the budget,
-    it is one greedy pass over everything, as the official code does. Beyond
-    the budget only the memory bank grows (``sampling_ratio`` of the patches).
+    coreset, keeps the union of the chunk coresets on disk (only their
+    projections in memory) and merges it (:meth:`CoresetSampler.merge`);
+    when all the features fit in the budget, it is one greedy pass over
+    everything, as the official code does. Beyond the budget only the memory
+    bank grows (``sampling_ratio`` of the patches).
 
     ``fit(X, y)`` learns from normal samples only: when labels are given,
     samples with ``y != 0`` are left out. This keeps the memory bank clean
@@ -110,7 +113,9 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 bank = sampler.fit_transform(features.transform(images))
             else:
                 sampler.begin_chunks()
-                bank = sampler.merge(self._chunk_coresets(images, chunk, first_image=0))
+                with SpilledUnion(sampler, self._n_rows(images)) as union:
+                    self._chunk_coresets(images, chunk, 0, union)
+                    bank = sampler.merge(union.parts)
             detector.fit(bank)
         return self
 
@@ -118,9 +123,10 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         """Add normal images to a fitted model without re-reading the old ones.
 
         The new images' chunk coresets are merged with the current memory
-        bank by a greedy pass (:meth:`CoresetSampler.merge`), keeping
-        ``sampling_ratio`` of all patches seen, and the threshold is
-        recalibrated. An unfitted pipeline is fitted.
+        bank (:meth:`CoresetSampler.merge`; the bank's rows compete by the
+        radii they were selected with), keeping ``sampling_ratio`` of all
+        patches seen, and the threshold is recalibrated. An unfitted
+        pipeline is fitted.
 
         Parameters
         ----------
@@ -149,11 +155,14 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         current = ChunkCoreset(
             rows=detector.memory_bank_, image_index=detector.bank_image_index_,
             row_index=np.asarray(sampler.coreset_indices_), n_rows=sampler.n_rows_seen_,
-            n_images=sampler.n_images_seen_, radius=sampler.coverage_radius_,
+            n_images=sampler.n_images_seen_, radius=sampler.coverage_radius_, radii=_bank_radii(sampler),
         )
         with torch_threads(self.n_jobs):
             chunk = self._fit_chunk(len(images))
-            detector.fit(sampler.merge(self._chunk_coresets(images, chunk, sampler.n_images_seen_, held=[current])))
+            with SpilledUnion(sampler, current.n_rows + self._n_rows(images), held=[current]) as union:
+                self._chunk_coresets(images, chunk, sampler.n_images_seen_, union)
+                bank = sampler.merge(union.parts)
+            detector.fit(bank)
         return self
 
     def _chunkable(self) -> bool:
@@ -174,32 +183,36 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         return int(height * width * (4 * n_dims * (1 + picked) + 4 * projected + 32))
 
     def _check_fit_memory(self, n_images: int, chunk: int) -> None:
-        """Refuse at once a fit whose chunk and chunk coresets cannot fit in the available memory."""
+        """Refuse at once a fit whose memory or temporary disk space cannot be had."""
         height, width, n_dims = self.steps[0][1].feature_shape_
-        per_image = self._fit_bytes_per_image()
-        union = int(n_images * height * width * self.steps[1][1].chunk_ratio()) * n_dims * 4
-        check_memory(
-            min(chunk, n_images) * per_image + union,
-            f"Fitting {n_images} images ({min(chunk, n_images)} at a time, working_memory="
-            f"{resolve_working_memory(self.working_memory):g} MiB)",
-        )
+        sampler = self.steps[1][1]
+        n_rows = n_images * height * width
+        projected = n_dims if sampler.projection_dim is None else min(n_dims, sampler.projection_dim)
+        union_rows = int(n_rows * sampler.chunk_ratio())
+        bank_bytes = int(n_rows * sampler.sampling_ratio) * n_dims * 4
+        # The chunk's work, the union's projections and bookkeeping, the bank and the detector's copy.
+        needed = min(chunk, n_images) * self._fit_bytes_per_image() + union_rows * (4 * projected + 24) + 2 * bank_bytes
+        what = (f"Fitting {n_images} images ({min(chunk, n_images)} at a time, working_memory="
+                f"{resolve_working_memory(self.working_memory):g} MiB)")
+        check_memory(needed, what)
+        if chunk < n_images or self.scheduler is not None:
+            check_disk(union_rows * n_dims * 4, tempfile.gettempdir(), what)
 
-    def _chunk_coresets(self, images: list, chunk: int, first_image: int, held=()) -> list[ChunkCoreset]:
-        """Chunk coresets of `images`, allocated with `held` as they arrive (see ``CoresetSampler.allocate``)."""
+    def _n_rows(self, images: list) -> int:
+        """Patch rows of `images` (the fitted transformer's grid)."""
+        height, width, _ = self.steps[0][1].feature_shape_
+        return len(images) * height * width
+
+    def _chunk_coresets(self, images: list, chunk: int, first_image: int, union: SpilledUnion) -> None:
+        """Add the chunk coresets of `images` to `union` as they arrive (in this process or on Dask)."""
         features, sampler = self.steps[0][1], self.steps[1][1]
-        height, width, _ = features.feature_shape_
-        n_rows_total = sum(part.n_rows for part in held) + len(images) * height * width
         if self.scheduler is not None:
             from .distributed import chunk_coresets
 
-            return chunk_coresets(
-                self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, list(held), n_rows_total,
-            )
-        parts = list(held)
+            chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
+            return
         for start in range(0, len(images), chunk):
-            part = sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
-            parts = sampler.allocate([*parts, part], n_rows_total)
-        return parts
+            union.add(sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start))
 
     # -------------------------------------------------------------- scoring
     def _features_and_detector(self):
@@ -399,6 +412,14 @@ def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, origina
         upright = getattr(first, "exif_transpose", True)
         maps = [resize_map(m, image_size(image, upright)) for m, image in zip(maps, images)]
     return scores, maps
+
+
+def _bank_radii(sampler: CoresetSampler) -> np.ndarray | None:
+    """The bank's radii for ``partial_fit``'s radius merge; None keeps the bank whole (greedy merge)."""
+    radii = getattr(sampler, "coreset_radii_", None)  # absent in models saved before it existed
+    if sampler.merge_method != "radius" or radii is None or len(radii) != len(sampler.coreset_indices_):
+        return None
+    return radii
 
 
 def _normal_samples(X, y):

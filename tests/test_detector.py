@@ -271,3 +271,17 @@ def test_huge_values_are_refused_instead_of_an_infinite_threshold(rng):
     assert np.isfinite(detector.offset_)
     # A huge outlier scores as infinitely far, and is flagged.
     np.testing.assert_array_equal(detector.predict([[1e25, 0, 0, 0], [0, 0, 0, 0]]), [-1, 1])
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "exact", "bf16"])
+def test_calibration_leaves_each_training_image_out(rng, algorithm):
+    images = rng.normal(size=(6, 4, 4, 8)).astype(np.float32)
+    detector = PatchCoreDetector(n_neighbors=2, random_state=0, algorithm=algorithm).fit(images)
+    rows, groups = images.reshape(-1, 8).astype(np.float64), np.repeat(np.arange(6), 16)
+    distances = np.linalg.norm(rows[:, None] - rows[None], axis=2)
+    distances[groups[:, None] == groups[None]] = np.inf  # never an image's own rows
+    row_scores = np.sort(distances, axis=1)[:, :2].mean(axis=1)
+    expected = [row_scores[groups == g].max() for g in range(6)]
+    np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="Too few bank rows outside each training image"):
+        PatchCoreDetector(n_neighbors=20, algorithm=algorithm).fit(images[:2])
