@@ -416,7 +416,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         The union is first cut to its share by :meth:`allocate`. The merge
         keeps ``int(n_rows * sampling_ratio)`` rows, ``n_rows`` being the
         rows of all chunks together (``ChunkCoreset.n_rows``), or the whole
-        union when it is no larger; how depends on ``merge``:
+        union when it is no larger; how depends on ``merge_method``:
 
         - ``"radius"``: the rows of largest effective radius, the smaller of
           a row's radius in its chunk's greedy order and its distance to the
@@ -462,11 +462,13 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         chunk_radius = float(np.max([part.radius for part in parts]))  # nan if any is unknown
         radii = np.concatenate([np.full(len(part.rows), np.inf) if part.radii is None else part.radii
                                 for part in parts])
-        if n_selected >= n_union:
-            picks, radius = np.arange(n_union), 0.0
+        if n_selected >= n_union:  # every row, by decreasing radius (the order partial_fit ranks by)
+            picks, radius = np.argsort(-radii, kind="stable"), 0.0
+            radii = radii[picks]
         elif self.method == "random":
             rng = _derived_rng(self.seed_, 2, n_rows_total)
             picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
+            radii = np.full(n_selected, np.inf)
         else:
             projected = np.concatenate([self._projected(part) for part in parts])
             if self.merge_method == "radius":
@@ -476,8 +478,6 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
                 rng = _derived_rng(self.seed_, 2, n_rows_total)
                 starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
                 picks, radius, radii = self._greedy(projected, starts, n_selected)
-        if len(radii) != len(picks):
-            radii = radii[picks]
         self.n_features_in_ = int(parts[0].rows.shape[1])
         self.coreset_indices_ = row_index[picks]
         self.coreset_radii_ = np.asarray(radii, dtype=np.float64)

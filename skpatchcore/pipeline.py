@@ -113,9 +113,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 bank = sampler.fit_transform(features.transform(images))
             else:
                 sampler.begin_chunks()
-                with SpilledUnion(sampler, self._n_rows(images)) as union:
-                    self._chunk_coresets(images, chunk, 0, union)
-                    bank = sampler.merge(union.parts)
+                bank = self._chunked_bank(images, chunk, first_image=0)
             detector.fit(bank)
         return self
 
@@ -159,10 +157,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         )
         with torch_threads(self.n_jobs):
             chunk = self._fit_chunk(len(images))
-            with SpilledUnion(sampler, current.n_rows + self._n_rows(images), held=[current]) as union:
-                self._chunk_coresets(images, chunk, sampler.n_images_seen_, union)
-                bank = sampler.merge(union.parts)
-            detector.fit(bank)
+            detector.fit(self._chunked_bank(images, chunk, sampler.n_images_seen_, held=[current]))
         return self
 
     def _chunkable(self) -> bool:
@@ -198,21 +193,26 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         if chunk < n_images or self.scheduler is not None:
             check_disk(union_rows * n_dims * 4, tempfile.gettempdir(), what)
 
-    def _n_rows(self, images: list) -> int:
-        """Patch rows of `images` (the fitted transformer's grid)."""
-        height, width, _ = self.steps[0][1].feature_shape_
-        return len(images) * height * width
+    def _chunked_bank(self, images: list, chunk: int, first_image: int, held=()):
+        """The chunk coresets of `images` (in this process or on Dask) merged with `held` into a bank.
 
-    def _chunk_coresets(self, images: list, chunk: int, first_image: int, union: SpilledUnion) -> None:
-        """Add the chunk coresets of `images` to `union` as they arrive (in this process or on Dask)."""
+        The union of the chunk coresets is collected as they arrive in a
+        :class:`~skpatchcore._union.SpilledUnion` (full rows on disk), whose
+        folder is removed when the merge is done or the fit fails.
+        """
         features, sampler = self.steps[0][1], self.steps[1][1]
-        if self.scheduler is not None:
-            from .distributed import chunk_coresets
+        height, width, _ = features.feature_shape_
+        n_rows_total = sum(part.n_rows for part in held) + len(images) * height * width
+        with SpilledUnion(sampler, n_rows_total, held) as union:
+            if self.scheduler is not None:
+                from .distributed import chunk_coresets
 
-            chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
-            return
-        for start in range(0, len(images), chunk):
-            union.add(sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start))
+                chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
+            else:
+                for start in range(0, len(images), chunk):
+                    part = sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
+                    union.add(part)
+            return sampler.merge(union.parts)
 
     # -------------------------------------------------------------- scoring
     def _features_and_detector(self):

@@ -126,6 +126,7 @@ def test_chunked_fit_merges_rows_from_disk(synthetic, monkeypatch):
     assert seen and set(seen) == {np.memmap}
     sampler, detector = model[1], model[-1]
     assert detector.memory_bank_.shape[0] == int(16 * 144 * 0.05) == len(sampler.coreset_radii_)
+    assert np.all(np.diff(sampler.coreset_radii_) <= 0)  # the order partial_fit ranks the bank by
     assert type(detector.memory_bank_) is np.ndarray
     features = model[0].transform(synthetic.train_images).reshape(-1, 1024)  # one batch: float rounding
     np.testing.assert_allclose(features[sampler.coreset_indices_], detector.memory_bank_, atol=1e-5)
@@ -133,6 +134,11 @@ def test_chunked_fit_merges_rows_from_disk(synthetic, monkeypatch):
     model.partial_fit(synthetic.train_images[:4])
     assert sampler.n_images_seen_ == 20 and detector.memory_bank_.shape[0] == int(20 * 144 * 0.05)
     assert len(np.unique(sampler.coreset_indices_)) == len(sampler.coreset_indices_)
+    assert np.all(np.diff(sampler.coreset_radii_) <= 0)
+    # A union no larger than the bank is kept whole, also by decreasing radius.
+    sampler.set_params(chunk_sampling_ratio=0.05)
+    model.partial_fit(synthetic.train_images[4:8])
+    assert np.all(np.diff(sampler.coreset_radii_) <= 0) and sampler.n_images_seen_ == 24
 
 
 def small_chunked_model(**params):
