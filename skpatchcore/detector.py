@@ -192,6 +192,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         ----------
         X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
             Bank rows (e.g. a coreset) or patch features of normal images.
+            The rows are copied, except for a float32
+            :class:`~skpatchcore._validation.PatchRows` bank (what a
+            :class:`CoresetSampler` hands over in a pipeline), which is
+            stored as it is so that a large bank is not held twice.
         y : ignored
 
         Returns
@@ -200,7 +204,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         """
         self._validate_params()
         rows, image_index = _rows_and_images(self, X, reset=True)
-        self._store_bank(rows, image_index)
+        self._store_bank(rows, image_index, copy=not isinstance(X, PatchRows))
         return self
 
     def partial_fit(self, X, y=None):
@@ -231,17 +235,18 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             old = np.arange(n_old) if old_index is None else np.asarray(old_index)
             new = np.arange(rows.shape[0]) if image_index is None else np.asarray(image_index)
             combined = np.concatenate([old, new + (int(old.max()) + 1 if old.size else 0)])
-        self._store_bank(np.concatenate([self.memory_bank_, np.asarray(rows, dtype=np.float32)]), combined)
+        self._store_bank(np.concatenate([self.memory_bank_, np.asarray(rows, dtype=np.float32)]), combined, copy=False)
         return self
 
-    def _store_bank(self, rows: np.ndarray, image_index: np.ndarray | None) -> None:
+    def _store_bank(self, rows: np.ndarray, image_index: np.ndarray | None, copy: bool = True) -> None:
         _check_magnitude(rows)
         if rows.shape[0] < self.n_neighbors + 1:
             raise ValueError(
                 f"The memory bank needs at least n_neighbors + 1 = {self.n_neighbors + 1} rows; "
                 f"got {rows.shape[0]} sample(s)."
             )
-        self.memory_bank_ = np.array(rows, dtype=np.float32, order="C")
+        bank = np.array if copy else np.ascontiguousarray  # the latter copies only what it must
+        self.memory_bank_ = bank(rows, dtype=np.float32)
         self.bank_image_index_ = None if image_index is None else np.asarray(image_index, dtype=np.int64)
         self._reset_caches()
         self.calibration_scores_ = self._calibration_scores(self.bank_image_index_)

@@ -285,3 +285,17 @@ def test_calibration_leaves_each_training_image_out(rng, algorithm):
     np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="Too few bank rows outside each training image"):
         PatchCoreDetector(n_neighbors=20, algorithm=algorithm).fit(images[:2])
+
+
+def test_a_coreset_bank_is_stored_without_a_copy_other_input_is_copied(rng):
+    from skpatchcore import CoresetSampler
+
+    X = rng.normal(size=(4, 6, 6, 8)).astype(np.float32)
+    bank = CoresetSampler(sampling_ratio=0.5, random_state=0).fit_transform(X)
+    detector = PatchCoreDetector(random_state=0).fit(bank)
+    assert np.shares_memory(detector.memory_bank_, bank) and type(detector.memory_bank_) is np.ndarray
+    rows = X.reshape(-1, 8)
+    detector = PatchCoreDetector(random_state=0).fit(rows)
+    assert not np.shares_memory(detector.memory_bank_, rows)
+    rows[:] = 0  # the caller's array may change afterwards
+    assert np.any(detector.memory_bank_ != 0)
