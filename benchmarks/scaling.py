@@ -302,6 +302,7 @@ def plot(rows: list[dict], path: Path) -> None:
             axis.plot(*zip(*points), marker, label=mode)
     axis.set_xlabel("training images")
     axis.set_ylabel("peak RSS of fit (GB)")
+    axis.set_ylim(bottom=0)
     axis.set_title("skpatchcore fit memory (EfficientNet-Lite0, 1% coreset)")
     axis.grid(alpha=0.3)
     axis.legend()
