@@ -17,7 +17,7 @@ repeated by several chunks keeps only its first copy's radius.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +108,23 @@ def gather_rows(parts, picks: np.ndarray) -> np.ndarray:
         where = np.flatnonzero(owner == index)
         local = picks[where] - starts[index]
         order = np.argsort(local, kind="stable")  # ascending reads through the memory map
-        result[where[order]] = parts[index].rows[local[order]]
+        rows = parts[index].rows
+        result[where[order]] = rows[local[order]]
+        _release_pages(rows)
     return result
 
 
-def largest_effective_radii(projected: np.ndarray, radii: np.ndarray, n_keep: int) -> tuple[np.ndarray, np.ndarray]:
+def _release_pages(rows: np.ndarray) -> None:
+    """Drop a memory map's pages from this process (they stay in the page cache, out of its RSS)."""
+    import mmap
+
+    mapping = getattr(rows, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def largest_effective_radii(projected: Sequence[np.ndarray], radii: np.ndarray,
+                            n_keep: int) -> tuple[np.ndarray, np.ndarray]:
     """The `n_keep` union rows of largest effective radius, and those radii.
 
     Rows are visited by decreasing radius; a row's effective radius is the
@@ -124,8 +136,10 @@ def largest_effective_radii(projected: np.ndarray, radii: np.ndarray, n_keep: in
 
     Parameters
     ----------
-    projected : ndarray of shape (n_rows, n_dims), float32
-        The union's rows in the space the greedy orders were made in.
+    projected : sequence of ndarray of shape (n_part_rows, n_dims)
+        The union's rows, part by part (their concatenation is the union),
+        in the space the greedy orders were made in. They are copied once,
+        in visiting order.
     radii : ndarray of shape (n_rows,)
         Every row's radius in its chunk's greedy order (``inf``: keep).
     n_keep : int
@@ -150,7 +164,7 @@ def largest_effective_radii(projected: np.ndarray, radii: np.ndarray, n_keep: in
     n_fixed = int(np.count_nonzero(np.isinf(sorted_radii) & (sorted_radii > 0)))
     effective[:n_fixed] = np.inf
     with torch.inference_mode():
-        points = torch.from_numpy(np.ascontiguousarray(projected[order], dtype=np.float32))
+        points = torch.from_numpy(_in_order(projected, order))
         squared = (points * points).sum(dim=1)
         for start in range(n_fixed, n_rows, QUERY_BLOCK):
             if start >= n_keep:
@@ -162,6 +176,18 @@ def largest_effective_radii(projected: np.ndarray, radii: np.ndarray, n_keep: in
             effective[start:stop] = np.minimum(sorted_radii[start:stop], nearest)
     ranked = np.argsort(-effective, kind="stable")[:n_keep]
     return order[ranked], effective[ranked]
+
+
+def _in_order(blocks: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """``np.concatenate(blocks)[order]`` in float32, without the concatenated copy."""
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    result = np.empty((len(order), blocks[0].shape[1]), dtype=np.float32)
+    start = 0
+    for block in blocks:
+        result[rank[start:start + len(block)]] = block
+        start += len(block)
+    return result
 
 
 def _nearest_earlier(points, squared, start: int, stop: int) -> np.ndarray:

@@ -469,15 +469,14 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             rng = _derived_rng(self.seed_, 2, n_rows_total)
             picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
             radii = np.full(n_selected, np.inf)
+        elif self.merge_method == "radius":
+            picks, radii = largest_effective_radii([self._projected(part) for part in parts], radii, n_selected)
+            radius = float("nan")
         else:
+            rng = _derived_rng(self.seed_, 2, n_rows_total)
+            starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
             projected = np.concatenate([self._projected(part) for part in parts])
-            if self.merge_method == "radius":
-                picks, radii = largest_effective_radii(projected, radii, n_selected)
-                radius = float("nan")
-            else:
-                rng = _derived_rng(self.seed_, 2, n_rows_total)
-                starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
-                picks, radius, radii = self._greedy(projected, starts, n_selected)
+            picks, radius, radii = self._greedy(projected, starts, n_selected)
         self.n_features_in_ = int(parts[0].rows.shape[1])
         self.coreset_indices_ = row_index[picks]
         self.coreset_radii_ = np.asarray(radii, dtype=np.float64)

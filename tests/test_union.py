@@ -29,7 +29,7 @@ def test_effective_radii_match_brute_force_despite_the_early_stop(rng, monkeypat
     monkeypatch.setattr(skpatchcore._union, "EARLIER_BLOCK", 40)
     points = rng.normal(size=(300, 6)).astype(np.float32)
     radii = rng.uniform(0.5, 3.0, size=300)
-    picks, effective = largest_effective_radii(points, radii, n_keep)
+    picks, effective = largest_effective_radii([points[:100], points[100:]], radii, n_keep)
     expected = reference_effective_radii(points, radii)
     assert len(picks) == n_keep == len(np.unique(picks))
     np.testing.assert_allclose(effective, expected[picks], rtol=1e-4)
@@ -42,7 +42,7 @@ def test_a_pattern_repeated_by_chunks_is_kept_once(rng):
     pattern = rng.normal(size=(20, 8)).astype(np.float32) * 10
     copies = np.concatenate([pattern, pattern + 1e-3, pattern - 1e-3])  # three chunks picked the same rows
     radii = np.concatenate([np.linspace(5, 1, 20)] * 3)
-    picks, effective = largest_effective_radii(copies, radii, 20)
+    picks, effective = largest_effective_radii([copies], radii, 20)
     assert sorted(picks % 20) == list(range(20))  # one copy of every pattern row, no repeats
     # A greedy-merge-free prefix would have kept the three copies of the 7 largest radii instead.
     assert np.all(effective > 0.5)
@@ -53,7 +53,7 @@ def test_rows_with_infinite_radius_are_always_kept(rng):
     radii = rng.uniform(1, 2, size=50)
     radii[[3, 30]] = np.inf
     points[30] = points[3]  # even an exact duplicate of another kept row
-    picks, effective = largest_effective_radii(points, radii, 10)
+    picks, effective = largest_effective_radii([points], radii, 10)
     assert {3, 30} <= set(picks) and np.isinf(effective[:2]).all()
 
 
