@@ -60,7 +60,6 @@ def brute_force_kneighbors(
     n_neighbors: int,
     device: torch.device | str = "cpu",
     bank_squared: torch.Tensor | None = None,
-    exclude_groups: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by chunked matrix products.
 
@@ -74,22 +73,12 @@ def brute_force_kneighbors(
     bank_squared : Tensor of shape (n_bank,), optional
         The bank rows' squared norms on ``device``, if already computed
         (repeated calls on one bank).
-    exclude_groups : (ndarray of shape (n_queries,), ndarray of shape (n_bank,)), optional
-        Group labels of the queries and of the bank rows: a query's
-        neighbours are then taken among bank rows of other groups only
-        (leave-one-image-out calibration).
 
     Returns
     -------
     distances : ndarray of shape (n_queries, n_neighbors), float32
         Euclidean distances, ascending.
     indices : ndarray of shape (n_queries, n_neighbors), int64
-
-    Raises
-    ------
-    ValueError
-        With `exclude_groups`, if a query has fewer than `n_neighbors` bank
-        rows outside its group.
     """
     device = torch.device(device)
     with torch.inference_mode():
@@ -102,19 +91,10 @@ def brute_force_kneighbors(
         distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
         step = max(1, CHUNK_ENTRIES // max(n_bank, 1))
-        if exclude_groups is not None:
-            query_groups, bank_groups = (torch.as_tensor(np.asarray(g, dtype=np.int64)).to(device)
-                                         for g in exclude_groups)
         for start in range(0, n_queries, step):
             chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32)).to(device)
             squared = torch.addmm(bank_squared[None, :], chunk, bank_tensor.T, beta=1.0, alpha=-2.0)
-            if exclude_groups is not None:
-                own = bank_groups[None, :] == query_groups[start : start + step, None]
-                squared.masked_fill_(own, float("inf"))
             positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
-            if exclude_groups is not None and bool(
-                    (bank_groups[positions] == query_groups[start : start + step, None]).any()):
-                raise ValueError(f"Too few bank rows outside each group for {n_neighbors} neighbours.")
             exact, nearest = _exact_distances(chunk, bank_tensor, positions)
             distances[start : start + step] = exact.cpu().numpy()
             indices[start : start + step] = nearest.cpu().numpy()
