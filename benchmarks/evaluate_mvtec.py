@@ -61,9 +61,10 @@ def run_category(path: Path, args, ratio: float) -> dict:
         progress=args.progress,
         working_memory=args.working_memory,
         scheduler=args.scheduler,
-        resize=args.resize,
-        crop_size=None if args.no_crop else args.crop_size,
-        interpolation=args.interpolation,
+        recipe=args.recipe,
+        resize="auto" if args.resize is None else args.resize,
+        crop_size=None if args.no_crop else ("auto" if args.crop_size is None else args.crop_size),
+        interpolation=args.interpolation or "auto",
         mean="auto" if args.normalization == "auto" else IMAGENET_MEAN,
         std="auto" if args.normalization == "auto" else IMAGENET_STD,
         aggregation=args.aggregation,
@@ -105,10 +106,12 @@ def main() -> None:
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--weights", default="IMAGENET1K_V1", help="weights name, path, or 'none'")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
-    parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--recipe", choices=["recommended", "official"], default="recommended",
+                        help="what geometry and input scaling default to (PatchFeatureTransformer's recipe)")
+    parser.add_argument("--resize", type=int, default=None, help="default: the recipe's (256 for WRN50)")
+    parser.add_argument("--crop-size", type=int, default=None, help="default: the recipe's (224 for WRN50)")
     parser.add_argument("--no-crop", action="store_true", help="square resize, no centre crop")
-    parser.add_argument("--interpolation", default="bilinear")
+    parser.add_argument("--interpolation", default=None, help="default: the recipe's (bilinear for WRN50)")
     parser.add_argument("--normalization", choices=["auto", "imagenet"], default="auto",
                         help="input mean/std: the weights' own (auto) or ImageNet's (the official code's)")
     parser.add_argument("--aggregation", choices=["auto", "mean_pool", "concat"], default="mean_pool",

@@ -6,7 +6,7 @@ from __future__ import annotations
 #: Bumped whenever fitted attributes change meaning or layout. A model saved
 #: under another format version is refused with a clear error instead of
 #: scoring silently wrong.
-MODEL_FORMAT_VERSION = 3  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto")
+MODEL_FORMAT_VERSION = 4  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto"); 4: resize_, crop_size_, interpolation_ (recipe)
 
 
 class IncompatibleModelError(ValueError):

@@ -48,7 +48,7 @@ def save_heatmap(target: Path, features, image_path: str, anomaly_map, vmin: flo
     """Overlay on the original image without a crop, else on the cropped view."""
     from .plotting import save_overlay_png
 
-    if features.crop_size is not None:
+    if features.crop_size_ is not None:
         image = model_view(features, image_path)
     else:  # the original image, turned upright only if the model turned it
         from .images import read_image

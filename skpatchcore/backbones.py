@@ -202,6 +202,35 @@ def input_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[floa
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def native_input(model: nn.Module, default_side: int = 224, default_filter: str = "bicubic") -> tuple[int, str]:
+    """The square input side and resampling filter a backbone's checkpoint was trained with.
+
+    Read from timm's ``pretrained_cfg`` (``input_size`` and
+    ``interpolation``: 224 / 240 / 260 px, bicubic, for
+    ``tf_efficientnet_lite0`` / ``1`` / ``2``); models without it get the
+    defaults.
+
+    Parameters
+    ----------
+    model : nn.Module
+    default_side : int, default=224
+    default_filter : str, default="bicubic"
+
+    Returns
+    -------
+    side : int
+    interpolation : str
+        One of ``"nearest"``, ``"bilinear"``, ``"bicubic"``, ``"lanczos"``.
+    """
+    config = getattr(model, "pretrained_cfg", None) or {}
+    size = config.get("input_size")
+    side = int(size[-1]) if size is not None and len(size) == 3 and size[-1] == size[-2] else default_side
+    interpolation = config.get("interpolation")
+    if interpolation not in ("nearest", "bilinear", "bicubic", "lanczos"):
+        interpolation = default_filter
+    return side, interpolation
+
+
 def _find_module(model: nn.Module, layer: str) -> nn.Module:
     modules = dict(model.named_modules())
     if layer not in modules:

@@ -186,16 +186,16 @@ class AnomalyMapDisplay:
         first = _image_pipeline(estimator)
         if name is None and isinstance(image, (str, os.PathLike)):
             name = os.path.basename(os.fspath(image))
-        if first.crop_size is None:
+        if first.crop_size_ is None:
             scores, maps = estimator.score_and_maps([image], original_size=True)
             shown = image
         else:
             scores, maps = estimator.score_and_maps([image])
-            channels = preprocess_image(image, first.resize, first.crop_size, first.interpolation,
+            channels = preprocess_image(image, first.resize_, first.crop_size_, first.interpolation_,
                                         (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), first.exif_transpose)
             shown = np.clip(np.moveaxis(channels, 0, -1), 0.0, 1.0)
             if mask is not None:
-                mask = preprocess_mask(mask, first.resize, first.crop_size)
+                mask = preprocess_mask(mask, first.resize_, first.crop_size_)
         display = cls(shown, maps[0], mask=mask, anomaly_score=float(-scores[0]), name=name)
         return display.plot(ax=ax, **kwargs)
 
@@ -340,7 +340,7 @@ class AnomalyRocDisplay:
             scores, maps = estimator.score_samples(X), None
         else:
             scores, maps = estimator.score_and_maps(X)
-            masks = [preprocess_mask(mask, first.resize, first.crop_size) for mask in masks]
+            masks = [preprocess_mask(mask, first.resize_, first.crop_size_) for mask in masks]
         return cls.from_predictions(y, -np.asarray(scores), masks=masks, maps=maps, name=name, ax=ax, **kwargs)
 
     @classmethod

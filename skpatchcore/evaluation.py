@@ -259,7 +259,7 @@ def masks_at_map_geometry(
                 f"{'x'.join(map(str, image_size(images[i], upright)))} (height x width); "
                 "a mask must have its image's size."
             )
-        result[i] = preprocess_mask(array, features.resize, features.crop_size)
+        result[i] = preprocess_mask(array, features.resize_, features.crop_size_)
     return result
 
 

@@ -25,11 +25,16 @@ from .backbones import (
     build_backbone,
     input_normalization,
     layer_extractor,
+    native_input,
     prune_unused_modules,
 )
-from .images import as_image_list, preprocess_image
+from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
 
 AGGREGATIONS = ("mean_pool", "concat")
+RECIPES = ("recommended", "official")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+#: The official code's MVTec input geometry (``Resize(256)``, ``CenterCrop(224)``, torchvision's bilinear).
+OFFICIAL_RESIZE, OFFICIAL_CROP, OFFICIAL_INTERPOLATION = 256, 224, "bilinear"
 
 
 def _adaptive_pool_matrix(length: int, size: int) -> sparse.csr_matrix:
@@ -178,21 +183,40 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         initialisation, or a path to a local state-dict file (for machines
         without network access). Named weights download on first use through
         torchvision's / timm's own cache.
-    resize : int, default=256
+    resize : int or "auto", default="auto"
         With ``crop_size`` set, the shorter image side is resized to this
         length before the centre crop. With ``crop_size=None`` images are
         resized to ``resize x resize`` without cropping (keeps defects at the
-        border of non-square parts).
-    crop_size : int or None, default=224
-        Side of the centre crop.
-    interpolation : {"bilinear", "bicubic", "nearest", "lanczos"}, default="bilinear"
-        PIL resampling filter of the resize.
+        border of non-square parts). ``"auto"`` follows ``recipe``.
+    crop_size : int, None or "auto", default="auto"
+        Side of the centre crop; None for no crop. ``"auto"`` follows
+        ``recipe``.
+    interpolation : {"auto", "bilinear", "bicubic", "nearest", "lanczos"}, default="auto"
+        PIL resampling filter of the resize. ``"auto"`` follows ``recipe``.
     mean, std : tuple of 3 floats or "auto", default="auto"
         Normalisation of the RGB channels. ``"auto"`` takes what the
         backbone's pretrained weights expect: timm's ``pretrained_cfg``
         (mean = std = 0.5 for the TensorFlow-ported EfficientNet-Lite
         checkpoints), else ImageNet's statistics (torchvision's weights, and
-        the official recipe with WideResNet-50).
+        the official recipe with WideResNet-50). Under ``recipe="official"``
+        ImageNet's statistics for every backbone.
+    recipe : {"recommended", "official"}, default="recommended"
+        What every ``"auto"`` parameter resolves to. Explicit values always
+        win.
+
+        - ``"official"``: the ``patchcore-inspection`` code's MVTec recipe
+          for every backbone: resize 256, centre crop 224, bilinear,
+          ImageNet statistics, ``aggregation="mean_pool"``.
+        - ``"recommended"``: for EfficientNets the recipe measured best
+          without the test split (see the benchmarks): the checkpoint's own
+          input size (224 / 240 / 260 px for Lite0 / 1 / 2), square resize
+          without a crop (a centre crop cuts away defects at the border of
+          non-square parts), the checkpoint's filter (bicubic) and input
+          scaling, ``aggregation="concat"``. For every other backbone the
+          official recipe (the paper's, for WideResNet-50), except that
+          ``mean="auto"`` takes a timm checkpoint's own statistics. With
+          parts whose defects can touch the border, pass ``crop_size=None``
+          (and e.g. ``resize=224``).
     patch_size : int, default=3
         Side of the neighbourhood aggregated into each patch feature.
     pretrain_embed_dim : int, default=1024
@@ -201,10 +225,10 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         Output dimension (``aggregation="mean_pool"``).
     aggregation : {"auto", "mean_pool", "concat"}, default="auto"
         ``"mean_pool"`` is the official recipe (see :func:`aggregate_official`).
-        ``"auto"`` picks the recommended recipe per backbone family:
-        ``"concat"`` for EfficientNets (measured ahead of ``"mean_pool"`` on
-        real and on synthetic defects, see the benchmarks), ``"mean_pool"``
-        for every other backbone (the paper's, for WideResNet-50).
+        ``"auto"`` follows ``recipe``: under ``"recommended"``, ``"concat"``
+        for EfficientNets (measured ahead of ``"mean_pool"`` on real and on
+        synthetic defects, see the benchmarks) and ``"mean_pool"`` for every
+        other backbone (the paper's, for WideResNet-50).
         ``"concat"`` is anomalib's: 3x3 average, upsample, concatenate all
         channels (embedding dimensions are ignored). A documented deviation.
     device : str, default="auto"
@@ -240,6 +264,11 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         ``(h, w, n_dims)`` of one image's output.
     input_size_ : tuple of int
         ``(height, width)`` of the images the backbone sees.
+    resize_ : int
+    crop_size_ : int or None
+    interpolation_ : str
+        The input geometry used (``resize``, ``crop_size`` and
+        ``interpolation`` with ``"auto"`` resolved).
     aggregation_ : str
         ``"mean_pool"`` or ``"concat"`` (``aggregation`` with ``"auto"`` resolved).
     mean_, std_ : tuple of 3 floats
@@ -261,11 +290,12 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         backbone="wide_resnet50_2",
         layers=("layer2", "layer3"),
         weights="IMAGENET1K_V1",
-        resize=256,
-        crop_size=224,
-        interpolation="bilinear",
+        resize="auto",
+        crop_size="auto",
+        interpolation="auto",
         mean="auto",
         std="auto",
+        recipe="recommended",
         patch_size=3,
         pretrain_embed_dim=1024,
         target_embed_dim=1024,
@@ -285,6 +315,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.interpolation = interpolation
         self.mean = mean
         self.std = std
+        self.recipe = recipe
         self.patch_size = patch_size
         self.pretrain_embed_dim = pretrain_embed_dim
         self.target_embed_dim = target_embed_dim
@@ -299,18 +330,25 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     def _validate_params(self) -> None:
         if isinstance(self.layers, str) or len(self.layers) == 0:
             raise ValueError(f"layers must be a non-empty tuple of layer names, got {self.layers!r}.")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}.")
         if self.aggregation != "auto" and self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be 'auto' or one of {AGGREGATIONS}, got {self.aggregation!r}.")
         for name in ("resize", "patch_size", "pretrain_embed_dim", "target_embed_dim", "batch_size"):
             value = getattr(self, name)
+            if name == "resize" and _is_auto(value):
+                continue
             if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+                expected = "a positive integer or 'auto'" if name == "resize" else "a positive integer"
+                raise ValueError(f"{name} must be {expected}, got {value!r}.")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd, got {self.patch_size}.")
-        if self.crop_size is not None and not (1 <= self.crop_size <= self.resize):
-            raise ValueError(f"crop_size must be None or in [1, resize={self.resize}], got {self.crop_size!r}.")
-        if self.interpolation not in ("nearest", "bilinear", "bicubic", "lanczos"):
-            raise ValueError(f"Unknown interpolation {self.interpolation!r}.")
+        if not (self.crop_size is None or _is_auto(self.crop_size)
+                or (isinstance(self.crop_size, (int, np.integer)) and self.crop_size >= 1)):
+            raise ValueError(f"crop_size must be None, 'auto' or a positive integer, got {self.crop_size!r}.")
+        if not _is_auto(self.interpolation) and self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"Unknown interpolation {self.interpolation!r}; expected 'auto' or one of "
+                             f"{INTERPOLATIONS}.")
 
     def fit(self, X=None, y=None):
         """Build the backbone and record the output shape.
@@ -332,11 +370,12 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             model = build_backbone(model, self.weights)
         self.mean_, self.std_ = self._normalization(model)
         self.aggregation_ = self._resolved_aggregation(model)
+        self.resize_, self.crop_size_, self.interpolation_ = self._geometry(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
         model = model.to(memory_format=torch.channels_last)
-        side = self.crop_size or self.resize
+        side = self.crop_size_ or self.resize_
         self.input_size_ = (side, side)
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(2, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
@@ -347,17 +386,44 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
         return self
 
+    def _is_efficientnet(self, model: nn.Module) -> bool:
+        name = self.backbone if isinstance(self.backbone, str) else type(model).__name__
+        return "efficientnet" in name.lower()
+
+    def _recommended_for_efficientnet(self, model: nn.Module) -> bool:
+        return self.recipe == "recommended" and self._is_efficientnet(model)
+
     def _resolved_aggregation(self, model: nn.Module) -> str:
         if self.aggregation != "auto":
             return self.aggregation
-        name = self.backbone if isinstance(self.backbone, str) else type(model).__name__
-        return "concat" if "efficientnet" in name.lower() else "mean_pool"
+        return "concat" if self._recommended_for_efficientnet(model) else "mean_pool"
+
+    def _geometry(self, model: nn.Module) -> tuple[int, int | None, str]:
+        """``resize``, ``crop_size`` and ``interpolation`` with ``"auto"`` resolved by the recipe."""
+        if self._recommended_for_efficientnet(model):
+            side, filter_name = native_input(model)
+            recipe_resize, recipe_crop, recipe_filter = side, None, filter_name
+        else:
+            recipe_resize, recipe_crop, recipe_filter = OFFICIAL_RESIZE, OFFICIAL_CROP, OFFICIAL_INTERPOLATION
+        resize = recipe_resize if _is_auto(self.resize) else int(self.resize)
+        if _is_auto(self.crop_size):
+            # The recipe's crop, unless an explicit resize leaves no room for it.
+            crop_size = recipe_crop if recipe_crop is None or recipe_crop <= resize else None
+        else:
+            crop_size = None if self.crop_size is None else int(self.crop_size)
+        if crop_size is not None and crop_size > resize:
+            raise ValueError(f"crop_size must be None or in [1, resize={resize}], got {crop_size!r}.")
+        interpolation = recipe_filter if _is_auto(self.interpolation) else self.interpolation
+        return resize, crop_size, interpolation
 
     def _normalization(self, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        expected_mean, expected_std = input_normalization(model)
+        if self.recipe == "official":
+            expected_mean, expected_std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            expected_mean, expected_std = input_normalization(model)
         resolved = []
         for name, value, expected in (("mean", self.mean, expected_mean), ("std", self.std, expected_std)):
-            if isinstance(value, str) and value == "auto":
+            if _is_auto(value):
                 resolved.append(expected)
                 continue
             values = np.asarray(value, dtype=float) if not isinstance(value, str) else np.array([])
@@ -374,7 +440,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
 
     def _preprocess(self, image) -> np.ndarray:
         return preprocess_image(
-            image, self.resize, self.crop_size, self.interpolation, self.mean_, self.std_, self.exif_transpose
+            image, self.resize_, self.crop_size_, self.interpolation_, self.mean_, self.std_, self.exif_transpose
         )
 
     def transform(self, X) -> np.ndarray:
@@ -422,6 +488,10 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             # A CPU copy for the pickle: the live network stays where it is (on the GPU).
             state["backbone_"] = _cpu_copy(state["backbone_"])
         return state
+
+
+def _is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
 
 
 def _torch_seed(random_state) -> int:

@@ -509,7 +509,7 @@ def model_view(features, image: ImageLike) -> np.ndarray:
     Parameters
     ----------
     features : PatchFeatureTransformer
-        Fitted; its ``resize``, ``crop_size``, ``interpolation``, ``mean_``,
+        Fitted; its ``resize_``, ``crop_size_``, ``interpolation_``, ``mean_``,
         ``std_`` and ``exif_transpose`` are applied.
     image : str, path-like or ndarray
 
@@ -519,7 +519,7 @@ def model_view(features, image: ImageLike) -> np.ndarray:
         Resized (and cropped) RGB with the normalisation undone, in [0, 1].
     """
     array = preprocess_image(
-        image, features.resize, features.crop_size, features.interpolation, features.mean_, features.std_,
+        image, features.resize_, features.crop_size_, features.interpolation_, features.mean_, features.std_,
         features.exif_transpose,
     )
     mean = np.asarray(features.mean_, dtype=np.float32)[:, None, None]

@@ -264,7 +264,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         maps : ndarray of shape (n_chunk, H, W), list of ndarray, or None
         """
         first, _ = self._features_and_detector()
-        if original_size and first.crop_size is not None:
+        if original_size and first.crop_size_ is not None:
             raise ValueError(
                 "original_size=True needs crop_size=None: a centre-cropped map does not "
                 "cover the whole original image."
@@ -484,8 +484,12 @@ def make_patchcore(
     scheduler : str or None, default=None
         Dask scheduler address for distributed fit and scoring.
     **feature_params
-        Further :class:`PatchFeatureTransformer` parameters (``resize``,
-        ``crop_size``, ``batch_size``...).
+        Further :class:`PatchFeatureTransformer` parameters (``recipe``,
+        ``resize``, ``crop_size``, ``batch_size``...). ``recipe="official"``
+        is the official code's input geometry, scaling and embedding for any
+        backbone; the default ``"recommended"`` keeps it for WideResNet-50
+        and gives EfficientNets their checkpoint's input size without a
+        centre crop.
 
     Returns
     -------

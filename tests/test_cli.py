@@ -167,10 +167,10 @@ def test_masks_follow_the_transformer_geometry(tmp_path):
     Image.fromarray(mask).save(path)
 
     class Crop:
-        resize, crop_size, input_size_ = 8, 8, (8, 8)
+        resize_, crop_size_, input_size_ = 8, 8, (8, 8)
 
     class Square:
-        resize, crop_size, input_size_ = 8, None, (8, 8)
+        resize_, crop_size_, input_size_ = 8, None, (8, 8)
 
     # resize shorter side to 8 -> 8 x 16 (left 4 columns set), centre crop from column 4: empty
     cropped = masks_at_map_geometry(Crop, [str(path), None])
@@ -259,9 +259,16 @@ def test_missing_weights_file_and_bad_crop(category, tmp_path, capsys):
     args[args.index("none")] = str(tmp_path / "absent.pth")
     assert main(args) == 1
     assert "Weights file not found" in _error_line(capsys)
-    args = ["fit", str(category / "train"), "-o", str(tmp_path / "m.joblib"), "--resize", "64"]
+    args = ["fit", str(category / "train"), "-o", str(tmp_path / "m.joblib"), "--resize", "64", "--crop-size", "224"]
     assert main(args) == 1
     assert "--crop-size 224 is larger than --resize 64" in _error_line(capsys)
+    assert main([*args, "--no-crop"]) == 1
+    assert "--crop-size and --no-crop contradict each other" in _error_line(capsys)
+    # An explicit crop larger than the recipe's resize (256) is caught when the backbone is built.
+    args = ["fit", str(category / "train"), "-o", str(tmp_path / "m.joblib"), "--backbone", "resnet18",
+            "--weights", "none", "--crop-size", "300"]
+    assert main(args) == 1
+    assert "crop_size must be None or in [1, resize=256], got 300" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("position", ["before", "after"])

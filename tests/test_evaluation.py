@@ -128,7 +128,7 @@ def test_unreadable_images_get_an_error_row(model, data, tmp_path):
 
 def test_masks_follow_the_transformer_geometry_and_image_size(tmp_path):
     class Square:
-        resize, crop_size, input_size_ = 8, None, (8, 8)
+        resize_, crop_size_, input_size_ = 8, None, (8, 8)
 
     mask = np.zeros((16, 32), dtype=bool)
     mask[:, :8] = True

@@ -273,6 +273,65 @@ def test_auto_aggregation_is_the_papers_except_for_efficientnets():
     assert transformer.fit().aggregation_ == "concat" and transformer.feature_shape_ == (8, 8, 8)
 
 
+def _resolved(transformer):
+    fitted = transformer.fit()
+    return fitted.resize_, fitted.crop_size_, fitted.interpolation_, fitted.aggregation_, fitted.mean_
+
+
+@pytest.mark.parametrize("variant, side", [("0", 224), ("1", 240), ("2", 260)])
+def test_recommended_recipe_for_efficientnets_is_the_checkpoints_input_without_crop(variant, side):
+    """A user who sets only backbone, layers and weights gets the native size, no crop, bicubic, concat."""
+    pytest.importorskip("timm")
+    transformer = PatchFeatureTransformer(
+        backbone=f"timm:tf_efficientnet_lite{variant}", layers=("blocks.2", "blocks.4"), weights=None
+    )
+    assert _resolved(transformer) == (side, None, "bicubic", "concat", (0.5,) * 3)
+    assert transformer.input_size_ == (side, side)
+    # The geometry is applied: a 2:1 image is squashed to side x side, not cropped.
+    wide = np.zeros((side, 2 * side, 3), dtype=np.uint8)
+    wide[:, -side // 4:] = 255  # a bright band at the right border
+    view = transformer._preprocess(wide)
+    assert view.shape == (3, side, side)
+    assert view[:, :, -1].mean() > 0.9  # (1 - 0.5) / 0.5 = 1: the border band is still there
+
+
+def test_official_recipe_for_every_backbone():
+    from skpatchcore.images import IMAGENET_MEAN
+
+    pytest.importorskip("timm")
+    lite = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"),
+                                   weights=None, recipe="official")
+    assert _resolved(lite) == (256, 224, "bilinear", "mean_pool", IMAGENET_MEAN)
+    assert lite.feature_shape_ == (28, 28, 1024)
+    # Torchvision backbones get the official recipe under both names.
+    for recipe in ("recommended", "official"):
+        resnet = PatchFeatureTransformer(backbone="resnet18", weights=None, recipe=recipe)
+        assert _resolved(resnet) == (256, 224, "bilinear", "mean_pool", IMAGENET_MEAN)
+    # The reference set-up of the benchmarks: the official recipe with the MTD geometry.
+    reference = lite.set_params(resize=224, crop_size=None, interpolation="bicubic")
+    assert _resolved(reference) == (224, None, "bicubic", "mean_pool", IMAGENET_MEAN)
+
+
+def test_explicit_geometry_wins_over_the_recipe():
+    pytest.importorskip("timm")
+    lite = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"),
+                                   weights=None, resize=256, crop_size=224, interpolation="bilinear")
+    assert _resolved(lite)[:3] == (256, 224, "bilinear") and lite.input_size_ == (224, 224)
+    # An explicit resize below the recipe's crop drops the crop rather than failing.
+    assert _resolved(small_transformer(resize=200, crop_size="auto"))[:2] == (200, None)
+    assert _resolved(small_transformer(resize=200, crop_size=96))[:2] == (200, 96)
+    with pytest.raises(ValueError, match=r"crop_size must be None or in \[1, resize=200\], got 224"):
+        small_transformer(resize=200, crop_size=224).fit()
+    with pytest.raises(ValueError, match=r"crop_size must be None or in \[1, resize=256\], got 300"):
+        small_transformer(resize="auto", crop_size=300).fit()
+    for name, bad, message in [("recipe", "paper", "recipe must be one of"),
+                               ("resize", "big", "resize must be a positive integer or 'auto'"),
+                               ("crop_size", 0, "crop_size must be None, 'auto' or a positive integer"),
+                               ("interpolation", "cubic", "Unknown interpolation 'cubic'")]:
+        with pytest.raises(ValueError, match=message):
+            small_transformer(**{name: bad}).fit()
+
+
 def test_auto_normalisation_follows_the_weights():
     """torchvision weights expect ImageNet statistics; timm's TF ports say so in pretrained_cfg."""
     from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD

@@ -86,17 +86,27 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
     group.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     geometry = parser.add_argument_group("image geometry")
     geometry.add_argument(
-        "--resize", type=_positive_int, default=256,
-        help="shorter side after resizing (square side with --no-crop) (default: 256)",
+        "--recipe", choices=("recommended", "official"), default="recommended",
+        help="what the geometry, input scaling and patch embedding default to: 'recommended' (for "
+        "EfficientNets the checkpoint's own input size, no crop, bicubic, concatenated features; "
+        "for other backbones the official one) or 'official' (the patchcore-inspection code's: "
+        "resize 256, centre crop 224, bilinear, ImageNet statistics, mean-pooled embedding) "
+        "(default: %(default)s)",
     )
-    geometry.add_argument("--crop-size", type=_positive_int, default=224, help="centre crop side (default: 224)")
+    geometry.add_argument(
+        "--resize", type=_positive_int, default=None,
+        help="shorter side after resizing (square side with --no-crop) (default: the recipe's)",
+    )
+    geometry.add_argument(
+        "--crop-size", type=_positive_int, default=None, help="centre crop side (default: the recipe's)"
+    )
     geometry.add_argument(
         "--no-crop", action="store_true",
         help="resize to RESIZE x RESIZE without a centre crop (keeps defects near the border)",
     )
     geometry.add_argument(
-        "--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos"), default="bilinear",
-        help="resampling filter of the resize (default: bilinear)",
+        "--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos"), default=None,
+        help="resampling filter of the resize (default: the recipe's)",
     )
     geometry.add_argument(
         "--no-exif-transpose", dest="exif_transpose", action="store_false",

@@ -39,8 +39,10 @@ def run_fit(args: argparse.Namespace) -> int:
         check_writable_file(output)
     except OSError as error:
         raise CommandError(f"-o: {error}") from error
-    crop_size = None if args.no_crop else args.crop_size
-    if crop_size is not None and crop_size > args.resize:
+    crop_size = None if args.no_crop else ("auto" if args.crop_size is None else args.crop_size)
+    if args.no_crop and args.crop_size is not None:
+        raise CommandError("--crop-size and --no-crop contradict each other; pass one of them")
+    if isinstance(crop_size, int) and args.resize is not None and crop_size > args.resize:
         raise CommandError(
             f"--crop-size {crop_size} is larger than --resize {args.resize}; "
             f"pass --crop-size N with N <= {args.resize}, or --no-crop"
@@ -57,9 +59,10 @@ def run_fit(args: argparse.Namespace) -> int:
         n_neighbors=args.n_neighbors,
         random_state=args.random_state,
         device=args.device,
-        resize=args.resize,
+        recipe=args.recipe,
+        resize="auto" if args.resize is None else args.resize,
         crop_size=crop_size,
-        interpolation=args.interpolation,
+        interpolation=args.interpolation or "auto",
         exif_transpose=args.exif_transpose,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
@@ -130,8 +133,8 @@ def fit_summary(model, n_images: int, seconds: float) -> str:
     n_patches = n_images * height * width
     side = features.input_size_
     geometry = (
-        f"resize {features.resize}, no crop" if features.crop_size is None
-        else f"resize {features.resize}, centre crop {features.crop_size}"
+        f"resize {features.resize_}, no crop" if features.crop_size_ is None
+        else f"resize {features.resize_}, centre crop {features.crop_size_}"
     )
     ratio = f" (sampling ratio {coreset.sampling_ratio:g})" if coreset is not None else ""
     backbone = features.backbone if isinstance(features.backbone, str) else type(features.backbone).__name__

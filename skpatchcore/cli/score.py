@@ -67,7 +67,7 @@ def run_score(args: argparse.Namespace) -> int:
             writer = csv.writer(handle)
             writer.writerow(SCORE_COLUMNS)
             scored = iter_scored(
-                model, images, original_size=features.crop_size is None,
+                model, images, original_size=features.crop_size_ is None,
                 progress=progress_enabled(args), fail_fast=args.fail_fast,
             )
             for chunk in scored:
