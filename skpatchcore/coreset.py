@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -555,8 +556,12 @@ def _project(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
         return np.ascontiguousarray(rows, dtype=np.float32)
     import torch
 
-    with torch.inference_mode():
-        return (torch.from_numpy(np.asarray(rows, dtype=np.float32)) @ torch.from_numpy(matrix)).numpy()
+    rows = np.asarray(rows, dtype=np.float32)
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Read-only input (a memory-mapped feature file) is only read by the product; torch
+        # warns about any non-writable array it wraps.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return (torch.from_numpy(rows) @ torch.from_numpy(matrix)).numpy()
 
 
 def _prefix(part: ChunkCoreset, n_kept: int) -> ChunkCoreset:

@@ -148,3 +148,18 @@ def test_progress_bar_counts_every_pick(rng):
         picks, _, _ = greedy_numba(points, starts, 37, bar)
     assert bar.n == 37
     np.testing.assert_array_equal(picks, greedy_reference(points, starts, 37))
+
+
+def test_memory_mapped_read_only_features_fit_without_warnings(tmp_path):
+    """Features saved with np.save and loaded with mmap_mode="r" are read-only; fit must not warn."""
+    import warnings
+
+    rows = np.random.default_rng(0).normal(size=(4, 6, 6, 300)).astype(np.float32)
+    np.save(tmp_path / "features.npy", rows)
+    mapped = np.load(tmp_path / "features.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank = CoresetSampler(sampling_ratio=0.1, projection_dim=32, random_state=0).fit_transform(mapped)
+    expected = CoresetSampler(sampling_ratio=0.1, projection_dim=32, random_state=0).fit_transform(rows)
+    np.testing.assert_array_equal(np.asarray(bank), np.asarray(expected))
