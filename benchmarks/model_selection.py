@@ -52,6 +52,8 @@ def mtd_configs(weights: str) -> list[dict]:
         dict(name="concat, 0.25% coreset", features=lite0, coreset=dict(sampling_ratio=0.0025)),
         dict(name="concat, blocks.2+4+5", features={**lite0, "layers": ("blocks.2", "blocks.4", "blocks.5")}),
         dict(name="concat, 320 px", features={**lite0, "resize": 320}),
+        dict(name="concat, map sigma 2", features=lite0, detector=dict(map_sigma=2.0)),
+        dict(name="concat, map sigma 8", features=lite0, detector=dict(map_sigma=8.0)),
     ]
 
 
@@ -108,9 +110,16 @@ def main() -> None:
     parser.add_argument("--weights", default=str(ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON lines here")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only the configurations with these exact names")
     args = parser.parse_args()
     train, test, labels, masks = load_data(args)
     configs = mtd_configs(args.weights) if args.data == "mtd" else demo_configs()
+    if args.only:
+        unknown = set(args.only) - {config["name"] for config in configs}
+        if unknown:
+            raise SystemExit(f"--only: no configuration named {sorted(unknown)}")
+        configs = [config for config in configs if config["name"] in args.only]
     folds = list(NormalOnlyKFold(args.folds, shuffle=True, random_state=0).split(train))
     rows, cache = [], {}
     print(f"{'configuration':<42}{'real image':>11}{'real pixel':>11}{'syn image':>10}{'syn pixel':>10}"

@@ -103,6 +103,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         the official code.
     reweight_neighbors : int, default=9
         Size of that neighbourhood (anomalib's choice; the paper's ``b``).
+    map_sigma : float, default=4.0
+        Standard deviation, in pixels of the map, of the Gaussian smoothing
+        of anomaly maps (the official code's 4); 0 turns smoothing off.
+        Image scores do not depend on it. Tune it like any other parameter,
+        e.g. with :func:`~skpatchcore.model_selection.synthetic_defect_scorer`.
     contamination : "auto" or float in (0, 0.5], default="auto"
         Sets ``offset_`` from calibration scores: training images (or rows)
         scored without matching themselves. Each calibration image is
@@ -157,6 +162,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         algorithm="auto",
         reweight=False,
         reweight_neighbors=9,
+        map_sigma=MAP_SIGMA,
         contamination="auto",
         device="auto",
         working_memory=None,
@@ -167,6 +173,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         self.algorithm = algorithm
         self.reweight = reweight
         self.reweight_neighbors = reweight_neighbors
+        self.map_sigma = map_sigma
         self.contamination = contamination
         self.device = device
         self.working_memory = working_memory
@@ -181,6 +188,9 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if not isinstance(self.reweight_neighbors, numbers.Integral) or self.reweight_neighbors < 1:
             raise ValueError(f"reweight_neighbors must be a positive int, got {self.reweight_neighbors!r}.")
+        sigma = self.map_sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0.0 <= sigma < float("inf")):
+            raise ValueError(f"map_sigma must be a finite number >= 0, got {sigma!r}.")
         c = self.contamination
         if not (c == "auto" or (isinstance(c, numbers.Real) and 0.0 < c <= 0.5)):
             raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], got {c!r}.")
@@ -566,7 +576,8 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         """Pixel anomaly maps: patch scores upsampled and smoothed.
 
         As the official code: bilinear upsampling of the patch-score grid to
-        ``output_size``, then a Gaussian filter with sigma 4 pixels.
+        ``output_size``, then a Gaussian filter with sigma ``map_sigma``
+        pixels (4 by default).
 
         Parameters
         ----------
@@ -611,7 +622,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         for chunk in self._image_chunks(X, size[0] * size[1]):
             chunk_scores, grids = self._score_rows(chunk)
             scores.append(-chunk_scores)
-            maps.append(upsample_patch_scores(grids, size))
+            maps.append(upsample_patch_scores(grids, size, self.map_sigma))
         return np.concatenate(scores), np.concatenate(maps)
 
     def __getstate__(self):
@@ -675,13 +686,15 @@ def _check_four_d(X) -> None:
         )
 
 
-def upsample_patch_scores(grids: np.ndarray, output_size) -> np.ndarray:
-    """Bilinear upsampling to ``output_size`` and Gaussian smoothing (sigma 4).
+def upsample_patch_scores(grids: np.ndarray, output_size, sigma: float = MAP_SIGMA) -> np.ndarray:
+    """Bilinear upsampling to ``output_size`` and Gaussian smoothing.
 
     Parameters
     ----------
     grids : ndarray of shape (n_images, h, w)
     output_size : int or (int, int)
+    sigma : float, default=4.0
+        Standard deviation of the Gaussian filter in output pixels; 0 for none.
 
     Returns
     -------
@@ -695,7 +708,9 @@ def upsample_patch_scores(grids: np.ndarray, output_size) -> np.ndarray:
             mode="bilinear",
             align_corners=False,
         )[:, 0].numpy()
-    return np.stack([gaussian_filter(grid, sigma=MAP_SIGMA) for grid in upsampled]).astype(np.float32)
+    if sigma == 0:
+        return upsampled.astype(np.float32, copy=False)
+    return np.stack([gaussian_filter(grid, sigma=sigma) for grid in upsampled]).astype(np.float32)
 
 
 def _map_size(output_size) -> tuple[int, int]:

@@ -87,6 +87,25 @@ def test_anomaly_maps_follow_the_official_recipe(rng):
     assert detector.anomaly_maps(test, (40, 30)).shape == (2, 40, 30)
 
 
+def test_map_sigma_sets_the_smoothing_and_leaves_image_scores_alone(rng):
+    train = rng.normal(size=(3, 7, 7, 8)).astype(np.float32)
+    test = rng.normal(size=(2, 7, 7, 8)).astype(np.float32)
+    test[1, 2, 5] += 25.0
+    detector = PatchCoreDetector().fit(train)
+    grids = detector.patch_scores(test)
+    upsampled = F.interpolate(torch.from_numpy(grids)[:, None], size=(56, 56), mode="bilinear",
+                              align_corners=False)[:, 0].numpy()
+    scores = detector.score_samples(test)
+    for sigma in (0, 1.5, 8):
+        sigma_scores, maps = detector.set_params(map_sigma=sigma).score_and_maps(test, 56)
+        expected = upsampled if sigma == 0 else np.stack([gaussian_filter(m, sigma=sigma) for m in upsampled])
+        np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(sigma_scores, scores)
+    for bad in (-1, float("nan"), float("inf"), "4", True):
+        with pytest.raises(ValueError, match="map_sigma must be a finite number >= 0"):
+            PatchCoreDetector(map_sigma=bad).fit(train)
+
+
 def test_reweighting_matches_equation_seven(rng):
     bank = rng.normal(size=(60, 5))
     query = rng.normal(size=(1, 5)) * 3
