@@ -1,0 +1,81 @@
+"""What moves pixel AUROC on MTD: map smoothing, upsampling, k, two input scales.
+
+The recommended EfficientNet-Lite0 recipe (``concat``, mean = std = 0.5, square
+bicubic resize, no crop), 1% coreset, seed 0, on the MTD standard protocol.
+Every variant is scored on the labelled test split, so these rows measure
+what each lever can give; they do not choose a setting (that is what
+``model_selection.py`` does, without the test split).
+Features are cached as .npy in ``--cache`` (default /tmp/skpatchcore-pixel).
+
+Example::
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/pixel_maps.py   # ~25 min on one core
+"""
+import argparse, sys, json, time
+from pathlib import Path
+import numpy as np, torch, torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import training_images
+from skpatchcore import PatchFeatureTransformer, CoresetSampler, PatchCoreDetector
+from skpatchcore.datasets import load_mvtec
+from skpatchcore.evaluation import masks_at_map_geometry
+from skpatchcore.metrics import image_auroc, pixel_auroc
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
+parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
+parser.add_argument("--cache", type=Path, default=Path("/tmp/skpatchcore-pixel"))
+args = parser.parse_args()
+mtd, W, out = args.root, args.weights, args.cache
+out.mkdir(parents=True, exist_ok=True)
+data = load_mvtec(mtd); labels = np.asarray(data.test_labels); results = []
+
+def features(side):
+    f = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=W,
+                                resize=side, random_state=0).fit()
+    cache = out / f"f{side}_train.npy"
+    if not cache.exists():
+        np.save(cache, f.transform(training_images(762, mtd))); np.save(out / f"f{side}_test.npy", f.transform(list(data.test_images)))
+    return f, np.load(cache, mmap_mode="r"), np.load(out / f"f{side}_test.npy", mmap_mode="r")
+
+def maps_from(grids, mode="bilinear", sigma=4.0, size=224):
+    t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
+    up = F.interpolate(t, size=(size, size), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))[:, 0].numpy()
+    return np.stack([gaussian_filter(g, sigma) if sigma else g for g in up])
+
+f224, tr, te = features(224)
+masks = masks_at_map_geometry(f224, data.test_masks, data.test_images)
+def record(name, scores, maps):
+    r = {"name": name, "image": round(float(image_auroc(labels, scores)), 4), "pixel": round(float(pixel_auroc(masks, maps)), 4)}
+    print(json.dumps(r), flush=True); results.append(r)
+
+grids = {}
+for side, (ftr, fte) in {224: (tr, te)}.items():
+    t = time.perf_counter()
+    bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(ftr)
+    for k in (1, 3):
+        det = PatchCoreDetector(n_neighbors=k, random_state=0).fit(bank)
+        g = det.patch_scores(fte); grids[(side, k)] = (g, det)
+    print("fit", side, time.perf_counter() - t, flush=True)
+for k in (1, 3):
+    g, det = grids[(224, k)]
+    s = g.reshape(len(g), -1).max(1)
+    for mode in ("bilinear", "nearest"):
+        for sigma in (0, 2, 4, 6, 8):
+            if mode == "nearest" and sigma not in (4,):
+                continue
+            record(f"224 k={k} {mode} sigma={sigma}", s, maps_from(g, mode, sigma))
+# Two scales: 320 px features too; each scale's maps divided by its own training threshold (-offset_).
+f320, tr3, te3 = features(320)
+bank3 = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr3)
+det3 = PatchCoreDetector(n_neighbors=1, random_state=0).fit(bank3)
+g3 = det3.patch_scores(te3)
+g1, det1 = grids[(224, 1)]
+record("320 k=1 bilinear sigma=4", g3.reshape(len(g3), -1).max(1), maps_from(g3))
+n1, n3 = -det1.offset_, -det3.offset_
+print("thresholds", n1, n3)
+m = maps_from(g1) / n1 + maps_from(g3) / n3
+s = g1.reshape(len(g1), -1).max(1) / n1 + g3.reshape(len(g3), -1).max(1) / n3
+record("224+320 k=1 normalised by threshold", s, m)
