@@ -15,6 +15,7 @@ Examples::
 
     python benchmarks/model_selection.py --data mtd     # ../shared/data/mtd with Lite0, ~70 min on 1 core
     python benchmarks/model_selection.py --data demo    # the demo generator, random-weight ResNet-18
+    python benchmarks/model_selection.py --only concat "concat, map sigma 8" --kinds intensity uneven
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from skpatchcore import CoresetSampler, NormalOnlyKFold, PatchCoreDetector, Patc
 from skpatchcore.evaluation import masks_at_map_geometry
 from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
 from skpatchcore.metrics import image_auroc, pixel_auroc
-from skpatchcore.synthetic import add_synthetic_defects
+from skpatchcore.synthetic import ALL_DEFECT_KINDS, DEFECT_KINDS, add_synthetic_defects
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -54,6 +55,8 @@ def mtd_configs(weights: str) -> list[dict]:
         dict(name="concat, 320 px", features={**lite0, "resize": 320}),
         dict(name="concat, map sigma 2", features=lite0, detector=dict(map_sigma=2.0)),
         dict(name="concat, map sigma 8", features=lite0, detector=dict(map_sigma=8.0)),
+        dict(name="concat, map sigma 12", features=lite0, detector=dict(map_sigma=12.0)),
+        dict(name="concat, map sigma 16", features=lite0, detector=dict(map_sigma=16.0)),
     ]
 
 
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON lines here")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run only the configurations with these exact names")
+    parser.add_argument("--kinds", nargs="+", default=list(DEFECT_KINDS), choices=ALL_DEFECT_KINDS,
+                        help="synthetic defect kinds to paint (default: the scorer's default mix)")
     args = parser.parse_args()
     train, test, labels, masks = load_data(args)
     configs = mtd_configs(args.weights) if args.data == "mtd" else demo_configs()
@@ -130,7 +135,8 @@ def main() -> None:
         if key not in cache:
             cache.clear()  # one feature configuration in memory at a time (configs are grouped)
             transformer = PatchFeatureTransformer(**config["features"]).fit()
-            synthetic = [add_synthetic_defects([train[i] for i in test_index], random_state=fold)
+            synthetic = [add_synthetic_defects([train[i] for i in test_index], kinds=args.kinds,
+                                                random_state=fold)
                          for fold, (_, test_index) in enumerate(folds)]
             cache[key] = dict(
                 transformer=transformer, train=extract(transformer, train), test=extract(transformer, test),

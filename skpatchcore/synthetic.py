@@ -14,6 +14,13 @@ its area) and blended into it so that no hard edge gives it away:
 * ``"texture"``: an irregular blob whose fine texture is smoothed away or
   replaced by noise of the image's own contrast;
 * ``"crack"``: a thin, jagged, dark polyline.
+
+A fifth kind is offered but not in the default mix (:data:`ALL_DEFECT_KINDS`):
+
+* ``"uneven"``: a large (10% to 30% of the area), diffuse region made
+  brighter or darker by 10-25% with a wide soft edge, like the uneven
+  surfaces of Magnetic Tile Defects, whose defects are larger and blurrier
+  than the four kinds above.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ from sklearn.utils import Bunch
 from .datasets import _segment_distance
 
 DEFECT_KINDS = ("cutpaste", "intensity", "texture", "crack")
+#: Every kind :func:`add_synthetic_defects` paints; ``"uneven"`` only when asked for.
+ALL_DEFECT_KINDS = (*DEFECT_KINDS, "uneven")
 
 #: Defect area as a fraction of the image area.
 MIN_AREA, MAX_AREA = 0.003, 0.04
+#: Area of the large, diffuse ``"uneven"`` kind.
+UNEVEN_MIN_AREA, UNEVEN_MAX_AREA = 0.10, 0.30
 
 
 def add_synthetic_defects(
@@ -47,7 +58,8 @@ def add_synthetic_defects(
         least two: ``"cutpaste"`` takes its patch from another image.
     kinds : sequence of str, default=DEFECT_KINDS
         Defect kinds to cycle through, among ``"cutpaste"``,
-        ``"intensity"``, ``"texture"`` and ``"crack"``.
+        ``"intensity"``, ``"texture"``, ``"crack"`` and ``"uneven"`` (see
+        the module docstring).
     defect_fraction : float in (0, 1), default=0.5
         Fraction of the images that get a defect (at least one, and at
         least one image stays normal).
@@ -100,8 +112,8 @@ def add_synthetic_defects(
 
 def check_defect_options(kinds: Sequence[str], defect_fraction: float) -> None:
     """Raise ValueError unless `kinds` are known defect kinds and `defect_fraction` is in (0, 1)."""
-    if isinstance(kinds, str) or not kinds or any(kind not in DEFECT_KINDS for kind in kinds):
-        raise ValueError(f"kinds must be a non-empty sequence of {DEFECT_KINDS}, got {kinds!r}.")
+    if isinstance(kinds, str) or not kinds or any(kind not in ALL_DEFECT_KINDS for kind in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of {ALL_DEFECT_KINDS}, got {kinds!r}.")
     if not 0 < defect_fraction < 1:
         raise ValueError(f"defect_fraction must be in (0, 1), got {defect_fraction!r}.")
 
@@ -113,7 +125,12 @@ def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.nda
     if kind == "cutpaste":
         alpha, changed = _cutpaste(values, rng, donor)
     else:
-        region = _blob(rng, height, width) if kind != "crack" else _crack(rng, height, width)
+        if kind == "crack":
+            region = _crack(rng, height, width)
+        elif kind == "uneven":
+            region = _blob(rng, height, width, UNEVEN_MIN_AREA, UNEVEN_MAX_AREA)
+        else:
+            region = _blob(rng, height, width)
         alpha = ndimage.gaussian_filter(region.astype(np.float64), _feather(height, width, kind))
         changed = _changed_pixels(values, kind, rng, region)
     blended = values * (1 - alpha[..., None]) + changed * alpha[..., None]
@@ -121,17 +138,21 @@ def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.nda
 
 
 def _feather(height: int, width: int, kind: str) -> float:
-    return 0.3 if kind == "crack" else max(0.5, min(height, width) / 150)
+    if kind == "crack":
+        return 0.3
+    return max(0.5, min(height, width) / (20 if kind == "uneven" else 150))
 
 
-def _area_side(rng: np.random.Generator, height: int, width: int) -> float:
-    """Side of a square with a random defect area (MIN_AREA to MAX_AREA of the image)."""
-    return float(np.sqrt(rng.uniform(MIN_AREA, MAX_AREA) * height * width))
+def _area_side(rng: np.random.Generator, height: int, width: int, low: float = MIN_AREA,
+               high: float = MAX_AREA) -> float:
+    """Side of a square with a random defect area (`low` to `high` of the image)."""
+    return float(np.sqrt(rng.uniform(low, high) * height * width))
 
 
-def _blob(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """An irregular filled blob at a random place."""
-    radius = _area_side(rng, height, width) / np.sqrt(np.pi)
+def _blob(rng: np.random.Generator, height: int, width: int, low: float = MIN_AREA,
+          high: float = MAX_AREA) -> np.ndarray:
+    """An irregular filled blob at a random place, of `low` to `high` of the image area."""
+    radius = _area_side(rng, height, width, low, high) / np.sqrt(np.pi)
     aspect = rng.uniform(0.6, 1.6)
     radii = np.array([radius * np.sqrt(aspect), radius / np.sqrt(aspect)])
     radii = np.minimum(radii, [height / 2 - 1, width / 2 - 1])
@@ -171,6 +192,9 @@ def _changed_pixels(values: np.ndarray, kind: str, rng: np.random.Generator, reg
     """The image as it looks where the defect is fully present."""
     if kind == "intensity":
         gain = rng.uniform(0.15, 0.4) * rng.choice([-1, 1])
+        return values * (1 + gain)
+    if kind == "uneven":
+        gain = rng.uniform(0.10, 0.25) * rng.choice([-1, 1])
         return values * (1 + gain)
     if kind == "texture":
         if rng.random() < 0.5:  # smoothed away

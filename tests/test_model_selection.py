@@ -7,7 +7,8 @@ from sklearn.model_selection import GridSearchCV
 from _helpers import small_model
 
 from skpatchcore import NormalOnlyKFold, synthetic_defect_scorer
-from skpatchcore.synthetic import DEFECT_KINDS, MAX_AREA, add_synthetic_defects
+from skpatchcore.synthetic import (ALL_DEFECT_KINDS, DEFECT_KINDS, MAX_AREA, UNEVEN_MAX_AREA,
+                                   UNEVEN_MIN_AREA, add_synthetic_defects)
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def normal_images(synthetic):
     return np.concatenate([synthetic.train_images, synthetic.test_images[:8]])  # 24 normal images
 
 
-@pytest.mark.parametrize("kind", DEFECT_KINDS)
+@pytest.mark.parametrize("kind", ALL_DEFECT_KINDS)
 def test_each_kind_changes_the_image_inside_its_mask_only(kind, rng):
     images = rng.integers(100, 156, size=(4, 70, 110, 3), dtype=np.uint8)  # non-square
     images[1] = 180  # a donor that differs from the others
@@ -23,12 +24,34 @@ def test_each_kind_changes_the_image_inside_its_mask_only(kind, rng):
     assert data.labels.sum() == 2 and data.kinds.count(kind) == 2
     for index in np.flatnonzero(data.labels):
         mask = data.masks[index]
-        assert mask.shape == (70, 110) and 0 < mask.mean() <= 1.5 * MAX_AREA
+        low, high = (0.5 * UNEVEN_MIN_AREA, 1.5 * UNEVEN_MAX_AREA) if kind == "uneven" else (0, 1.5 * MAX_AREA)
+        assert mask.shape == (70, 110) and low < mask.mean() <= high
         change = np.abs(data.images[index].astype(int) - images[index]).sum(axis=2)
         assert change[mask].mean() > 10 * max(change[~mask].mean(), 0.1)
     for index in np.flatnonzero(data.labels == 0):
         np.testing.assert_array_equal(data.images[index], images[index])
         assert not data.masks[index].any()
+
+
+def test_uneven_is_large_and_diffuse_and_only_painted_when_asked_for(rng):
+    images = rng.integers(100, 156, size=(8, 96, 96, 3), dtype=np.uint8)
+    assert "uneven" not in DEFECT_KINDS and "uneven" not in add_synthetic_defects(images, random_state=0).kinds
+    uneven = add_synthetic_defects(images, kinds=["uneven"], random_state=0)
+    small = add_synthetic_defects(images, kinds=["intensity"], random_state=0)
+    for data in (uneven, small):
+        assert data.labels.sum() == 4
+    assert min(uneven.masks[i].mean() for i in np.flatnonzero(uneven.labels)) > 2 * MAX_AREA
+    # Diffuse: a wide soft edge, so pixels just outside the mask are changed too, unlike a sharp blob.
+    def ring_change(data):
+        from scipy import ndimage
+
+        changes = []
+        for i in np.flatnonzero(data.labels):
+            ring = ndimage.binary_dilation(data.masks[i], iterations=3) & ~data.masks[i]
+            changes.append(np.abs(data.images[i].astype(int) - images[i]).sum(axis=2)[ring].mean())
+        return np.mean(changes)
+
+    assert ring_change(uneven) > 0
 
 
 def test_synthetic_defects_are_reproducible_and_read_files(synthetic, tmp_path):
