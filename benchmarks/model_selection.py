@@ -57,6 +57,8 @@ def mtd_configs(weights: str) -> list[dict]:
         dict(name="concat, map sigma 8", features=lite0, detector=dict(map_sigma=8.0)),
         dict(name="concat, map sigma 12", features=lite0, detector=dict(map_sigma=12.0)),
         dict(name="concat, map sigma 16", features=lite0, detector=dict(map_sigma=16.0)),
+        dict(name="concat, map sigma 24", features=lite0, detector=dict(map_sigma=24.0)),
+        dict(name="concat, map sigma 32", features=lite0, detector=dict(map_sigma=32.0)),
     ]
 
 

@@ -108,6 +108,17 @@ def test_grid_search_on_normal_images_only(normal_images):
     assert search.best_params_["features__aggregation"] == grid["features__aggregation"][int(np.argmax(by_hand))]
 
 
+def test_a_map_sigma_search_with_all_kinds_picks_smoother_maps(normal_images):
+    """GridSearchCV over map_sigma scored with all five kinds: the parameter reaches the maps, smoother ones win."""
+    cv = NormalOnlyKFold(n_splits=2, shuffle=True, random_state=0)
+    grid = {"detector__map_sigma": [0.0, 8.0]}
+    uneven = GridSearchCV(small_model(), grid, cv=cv, scoring=synthetic_defect_scorer(
+        metric="pixel_auroc", kinds=ALL_DEFECT_KINDS, random_state=0)).fit(normal_images)
+    assert uneven.best_params_ == {"detector__map_sigma": 8.0}
+    sharp, smooth = uneven.cv_results_["mean_test_score"]
+    assert smooth - sharp > 0.01
+
+
 def test_the_scorer_separates_a_working_model_from_a_blind_one(normal_images):
     train, test = normal_images[:16], normal_images[16:]
     model = small_model().fit(train)
