@@ -13,10 +13,16 @@ ones), over the defective images only, per image, and the mean score of good
 images' border against their centre; then overall and per-type pixel AUROC
 for map_sigma 16, 24, 32 and 48.
 
+``--more-levers`` prints the levers tried after that diagnosis: each map minus
+its own median (a per-image background), the mean patch score as the image
+score, ``patch_size`` 5 and 7, a third layer (``blocks.5``), 160 px input, and
+the 224 and 160 px maps summed, each divided by its own training threshold.
+
 Examples::
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/pixel_maps.py   # ~25 min on one core
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/pixel_maps.py --diagnose
+    OMP_NUM_THREADS=2 python benchmarks/pixel_maps.py --more-levers
 """
 import argparse, sys, json, time
 from pathlib import Path
@@ -35,18 +41,20 @@ parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
 parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
 parser.add_argument("--cache", type=Path, default=Path("/tmp/skpatchcore-pixel"))
 parser.add_argument("--diagnose", action="store_true", help="break the default maps' pixel AUROC down, then stop")
+parser.add_argument("--more-levers", action="store_true", help="per-image background, mean image score, patch size, a third layer, 160 px; then stop")
 args = parser.parse_args()
 mtd, W, out = args.root, args.weights, args.cache
 out.mkdir(parents=True, exist_ok=True)
 data = load_mvtec(mtd); labels = np.asarray(data.test_labels); results = []
 
-def features(side):
-    f = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=W,
-                                resize=side, random_state=0).fit()
-    cache = out / f"f{side}_train.npy"
-    if not cache.exists():
-        np.save(cache, f.transform(training_images(762, mtd))); np.save(out / f"f{side}_test.npy", f.transform(list(data.test_images)))
-    return f, np.load(cache, mmap_mode="r"), np.load(out / f"f{side}_test.npy", mmap_mode="r")
+def features(side, layers=("blocks.2", "blocks.4"), patch_size=3):
+    f = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=layers, weights=W,
+                                resize=side, patch_size=patch_size, random_state=0).fit()
+    name = f"f{side}" if (layers, patch_size) == (("blocks.2", "blocks.4"), 3) else f"f{side}_{'+'.join(layers)}_p{patch_size}"
+    if not (out / f"{name}_train.npy").exists():
+        np.save(out / f"{name}_train.npy", f.transform(training_images(762, mtd)))
+        np.save(out / f"{name}_test.npy", f.transform(list(data.test_images)))
+    return f, np.load(out / f"{name}_train.npy", mmap_mode="r"), np.load(out / f"{name}_test.npy", mmap_mode="r")
 
 def maps_from(grids, mode="bilinear", sigma=4.0, size=224):
     t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
@@ -80,6 +88,37 @@ def diagnose(maps):
     print(json.dumps({"good_maps_border_mean": round(float(maps[good][:, border].mean()), 3),
                       "good_maps_centre_mean": round(float(maps[good][:, ~border].mean()), 3)}))
 
+
+def more_levers():
+    """Levers tried after the diagnosis: per-image background, mean image score, patch size, layers, scale."""
+    types = np.asarray(data.test_defect_types); masks_array = np.asarray(masks).astype(bool)
+    bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr)
+    base = PatchCoreDetector(n_neighbors=1, random_state=0).fit(bank); grid = base.patch_scores(te)
+    maps = maps_from(grid)
+    for kind in sorted(set(types)):  # mean map value on normal pixels, per image, by type
+        normal = [m[~k].mean() for m, k in zip(maps[types == kind], masks_array[types == kind]) if (~k).any()]
+        print(json.dumps({"type": kind, "normal_pixel_mean_p10_p50_p90": np.round(np.percentile(normal, [10, 50, 90]), 2).tolist()}))
+    flat = grid.reshape(len(grid), -1)
+    record("image score = mean patch score (maps unchanged)", flat.mean(1), maps)
+    for sigma in (4, 16):
+        smooth = maps_from(grid, sigma=sigma)
+        record(f"sigma {sigma}, each map minus its own median", flat.max(1), smooth - np.median(smooth.reshape(len(smooth), -1), 1)[:, None, None])
+    variants = {"patch_size 5": (224, ("blocks.2", "blocks.4"), 5), "patch_size 7": (224, ("blocks.2", "blocks.4"), 7),
+                "blocks.2+blocks.4+blocks.5": (224, ("blocks.2", "blocks.4", "blocks.5"), 3), "160 px": (160, ("blocks.2", "blocks.4"), 3)}
+    normalised = {}
+    for name, (side, layers, patch_size) in variants.items():
+        _, ftr, fte = features(side, layers, patch_size)
+        det = PatchCoreDetector(n_neighbors=1, random_state=0).fit(CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(ftr))
+        g = det.patch_scores(fte); normalised[name] = g / -det.offset_
+        for sigma in (4, 16):
+            record(f"{name}, sigma {sigma}", g.reshape(len(g), -1).max(1), maps_from(g, sigma=sigma))
+    pair = normalised["160 px"], grid / -base.offset_  # each scale divided by its own training threshold
+    record("224 + 160 px, sigma 16", sum(g.reshape(len(g), -1).max(1) for g in pair), sum(maps_from(g, sigma=16) for g in pair))
+
+
+if args.more_levers:
+    more_levers()
+    sys.exit()
 
 if args.diagnose:
     bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr)
