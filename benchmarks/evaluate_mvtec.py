@@ -70,9 +70,11 @@ def run_category(path: Path, args, ratio: float) -> dict:
         aggregation=args.aggregation,
         pretrain_embed_dim=args.embed_dim,
         target_embed_dim=args.embed_dim,
+        scales=tuple(args.scales),
         batch_size=args.batch_size,
     )
-    model.set_params(detector__algorithm=args.algorithm, coreset__chunk_sampling_ratio=args.chunk_sampling_ratio)
+    model.set_params(detector__algorithm=args.algorithm, coreset__chunk_sampling_ratio=args.chunk_sampling_ratio,
+                     detector__map_sigma=args.map_sigma)
     start = time.perf_counter()
     model.fit(train)
     fit_s = time.perf_counter() - start
@@ -117,6 +119,9 @@ def main() -> None:
     parser.add_argument("--aggregation", choices=["auto", "mean_pool", "concat"], default="mean_pool",
                         help="patch aggregation (default: the official code's mean_pool, as the reference rows)")
     parser.add_argument("--embed-dim", type=int, default=1024)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="input scales whose features are concatenated (default: 1, the paper's single scale)")
+    parser.add_argument("--map-sigma", type=float, default=4.0, help="anomaly-map smoothing (default: the paper's 4)")
     parser.add_argument("--sampling-ratio", type=float, nargs="+", default=[0.1])
     parser.add_argument("--n-neighbors", type=int, default=1)
     parser.add_argument("--algorithm", default="auto")

@@ -39,7 +39,7 @@ IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def mtd_configs(weights: str) -> list[dict]:
-    """Configurations over aggregation, layers, input size, normalisation, k, reweighting, coreset ratio."""
+    """Configurations over aggregation, layers, input size and scales, normalisation, k, reweighting, coreset ratio, map smoothing."""
     lite0 = dict(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=("blocks.2", "blocks.4"),
                  resize=224, crop_size=None, interpolation="bicubic", aggregation="concat")
     return [
@@ -53,6 +53,9 @@ def mtd_configs(weights: str) -> list[dict]:
         dict(name="concat, 0.25% coreset", features=lite0, coreset=dict(sampling_ratio=0.0025)),
         dict(name="concat, blocks.2+4+5", features={**lite0, "layers": ("blocks.2", "blocks.4", "blocks.5")}),
         dict(name="concat, 320 px", features={**lite0, "resize": 320}),
+        dict(name="concat, scales 1 + 0.7", features={**lite0, "scales": (1.0, 0.7)}),
+        dict(name="concat, scales 1 + 1.4", features={**lite0, "scales": (1.0, 1.4)}),
+        dict(name="concat, scales 1 + 0.7 + 1.4", features={**lite0, "scales": (1.0, 0.7, 1.4)}),
         dict(name="concat, map sigma 2", features=lite0, detector=dict(map_sigma=2.0)),
         dict(name="concat, map sigma 8", features=lite0, detector=dict(map_sigma=8.0)),
         dict(name="concat, map sigma 12", features=lite0, detector=dict(map_sigma=12.0)),

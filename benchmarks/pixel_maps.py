@@ -13,6 +13,12 @@ ones), over the defective images only, per image, and the mean score of good
 images' border against their centre; then overall and per-type pixel AUROC
 for map_sigma 16, 24, 32 and 48.
 
+``--ceiling`` splits the pooled pixel AUROC of the default maps (and of
+sigma 16) into its pairs: defect pixels against the good images' pixels,
+against the unmarked pixels of defective images, and within one image; and
+prints the pixel AUROC those maps would reach if every comparison between
+pixels of different images came out right (only within-image pairs wrong).
+
 ``--more-levers`` prints the levers tried after that diagnosis: each map minus
 its own median (a per-image background), the mean patch score as the image
 score, ``patch_size`` 5 and 7, a third layer (``blocks.5``), 160 px input, and
@@ -28,6 +34,7 @@ import argparse, sys, json, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import training_images
 from skpatchcore import PatchFeatureTransformer, CoresetSampler, PatchCoreDetector
@@ -41,6 +48,7 @@ parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
 parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
 parser.add_argument("--cache", type=Path, default=Path("/tmp/skpatchcore-pixel"))
 parser.add_argument("--diagnose", action="store_true", help="break the default maps' pixel AUROC down, then stop")
+parser.add_argument("--ceiling", action="store_true", help="split pixel AUROC into within- and across-image pairs, then stop")
 parser.add_argument("--more-levers", action="store_true", help="per-image background, mean image score, patch size, a third layer, 160 px; then stop")
 args = parser.parse_args()
 mtd, W, out = args.root, args.weights, args.cache
@@ -89,6 +97,32 @@ def diagnose(maps):
                       "good_maps_centre_mean": round(float(maps[good][:, ~border].mean()), 3)}))
 
 
+def mann_whitney_auroc(positive, negative) -> float:
+    """P(positive > negative) + P(tie) / 2 over all pairs, from one ranking."""
+    ranks = rankdata(np.concatenate([positive, negative]))
+    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+
+
+def ceiling(maps):
+    """Pixel AUROC by kind of pair, and its value if only within-image pairs could be wrong."""
+    marked = np.asarray(masks).astype(bool); good = np.asarray(data.test_defect_types) == "good"
+    positive = maps[marked]
+    negative_good, negative_defective = maps[good].ravel(), maps[~good][~marked[~good]]
+    within_pairs = within_right = 0.0
+    for i in np.flatnonzero(~good):
+        n_pos, n_neg = int(marked[i].sum()), int((~marked[i]).sum())
+        if n_pos and n_neg:
+            pairs = n_pos * n_neg
+            within_pairs += pairs; within_right += pairs * mann_whitney_auroc(maps[i][marked[i]], maps[i][~marked[i]])
+    all_pairs = len(positive) * (len(negative_good) + len(negative_defective))
+    return {"pixel": round(float(pixel_auroc(masks, maps)), 4),
+            "defect_vs_good_images": round(mann_whitney_auroc(positive, negative_good), 4),
+            "defect_vs_unmarked_of_defective_images": round(mann_whitney_auroc(positive, negative_defective), 4),
+            "within_image": round(within_right / within_pairs, 4),
+            "share_of_pairs_within_one_image": round(within_pairs / all_pairs, 4),
+            "bound_if_cross_image_pairs_all_right": round((within_right + all_pairs - within_pairs) / all_pairs, 4)}
+
+
 def more_levers():
     """Levers tried after the diagnosis: per-image background, mean image score, patch size, layers, scale."""
     types = np.asarray(data.test_defect_types); masks_array = np.asarray(masks).astype(bool)
@@ -115,6 +149,13 @@ def more_levers():
     pair = normalised["160 px"], grid / -base.offset_  # each scale divided by its own training threshold
     record("224 + 160 px, sigma 16", sum(g.reshape(len(g), -1).max(1) for g in pair), sum(maps_from(g, sigma=16) for g in pair))
 
+
+if args.ceiling:
+    bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr)
+    grid = PatchCoreDetector(n_neighbors=1, random_state=0).fit(bank).patch_scores(te)
+    for sigma in (4, 16):
+        print(json.dumps({"sigma": sigma, **ceiling(maps_from(grid, sigma=sigma))}), flush=True)
+    sys.exit()
 
 if args.more_levers:
     more_levers()

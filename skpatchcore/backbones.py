@@ -410,14 +410,18 @@ def _fix_input_size_padding(traced: torch.fx.GraphModule, images: torch.Tensor) 
                 traced.set_submodule(name, replacement)
 
 
-def layer_extractor(network: nn.Module, layers: Sequence[str], images: torch.Tensor) -> nn.Module:
+def layer_extractor(
+    network: nn.Module, layers: Sequence[str], images: torch.Tensor | Sequence[torch.Tensor]
+) -> nn.Module:
     """A module mapping images to the list of ``layers`` outputs.
 
     Tries a ``torch.fx`` symbolic trace that keeps only the operations the
     layers depend on; convolutions that pad from the input size are fixed
-    for the size of ``images`` (the transformer always feeds that size). The
+    for the size of the first probe (the transformer's input size). The
     trace is used only if it returns exactly (``torch.equal``) what the
-    hooked network returns for ``images``. Networks that cannot be traced
+    hooked network returns for every probe, so a network fed inputs of
+    several sizes (``PatchFeatureTransformer(scales=...)``) whose padding
+    depends on the size keeps the hooks. Networks that cannot be traced
     (Python control flow on tensor values or sizes) are wrapped in
     :class:`HookedLayers` instead.
 
@@ -426,21 +430,25 @@ def layer_extractor(network: nn.Module, layers: Sequence[str], images: torch.Ten
     network : nn.Module
         In evaluation mode.
     layers : sequence of str
-    images : Tensor of shape (batch, 3, height, width)
-        Probe input for the equality check.
+    images : Tensor of shape (batch, 3, height, width), or a sequence of them
+        Probe inputs for the equality check, one per input size the
+        extractor will be fed; the first fixes the padding.
 
     Returns
     -------
     extractor : nn.Module
     """
+    probes = [images] if isinstance(images, torch.Tensor) else list(images)
     hooked = HookedLayers(network, layers)
     try:
         traced = _trace_layers(network, layers)
-        _fix_input_size_padding(traced, images)
+        _fix_input_size_padding(traced, probes[0])
         with torch.inference_mode():
-            expected, got = hooked(images), traced(images)
-        if len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(expected, got)):
-            return traced
+            for probe in probes:
+                expected, got = hooked(probe), traced(probe)
+                if len(got) != len(expected) or not all(torch.equal(a, b) for a, b in zip(expected, got)):
+                    return hooked
+        return traced
     except Exception:  # any tracing failure falls back to the hooks
         pass
     return hooked

@@ -23,12 +23,13 @@ from ._persistence import VersionedStateMixin
 from ._threads import torch_threads
 from .backbones import (
     build_backbone,
+    extract_layers,
     input_normalization,
     layer_extractor,
     native_input,
     prune_unused_modules,
 )
-from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image
+from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image_geometries
 
 AGGREGATIONS = ("mean_pool", "concat")
 RECIPES = ("recommended", "official")
@@ -219,6 +220,16 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
           (and e.g. ``resize=224``).
     patch_size : int, default=3
         Side of the neighbourhood aggregated into each patch feature.
+    scales : tuple of float, default=(1.0,)
+        Input scales whose features are concatenated per patch. Each image
+        is also resized (and cropped) to ``round(scale * size)`` for every
+        further scale, its patch features are resampled (bilinear,
+        antialiased when shrinking) onto the grid of the first scale, which
+        must be 1.0, and appended to the feature vector: ``(1.0, 0.7)``
+        adds features of a coarser view of each image at about 1.5 times
+        the backbone cost and twice the feature dimension. Not in the
+        paper: a documented deviation (``docs/algorithm.rst``; measured in
+        the benchmarks).
     pretrain_embed_dim : int, default=1024
         Per-layer dimension after pooling (``aggregation="mean_pool"``).
     target_embed_dim : int, default=1024
@@ -297,6 +308,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         std="auto",
         recipe="recommended",
         patch_size=3,
+        scales=(1.0,),
         pretrain_embed_dim=1024,
         target_embed_dim=1024,
         aggregation="auto",
@@ -317,6 +329,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.std = std
         self.recipe = recipe
         self.patch_size = patch_size
+        self.scales = scales
         self.pretrain_embed_dim = pretrain_embed_dim
         self.target_embed_dim = target_embed_dim
         self.aggregation = aggregation
@@ -343,6 +356,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
                 raise ValueError(f"{name} must be {expected}, got {value!r}.")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd, got {self.patch_size}.")
+        _check_scales(self.scales)
         if not (self.crop_size is None or _is_auto(self.crop_size)
                 or (isinstance(self.crop_size, (int, np.integer)) and self.crop_size >= 1)):
             raise ValueError(f"crop_size must be None, 'auto' or a positive integer, got {self.crop_size!r}.")
@@ -381,10 +395,29 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         probe = torch.randn(2, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             prune_unused_modules(model, probe, self.layers)
-            self.backbone_ = layer_extractor(model, self.layers, probe)
+            probes = [probe] + [self._scale_probe(model, crop_size or resize, generator)
+                                for resize, crop_size in self._geometries()[1:]]
+            self.backbone_ = layer_extractor(model, self.layers, probes)
             features = self._aggregate(self.backbone_(probe))
-        self.feature_shape_ = tuple(int(s) for s in features.shape[1:])
+        height, width, n_dims = (int(s) for s in features.shape[1:])
+        self.feature_shape_ = (height, width, n_dims * len(self.scales))
         return self
+
+    def _geometries(self) -> list[tuple[int, int | None]]:
+        """``(resize, crop_size)`` of each scale; the first is the model's own."""
+        return [(max(1, round(scale * self.resize_)),
+                 None if self.crop_size_ is None else max(1, round(scale * self.crop_size_)))
+                for scale in self.scales]
+
+    def _scale_probe(self, model: nn.Module, side: int, generator: torch.Generator) -> torch.Tensor:
+        """A probe image of a further scale's `side`; refuses at fit time a side the backbone cannot take."""
+        probe = torch.randn(2, 3, side, side, generator=generator).contiguous(memory_format=torch.channels_last)
+        try:
+            self._aggregate(extract_layers(model, probe, self.layers))
+        except RuntimeError as error:
+            raise ValueError(f"scales={self.scales!r}: the backbone cannot take a {side} x {side} input "
+                             f"({error}). Use larger scales or a larger resize.") from error
+        return probe
 
     def _is_efficientnet(self, model: nn.Module) -> bool:
         name = self.backbone if isinstance(self.backbone, str) else type(model).__name__
@@ -439,9 +472,28 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         return aggregate_official(layer_maps, self.patch_size, self.pretrain_embed_dim, self.target_embed_dim)
 
     def _preprocess(self, image) -> np.ndarray:
-        return preprocess_image(
-            image, self.resize_, self.crop_size_, self.interpolation_, self.mean_, self.std_, self.exif_transpose
+        """The backbone input of one image (its first scale)."""
+        return self._preprocess_views(image)[0]
+
+    def _preprocess_views(self, image) -> list[np.ndarray]:
+        """The backbone inputs of one image, one per scale (the file read once)."""
+        return preprocess_image_geometries(
+            image, self._geometries(), self.interpolation_, self.mean_, self.std_, self.exif_transpose
         )
+
+    def _features(self, model: nn.Module, views: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """Patch features of a batch seen at every scale, concatenated on the first scale's grid."""
+        parts = []
+        for view in views:
+            tensor = torch.from_numpy(view).to(device).contiguous(memory_format=torch.channels_last)
+            features = self._aggregate(model(tensor))
+            if parts and features.shape[1:3] != parts[0].shape[1:3]:
+                grid = tuple(parts[0].shape[1:3])
+                shrink = features.shape[1] > grid[0] or features.shape[2] > grid[1]
+                features = F.interpolate(features.permute(0, 3, 1, 2), size=grid, mode="bilinear",
+                                         align_corners=False, antialias=shrink).permute(0, 2, 3, 1)
+            parts.append(features)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
     def transform(self, X) -> np.ndarray:
         """Compute patch features.
@@ -469,11 +521,10 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         with torch_threads(self.n_jobs):
             for start in tqdm(starts, desc="Patch features", unit="batch", disable=not self.progress):
                 stop = min(start + self.batch_size, len(images))
-                batch = np.stack([self._preprocess(image) for image in images[start:stop]])
+                per_image = [self._preprocess_views(image) for image in images[start:stop]]
+                views = [np.stack(view) for view in zip(*per_image)]  # one batch per scale
                 with torch.inference_mode():
-                    tensor = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
-                    features = self._aggregate(model(tensor))
-                    output[start:stop] = features.float().cpu().numpy()
+                    output[start:stop] = self._features(model, views, device).float().cpu().numpy()
         return output
 
     def __sklearn_tags__(self):
@@ -488,6 +539,16 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             # A CPU copy for the pickle: the live network stays where it is (on the GPU).
             state["backbone_"] = _cpu_copy(state["backbone_"])
         return state
+
+
+def _check_scales(scales) -> None:
+    """``scales``: a non-empty tuple of positive finite numbers whose first is 1.0."""
+    valid = (isinstance(scales, (tuple, list)) and len(scales) > 0
+             and all(isinstance(s, numbers.Real) and not isinstance(s, bool) and np.isfinite(s) and s > 0
+                     for s in scales))
+    if not valid or float(scales[0]) != 1.0:
+        raise ValueError(f"scales must be a tuple of positive numbers whose first is 1.0 (the model's own "
+                         f"input size), e.g. (1.0,) or (1.0, 0.7); got {scales!r}.")
 
 
 def _is_auto(value) -> bool:

@@ -400,21 +400,46 @@ def preprocess_image(
     tensor : ndarray of shape (3, side, side), float32
         Normalised channels-first image.
     """
+    return preprocess_image_geometries(image, [(resize, crop_size)], interpolation, mean, std, exif_transpose)[0]
+
+
+def preprocess_image_geometries(
+    image: ImageLike,
+    geometries: Sequence[tuple[int, int | None]],
+    interpolation: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    exif_transpose: bool = True,
+) -> list[np.ndarray]:
+    """One image read once and brought to several ``(resize, crop_size)`` geometries.
+
+    Each geometry is applied to the decoded image as in
+    :func:`preprocess_image` (used for inputs at several scales).
+
+    Returns
+    -------
+    tensors : list of ndarray of shape (3, side, side), float32
+        One normalised channels-first image per geometry, in order.
+    """
     resample = _RESAMPLING[interpolation]
-    resized: dict[int, Image.Image] = {}
-    planes = []
-    for channel in _to_pil_channels(image, exif_transpose):
-        if id(channel) not in resized:  # a greyscale plane repeated three times is resized once
-            resized[id(channel)] = _resize_and_crop(channel, resize, crop_size, resample)
-        planes.append(resized[id(channel)])
-    if len(planes) == 1:
-        array = np.asarray(planes[0], dtype=np.float32) / 255.0
-        array = np.moveaxis(array, -1, 0)
-    else:
-        array = np.stack([np.asarray(p, dtype=np.float32) for p in planes])
+    channels = _to_pil_channels(image, exif_transpose)
     mean_array = np.asarray(mean, dtype=np.float32)[:, None, None]
     std_array = np.asarray(std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((array - mean_array) / std_array)
+    tensors = []
+    for resize, crop_size in geometries:
+        resized: dict[int, Image.Image] = {}
+        planes = []
+        for channel in channels:
+            if id(channel) not in resized:  # a greyscale plane repeated three times is resized once
+                resized[id(channel)] = _resize_and_crop(channel, resize, crop_size, resample)
+            planes.append(resized[id(channel)])
+        if len(planes) == 1:
+            array = np.asarray(planes[0], dtype=np.float32) / 255.0
+            array = np.moveaxis(array, -1, 0)
+        else:
+            array = np.stack([np.asarray(p, dtype=np.float32) for p in planes])
+        tensors.append(np.ascontiguousarray((array - mean_array) / std_array))
+    return tensors
 
 
 def preprocess_mask(mask, resize: int, crop_size: int | None) -> np.ndarray:

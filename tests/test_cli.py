@@ -271,6 +271,18 @@ def test_missing_weights_file_and_bad_crop(category, tmp_path, capsys):
     assert "crop_size must be None or in [1, resize=256], got 300" in _error_line(capsys)
 
 
+def test_fit_scales(category, tmp_path, capsys):
+    out = tmp_path / "multi.skpc"
+    assert main(["fit", str(category / "train"), "-o", str(out), *FAST, "--scales", "1", "0.5", "-q"]) == 0
+    features = skpatchcore.load(out)[0]
+    assert features.scales == (1.0, 0.5) and features.feature_shape_ == (8, 8, 2048)
+    args = ["fit", str(category / "train"), "-o", str(tmp_path / "bad.skpc"), *FAST]
+    assert main([*args, "--scales", "0.5", "1"]) == 1
+    assert "scales must be a tuple of positive numbers whose first is 1.0" in _error_line(capsys)
+    assert main([*args, "--scales", "1", "-2"]) == 2
+    assert "--scales: expected a positive number, got '-2'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_verbose_shows_traceback(tmp_path, capsys, position):
     args = ["fit", str(tmp_path / "nowhere"), "-o", str(tmp_path / "m.joblib")]

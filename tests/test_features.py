@@ -441,3 +441,81 @@ def test_colour_array_masks_match_grey_ones():
     assert preprocess_mask(colour, 32, None).shape == (32, 32)
     with pytest.raises(ValueError, match="must be 2-D"):
         preprocess_mask(np.zeros((2, 40, 40, 3)), 32, None)
+
+
+def _on_grid(features: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(n, h, w, d) features resampled bilinearly onto `grid`, antialiased when shrinking."""
+    tensor = torch.from_numpy(features).permute(0, 3, 1, 2)
+    shrink = tensor.shape[2] > grid[0]
+    return F.interpolate(tensor, size=grid, mode="bilinear", align_corners=False,
+                         antialias=shrink).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("geometry", [dict(resize=64, crop_size=None), dict(resize=80, crop_size=64)])
+def test_scales_append_each_scales_features_on_the_first_grid(rng, geometry):
+    images = rng.integers(0, 256, (2, 70, 90, 3), dtype=np.uint8)
+    multi = small_transformer(aggregation="concat", scales=(1.0, 0.5, 2.0), random_state=0, **geometry).fit()
+    got = multi.transform(images)
+    single = small_transformer(aggregation="concat", random_state=0, **geometry).fit()
+    assert multi.input_size_ == single.input_size_ == (64, 64)
+    assert multi.feature_shape_ == got.shape[1:] == (8, 8, 3 * 384)
+    np.testing.assert_array_equal(got[..., :384], single.transform(images))
+    for block, scale in ((1, 0.5), (2, 2.0)):
+        crop = None if geometry["crop_size"] is None else int(scale * geometry["crop_size"])
+        view = small_transformer(aggregation="concat", random_state=0, resize=int(scale * geometry["resize"]),
+                                 crop_size=crop).fit()
+        assert view.transform(images).shape[1] == 8 * scale
+        np.testing.assert_allclose(got[..., block * 384:(block + 1) * 384],
+                                   _on_grid(view.transform(images), (8, 8)), rtol=1e-5, atol=1e-5)
+
+
+def test_scales_read_each_file_once(tmp_path, rng, monkeypatch):
+    import skpatchcore.images as images_module
+
+    path = tmp_path / "part.png"
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)
+    reads = []
+    original = images_module.read_pixels
+    monkeypatch.setattr(images_module, "read_pixels", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    transformer = small_transformer(scales=(1.0, 0.5)).fit()
+    from_file = transformer.transform([str(path)])
+    assert reads == [str(path)]
+    np.testing.assert_array_equal(from_file, transformer.transform(np.asarray(Image.open(path))[None]))
+
+
+@pytest.mark.parametrize("scales", [(), (0.5, 1.0), (1.0, -0.5), (1.0, 0.0), (1.0, float("nan")), "1.0",
+                                    (1.0, True), (1.0, "0.5"), 1.0])
+def test_bad_scales_raise_a_clear_error(scales):
+    with pytest.raises(ValueError, match=r"scales must be a tuple of positive numbers whose first is 1\.0"):
+        small_transformer(scales=scales).fit()
+
+
+def test_a_scale_the_backbone_cannot_take_is_refused_at_fit():
+    class NeedsAtLeast16(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 16)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match=r"scales=\(1\.0, 0\.2\): the backbone cannot take a 13 x 13 input"):
+        PatchFeatureTransformer(backbone=NeedsAtLeast16(), layers=("conv",), weights=None, resize=64,
+                                crop_size=None, scales=(1.0, 0.2)).fit()
+
+
+def test_scales_of_a_network_padding_by_input_size_match_the_network_at_each_size(rng):
+    # timm's tf_ EfficientNets pad by the input size ("same" padding): a trace with the padding fixed for the
+    # first scale's size would compute other numbers at the other scales' sizes, so the hooks run there.
+    pytest.importorskip("timm")
+    params = dict(backbone="timm:tf_efficientnet_lite0", weights=None, layers=("blocks.2", "blocks.4"),
+                  random_state=0, resize=64, crop_size=None)
+    images = rng.integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
+    multi = PatchFeatureTransformer(scales=(1.0, 0.78), **params).fit()
+    assert isinstance(multi.backbone_, HookedLayers)
+    got = multi.transform(images)
+    single = PatchFeatureTransformer(**params).fit()
+    assert not isinstance(single.backbone_, HookedLayers)  # one size: the trace with fixed padding
+    np.testing.assert_allclose(got[..., :152], single.transform(images), rtol=1e-5, atol=1e-5)
+    view = PatchFeatureTransformer(**{**params, "resize": 50}).fit()  # round(0.78 * 64) = 50
+    np.testing.assert_allclose(got[..., 152:], _on_grid(view.transform(images), (8, 8)), rtol=1e-5, atol=1e-5)

@@ -337,3 +337,23 @@ def test_killed_save_keeps_the_previous_model(tmp_path, suffix, sig, how):
         process.kill()
         process.stdout.close()
     assert target.read_bytes() == b"previous model"
+
+
+def test_multi_scale_model_round_trips(images, tmp_path):
+    model = make_patchcore(backbone="resnet18", weights=None, resize=64, crop_size=None, random_state=0,
+                           sampling_ratio=0.5, scales=(1.0, 0.75)).fit(images[:4])
+    loaded = skpatchcore.load(skpatchcore.save(model, tmp_path / "multi.skpc"))
+    assert loaded[0].scales == (1.0, 0.75) and loaded[0].feature_shape_ == (8, 8, 2048)
+    expected_scores, expected_maps = model.score_and_maps(images)
+    scores, maps = loaded.score_and_maps(images)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(maps, expected_maps)
+
+
+def test_a_model_saved_before_scales_existed_loads_single_scale(fitted, saved, images, tmp_path):
+    def drop_scales(metadata, description):
+        del description["estimator"]["steps"][0][1]["params"]["scales"]
+
+    loaded = skpatchcore.load(_rewrite(saved, tmp_path / "old.skpc", drop_scales))
+    assert loaded[0].scales == (1.0,)
+    np.testing.assert_array_equal(loaded.score_samples(images), fitted.score_samples(images))

@@ -63,6 +63,7 @@ def run_fit(args: argparse.Namespace) -> int:
         resize="auto" if args.resize is None else args.resize,
         crop_size=crop_size,
         interpolation=args.interpolation or "auto",
+        scales=tuple(args.scales),
         exif_transpose=args.exif_transpose,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
