@@ -54,6 +54,8 @@ def mtd_configs(weights: str) -> list[dict]:
         dict(name="concat, blocks.2+4+5", features={**lite0, "layers": ("blocks.2", "blocks.4", "blocks.5")}),
         dict(name="concat, 320 px", features={**lite0, "resize": 320}),
         dict(name="concat, scales 1 + 0.7", features={**lite0, "scales": (1.0, 0.7)}),
+        dict(name="concat, scales 1 + 0.7, map sigma 16", features={**lite0, "scales": (1.0, 0.7)},
+             detector=dict(map_sigma=16.0)),
         dict(name="concat, scales 1 + 1.4", features={**lite0, "scales": (1.0, 1.4)}),
         dict(name="concat, scales 1 + 0.7 + 1.4", features={**lite0, "scales": (1.0, 0.7, 1.4)}),
         dict(name="concat, map sigma 2", features=lite0, detector=dict(map_sigma=2.0)),
