@@ -357,3 +357,15 @@ def test_a_model_saved_before_scales_existed_loads_single_scale(fitted, saved, i
     loaded = skpatchcore.load(_rewrite(saved, tmp_path / "old.skpc", drop_scales))
     assert loaded[0].scales == (1.0,)
     np.testing.assert_array_equal(loaded.score_samples(images), fitted.score_samples(images))
+
+
+def test_multi_scale_efficientnet_keeps_the_hooked_network_through_a_round_trip(tmp_path):
+    # Its "same" padding depends on the input size, so with two scales the model keeps the network itself
+    # (no graph) and loading rebuilds it by name.
+    pytest.importorskip("timm")
+    images = np.random.default_rng(1).integers(0, 255, (5, 60, 80, 3), dtype=np.uint8)
+    model = make_patchcore(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=None,
+                           resize=64, random_state=0, sampling_ratio=0.5, scales=(1.0, 0.78)).fit(images[:3])
+    loaded = skpatchcore.load(skpatchcore.save(model.set_params(features__random_state=None), tmp_path / "m.skpc"))
+    assert type(loaded[0].backbone_).__name__ == "HookedLayers"
+    np.testing.assert_array_equal(loaded.score_samples(images), model.score_samples(images))
