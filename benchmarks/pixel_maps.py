@@ -34,7 +34,6 @@ import argparse, sys, json, time
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from scipy.stats import rankdata
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import training_images
 from skpatchcore import PatchFeatureTransformer, CoresetSampler, PatchCoreDetector
@@ -97,10 +96,10 @@ def diagnose(maps):
                       "good_maps_centre_mean": round(float(maps[good][:, ~border].mean()), 3)}))
 
 
-def mann_whitney_auroc(positive, negative) -> float:
-    """P(positive > negative) + P(tie) / 2 over all pairs, from one ranking."""
-    ranks = rankdata(np.concatenate([positive, negative]))
-    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+def pooled_auroc(positive, negative) -> float:
+    """P(positive > negative) + P(tie) / 2 over all pairs of the two score sets."""
+    labels = np.r_[np.ones(len(positive), bool), np.zeros(len(negative), bool)]
+    return float(pixel_auroc([labels[None]], [np.r_[positive, negative][None]]))
 
 
 def ceiling(maps):
@@ -113,11 +112,11 @@ def ceiling(maps):
         n_pos, n_neg = int(marked[i].sum()), int((~marked[i]).sum())
         if n_pos and n_neg:
             pairs = n_pos * n_neg
-            within_pairs += pairs; within_right += pairs * mann_whitney_auroc(maps[i][marked[i]], maps[i][~marked[i]])
+            within_pairs += pairs; within_right += pairs * pooled_auroc(maps[i][marked[i]], maps[i][~marked[i]])
     all_pairs = len(positive) * (len(negative_good) + len(negative_defective))
     return {"pixel": round(float(pixel_auroc(masks, maps)), 4),
-            "defect_vs_good_images": round(mann_whitney_auroc(positive, negative_good), 4),
-            "defect_vs_unmarked_of_defective_images": round(mann_whitney_auroc(positive, negative_defective), 4),
+            "defect_vs_good_images": round(pooled_auroc(positive, negative_good), 4),
+            "defect_vs_unmarked_of_defective_images": round(pooled_auroc(positive, negative_defective), 4),
             "within_image": round(within_right / within_pairs, 4),
             "share_of_pairs_within_one_image": round(within_pairs / all_pairs, 4),
             "bound_if_cross_image_pairs_all_right": round((within_right + all_pairs - within_pairs) / all_pairs, 4)}
