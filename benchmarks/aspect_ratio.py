@@ -3,8 +3,9 @@
 PatchFeatureTransformer squashes every image to one square size, so all
 images share one patch grid. This script measures the alternative without
 changing the estimators: each image is resized with its aspect ratio kept,
-its patch features are computed on its own grid (the transformer's backbone
-and aggregation, one image per forward pass), the 1% coreset is taken over
+its patch features are computed on its own grid (the Lite0 network itself,
+whose "same" padding follows each size, and the transformer's aggregation;
+one image per forward pass), the 1% coreset is taken over
 all training patches, and each test image's patch scores (exact nearest
 neighbour) are upsampled to the 224 x 224 evaluation geometry and smoothed
 (sigma 4 and 16). Modes:
@@ -19,7 +20,7 @@ scaled to zero mean and unit variance over the training patches.
 
 Example::
 
-    OMP_NUM_THREADS=2 python benchmarks/aspect_ratio.py --modes square area height scale --standardise area
+    OMP_NUM_THREADS=2 python benchmarks/aspect_ratio.py --modes square area height scale --standardise square area
 """
 import argparse, json, sys, time
 from pathlib import Path
