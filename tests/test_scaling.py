@@ -73,6 +73,17 @@ def test_chunked_fit_reads_chunks_and_keeps_the_ratio(synthetic, monkeypatch):
     np.testing.assert_array_equal(features[sampler.coreset_indices_], detector.memory_bank_)
 
 
+def test_chunked_fit_spreads_the_remainder_over_the_chunks(synthetic, monkeypatch):
+    # 5 images under a 4-image budget: two chunks of 3 and 2, not 4 and 1, since a
+    # chunk's greedy order costs its rows times its picks (the larger chunk sets the cost).
+    model = small_model(working_memory=FOUR_IMAGES_MIB)
+    sizes = count_transform_calls(model, monkeypatch)
+    model.fit(synthetic.train_images[:5])
+    assert sizes == [3, 2]
+    assert model[1].n_images_seen_ == 5 and set(np.unique(model[-1].bank_image_index_)) <= set(range(5))
+    assert model._fit_chunk(16) == 4 and model._fit_chunk(4) == 4 and model._fit_chunk(9) == 3
+
+
 def test_chunked_coverage_radius_bounds_every_training_row(chunked, synthetic):
     assert np.isnan(chunked[1].coverage_radius_)  # the radius merge computes no bound
     greedy = small_model(working_memory=FOUR_IMAGES_MIB).set_params(coreset__merge_method="greedy")
