@@ -75,6 +75,13 @@ def maps_from(grids, mode="bilinear", sigma=4.0, size=224):
     up = F.interpolate(t, size=(size, size), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))[:, 0].numpy()
     return np.stack([gaussian_filter(g, sigma) if sigma else g for g in up])
 
+
+def patch_score_grid(train, test, ratio=0.01, k=1):
+    """Patch scores of the test images against a coreset of the training patches (seed 0)."""
+    bank = CoresetSampler(sampling_ratio=ratio, random_state=0).fit_transform(train)
+    return PatchCoreDetector(n_neighbors=k, random_state=0).fit(bank).patch_scores(test)
+
+
 f224, tr, te = features(224)
 masks = masks_at_map_geometry(f224, data.test_masks, data.test_images)
 def record(name, scores, maps):
@@ -165,17 +172,13 @@ def feature_levers():
             r[f"pixel_sigma{sigma}"] = round(float(pixel_auroc(masks, maps_from(grid, sigma=sigma))), 4)
         print(json.dumps(r), flush=True)
 
-    def grid_of(train, test, ratio=0.01, k=1):
-        bank = CoresetSampler(sampling_ratio=ratio, random_state=0).fit_transform(train)
-        return PatchCoreDetector(n_neighbors=k, random_state=0).fit(bank).patch_scores(test)
-
-    base = grid_of(tr, te); row("default (1%, k=1)", base)
+    base = patch_score_grid(tr, te); row("default (1%, k=1)", base)
     centre = lambda a: a - a.mean((1, 2), keepdims=True)
-    row("per-image centering of the features", grid_of(centre(np.asarray(tr)), centre(np.asarray(te))))
+    row("per-image centering of the features", patch_score_grid(centre(np.asarray(tr)), centre(np.asarray(te))))
     standardise = lambda a: centre(a) / (a.std((1, 2), keepdims=True) + 1e-3)
-    row("per-image standardisation of the features", grid_of(standardise(np.asarray(tr)), standardise(np.asarray(te))))
-    row("5% coreset", grid_of(tr, te, ratio=0.05))
-    row("k=3", grid_of(tr, te, k=3))
+    row("per-image standardisation of the features", patch_score_grid(standardise(np.asarray(tr)), standardise(np.asarray(te))))
+    row("5% coreset", patch_score_grid(tr, te, ratio=0.05))
+    row("k=3", patch_score_grid(tr, te, k=3))
     smooth = maps_from(base, sigma=16); median = np.median(smooth.reshape(len(smooth), -1), 1)[:, None, None]
     for part in (0.25, 0.5):
         print(json.dumps({"name": f"sigma 16, each map minus {part} x its own median",
@@ -187,8 +190,7 @@ if args.feature_levers:
     sys.exit()
 
 if args.ceiling:
-    bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr)
-    grid = PatchCoreDetector(n_neighbors=1, random_state=0).fit(bank).patch_scores(te)
+    grid = patch_score_grid(tr, te)
     for sigma in (4, 16):
         print(json.dumps({"sigma": sigma, **ceiling(maps_from(grid, sigma=sigma))}), flush=True)
     sys.exit()
@@ -198,8 +200,7 @@ if args.more_levers:
     sys.exit()
 
 if args.diagnose:
-    bank = CoresetSampler(sampling_ratio=0.01, random_state=0).fit_transform(tr)
-    grid = PatchCoreDetector(n_neighbors=1, random_state=0).fit(bank).patch_scores(te)
+    grid = patch_score_grid(tr, te)
     default_maps = maps_from(grid)
     record("224 k=1 bilinear sigma=4", grid.reshape(len(grid), -1).max(1), default_maps)
     diagnose(default_maps)
