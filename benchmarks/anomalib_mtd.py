@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skpatchcore.datasets import load_mvtec
-from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD, preprocess_mask
-from skpatchcore.metrics import image_auroc, pixel_auroc
+from skpatchcore.io.datasets import load_mvtec
+from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD, preprocess_mask
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 224

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import training_images
 from skpatchcore import CoresetSampler, PatchFeatureTransformer
 from skpatchcore.backbones import build_backbone, extract_layers
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import masks_at_map_geometry
-from skpatchcore.metrics import image_auroc, pixel_auroc
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 from skpatchcore.search import brute_force_kneighbors
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from skpatchcore import make_patchcore
-from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate
 
 

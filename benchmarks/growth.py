@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -30,8 +30,8 @@ from scipy.stats import spearmanr
 
 from skpatchcore import CoresetSampler, NormalOnlyKFold, PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore.evaluation import masks_at_map_geometry
-from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
-from skpatchcore.metrics import image_auroc, pixel_auroc
+from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 from skpatchcore.synthetic import ALL_DEFECT_KINDS, DEFECT_KINDS, add_synthetic_defects
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +86,11 @@ def demo_configs() -> list[dict]:
 
 def load_data(args):
     if args.data == "demo":
-        from skpatchcore.datasets import make_synthetic_defects
+        from skpatchcore.synthetic import make_synthetic_defects
 
         data = make_synthetic_defects(n_train=60, n_test_good=30, n_test_defect=60, image_size=128, random_state=0)
         return list(data.train_images), list(data.test_images), data.test_labels, list(data.test_masks)
-    from skpatchcore.datasets import load_mvtec
+    from skpatchcore.io.datasets import load_mvtec
 
     data = load_mvtec(args.root)
     return data.train_images, data.test_images, data.test_labels, data.test_masks

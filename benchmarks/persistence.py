@@ -64,7 +64,7 @@ def main() -> None:
 
     import skpatchcore
     from skpatchcore import make_patchcore
-    from skpatchcore.datasets import load_mvtec
+    from skpatchcore.io.datasets import load_mvtec
 
     data = load_mvtec(args.root)
     setups = {

@@ -43,9 +43,9 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import training_images
 from skpatchcore import PatchFeatureTransformer, CoresetSampler, PatchCoreDetector
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import masks_at_map_geometry
-from skpatchcore.metrics import image_auroc, pixel_auroc
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

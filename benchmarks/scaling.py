@@ -109,7 +109,7 @@ def lite0_model(args, sampling_ratio: float, **params):
 
 
 def evaluate(model, mtd: Path) -> dict:
-    from skpatchcore.datasets import load_mvtec
+    from skpatchcore.io.datasets import load_mvtec
     from skpatchcore.evaluation import evaluate
 
     metrics, _ = evaluate(model, load_mvtec(mtd))

@@ -39,9 +39,9 @@ import torch
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore._greedy import greedy_numba, mean_distance_to_starts
 from skpatchcore.backbones import extract_layers
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.detector import upsample_patch_scores
-from skpatchcore.metrics import image_auroc
+from skpatchcore.evaluation.metrics import image_auroc
 from skpatchcore.pipeline import PatchCorePipeline
 from skpatchcore.search import (
     BFloat16Shortlist,
@@ -283,7 +283,7 @@ def cold_section(train_paths: list[str], test_paths: list[str], args) -> None:
 MEMORY_SCRIPT = """
 import sys, time
 from skpatchcore import make_patchcore
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 data = load_mvtec(sys.argv[1])
 model = make_patchcore("timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=sys.argv[2],
     resize=224, crop_size=None, interpolation="bicubic", sampling_ratio=0.01, random_state=0)

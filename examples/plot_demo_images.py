@@ -4,7 +4,7 @@ Images end to end: scores and an anomaly map
 
 The full image pipeline of :func:`~skpatchcore.make_patchcore` on the
 synthetic surface-defect images that ``skpatchcore demo`` uses
-(:func:`skpatchcore.datasets.make_synthetic_defects`, generated in memory).
+(:func:`skpatchcore.synthetic.make_synthetic_defects`, generated in memory).
 To run offline and fast, the backbone is a ResNet-18 with *random* weights
 (``weights=None``) on 96 x 96 inputs; with ImageNet weights (the default,
 ``wide_resnet50_2``) the scores separate much better, see :doc:`/quickstart`.
@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from skpatchcore import make_patchcore
-from skpatchcore.datasets import make_synthetic_defects
-from skpatchcore.metrics import image_auroc, pixel_auroc
-from skpatchcore.plotting import plot_triptych
+from skpatchcore.synthetic import make_synthetic_defects
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
+from skpatchcore.evaluation.figures import plot_triptych
 
 data = make_synthetic_defects(n_train=12, n_test_good=4, n_test_defect=6, image_size=96, random_state=0)
 print("train:", data.train_images.shape, " test:", data.test_images.shape)

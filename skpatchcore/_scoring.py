@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .images import UnreadableImageError, image_size
+from .io.images import UnreadableImageError, image_size
 
 
 class ScoredChunk(NamedTuple):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .images import IMAGENET_MEAN, IMAGENET_STD
+from .io.images import IMAGENET_MEAN, IMAGENET_STD
 from .weights import PYPI_WEIGHTS
 
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._persistence import VersionedStateMixin
+from .io.versioning import VersionedStateMixin
 from ._validation import PatchRows, pool_patches, validate_features
 
 

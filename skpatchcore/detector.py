@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._budget import images_per_chunk
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._persistence import VersionedStateMixin
+from .io.versioning import VersionedStateMixin
 from ._validation import PatchRows, validate_features
 from .search import (
     BFloat16Shortlist,
@@ -600,7 +600,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         ``score_samples``, **higher means more normal** (minus the PatchCore
         anomaly score); the maps are PatchCore's anomaly maps, **higher means
         more anomalous**. ``-score_samples`` is the anomaly score to pass to
-        metrics such as :func:`~skpatchcore.metrics.image_auroc`.
+        metrics such as :func:`~skpatchcore.evaluation.metrics.image_auroc`.
 
         Parameters
         ----------

@@ -227,10 +227,10 @@ def chunk_coresets(
 
 
 def _score_task(model, images: list, with_maps: bool, original_size: bool, plan, n_jobs):
-    from .pipeline import score_chunk
-
+    # The worker's copy runs locally and has the caller's working_memory, so the chunk is one part.
     with _task_context(plan, n_jobs):
-        return score_chunk(model, images, with_maps, original_size)
+        (_, scores, maps), = model.iter_score_and_maps(images, original_size=original_size, maps=with_maps)
+    return scores, maps
 
 
 def score_chunks(

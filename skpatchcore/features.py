@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._persistence import VersionedStateMixin
+from .io.versioning import VersionedStateMixin
 from ._threads import torch_threads
 from .backbones import (
     build_backbone,
@@ -29,7 +29,7 @@ from .backbones import (
     native_input,
     prune_unused_modules,
 )
-from .images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image_geometries
+from .io.images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image_geometries
 
 AGGREGATIONS = ("mean_pool", "concat")
 RECIPES = ("recommended", "official")
@@ -503,7 +503,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         X : ndarray of shape (n_images, H, W, 3) or (n_images, H, W), or list
             uint8 (0-255), uint16 (0-65535) or float (0-1) images, a list of
             arrays of differing sizes, or a list of image file paths
-            (8-bit, 16-bit and 32-bit; see :mod:`skpatchcore.images` for
+            (8-bit, 16-bit and 32-bit; see :mod:`skpatchcore.io.images` for
             how pixel values are scaled).
 
         Returns

@@ -105,9 +105,9 @@ class SyntheticDefectScorer:
         self.random_state = random_state
 
     def __call__(self, estimator, X, y=None) -> float:
-        from .evaluation import masks_at_map_geometry
-        from .images import as_image_list
-        from .metrics import image_auroc, pixel_auroc
+        from .evaluation.protocol import masks_at_map_geometry
+        from .io.images import as_image_list
+        from .evaluation.metrics import image_auroc, pixel_auroc
         from .synthetic import add_synthetic_defects
 
         images = as_image_list(X)

@@ -19,7 +19,7 @@ from ._union import SpilledUnion
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
 from .features import PatchFeatureTransformer
-from .images import as_image_list, image_size
+from .io.images import as_image_list, image_size
 
 
 class PatchCorePipeline(DocLinkMixin, Pipeline):

@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synthetic():
     """A small deterministic defect dataset (uint8 RGB, 96 px)."""
-    from skpatchcore.datasets import make_synthetic_defects
+    from skpatchcore.synthetic import make_synthetic_defects
 
     return make_synthetic_defects(n_train=16, n_test_good=8, n_test_defect=12, image_size=96, random_state=0)
 
@@ -34,7 +34,8 @@ def hot_map():
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
     """A small MVTec-layout folder of generated 64 px parts (for the command line)."""
-    from skpatchcore.datasets import make_synthetic_defects, save_mvtec_layout
+    from skpatchcore.io.datasets import save_mvtec_layout
+    from skpatchcore.synthetic import make_synthetic_defects
 
     bunch = make_synthetic_defects(n_train=6, n_test_good=2, n_test_defect=3, image_size=64, random_state=0)
     return save_mvtec_layout(bunch, tmp_path_factory.mktemp("data"), category="parts")

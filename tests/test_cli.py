@@ -17,13 +17,15 @@ import torch
 from PIL import Image
 
 import skpatchcore
-from skpatchcore import PatchCoreDetector, _persistence, cli, demo
+from skpatchcore import PatchCoreDetector, cli
+from skpatchcore.cli import demo
+from skpatchcore.io import versioning
 from skpatchcore.cli import demo as cli_demo
 from skpatchcore.cli import main
 from skpatchcore.cli._common import collect_images
 from skpatchcore.cli.score import SCORE_COLUMNS
 from skpatchcore.evaluation import masks_at_map_geometry
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.pipeline import PatchCorePipeline
 
 FAST = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--no-crop",
@@ -233,7 +235,7 @@ def test_incompatible_model_version(category, tmp_path, capsys, monkeypatch):
     detector = PatchCoreDetector(random_state=0).fit(np.random.default_rng(0).normal(size=(20, 3)))
     old = tmp_path / "old.joblib"
     with monkeypatch.context() as patch:
-        patch.setattr(_persistence, "MODEL_FORMAT_VERSION", 999)
+        patch.setattr(versioning, "MODEL_FORMAT_VERSION", 999)
         joblib.dump(detector, old)
     assert main(["score", str(old), str(category / "test"), "-o", str(tmp_path / "o"), "--allow-pickle"]) == 1
     line = _error_line(capsys)

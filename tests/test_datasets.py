@@ -1,4 +1,4 @@
-"""Tests for skpatchcore.datasets."""
+"""Tests for skpatchcore.io.datasets."""
 
 from pathlib import Path
 
@@ -7,12 +7,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from skpatchcore.datasets import (
-    load_masks,
-    load_mvtec,
-    make_synthetic_defects,
-    save_mvtec_layout,
-)
+from skpatchcore.io.datasets import load_masks, load_mvtec, save_mvtec_layout
+from skpatchcore.synthetic import make_synthetic_defects
 
 MTD_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mtd"
 

@@ -8,7 +8,7 @@ matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
 from skpatchcore import AnomalyMapDisplay, AnomalyRocDisplay, make_patchcore  # noqa: E402
-from skpatchcore.plotting import _new_figure  # noqa: E402
+from skpatchcore.evaluation.figures import new_figure  # noqa: E402
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_anomaly_map_display_from_predictions(image, hot_map, mask):
 
 def test_anomaly_map_display_plot_on_given_axes(image, hot_map):
     display = AnomalyMapDisplay(image, hot_map)
-    ax = _new_figure(4, 4).add_subplot()
+    ax = new_figure(4, 4).add_subplot()
     assert display.plot(ax=ax, colorbar=False) is display
     assert display.ax_ is ax and display.contour_ is None and display.colorbar_ is None
     np.testing.assert_array_equal(display.image_.get_array(), image)
@@ -103,7 +103,7 @@ def test_roc_display_pixel_level_pools_pixels(rng):
 
 
 def test_roc_display_plot_on_given_axes_and_errors(rng):
-    figure = _new_figure(8, 4)
+    figure = new_figure(8, 4)
     axes = figure.subplots(1, 2)
     masks = [np.eye(4, dtype=bool), np.zeros((4, 4), dtype=bool)]
     maps = [rng.random((4, 4)) for _ in masks]

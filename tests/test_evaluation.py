@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import skpatchcore
-from skpatchcore.datasets import load_mvtec
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate, evaluate_model, format_metrics, masks_at_map_geometry
 
 pd = pytest.importorskip("pandas")
@@ -88,7 +88,7 @@ def test_masks_of_the_wrong_size_are_refused(model, data):
 
 
 def test_array_masks_at_the_image_size(model, data):
-    from skpatchcore.images import read_mask
+    from skpatchcore.io.images import read_mask
 
     arrays = [None if mask is None else read_mask(mask) for mask in data.test_masks]
     metrics, _ = evaluate(model, images=data.test_images, labels=data.test_labels, masks=arrays)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from skpatchcore.cli import fit as cli_fit
 from skpatchcore.cli import main
-from skpatchcore.images import UnreadableImageError
+from skpatchcore.io.images import UnreadableImageError
 
 from _helpers import small_transformer
 
@@ -231,7 +231,7 @@ def test_exif_orientation_is_applied_unless_turned_off(tmp_path):
                                   on._preprocess(str(tmp_path / "upright.png")))
     assert not np.allclose(off._preprocess(str(tmp_path / "rotated.png")),
                            off._preprocess(str(tmp_path / "upright.png")))
-    from skpatchcore.images import image_size
+    from skpatchcore.io.images import image_size
 
     assert image_size(str(tmp_path / "rotated.png")) == (64, 48)
     assert image_size(str(tmp_path / "rotated.png"), exif_transpose=False) == (48, 64)

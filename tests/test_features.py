@@ -296,7 +296,7 @@ def test_recommended_recipe_for_efficientnets_is_the_checkpoints_input_without_c
 
 
 def test_official_recipe_for_every_backbone():
-    from skpatchcore.images import IMAGENET_MEAN
+    from skpatchcore.io.images import IMAGENET_MEAN
 
     pytest.importorskip("timm")
     lite = PatchFeatureTransformer(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"),
@@ -334,7 +334,7 @@ def test_explicit_geometry_wins_over_the_recipe():
 
 def test_auto_normalisation_follows_the_weights():
     """torchvision weights expect ImageNet statistics; timm's TF ports say so in pretrained_cfg."""
-    from skpatchcore.images import IMAGENET_MEAN, IMAGENET_STD
+    from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
 
     torchvision_model = small_transformer().fit()
     assert (torchvision_model.mean_, torchvision_model.std_) == (IMAGENET_MEAN, IMAGENET_STD)
@@ -406,7 +406,7 @@ def test_unfitted_and_bad_parameters():
 
 
 def test_masks_follow_the_image_geometry():
-    from skpatchcore.images import preprocess_mask
+    from skpatchcore.io.images import preprocess_mask
 
     mask = np.zeros((100, 200), dtype=bool)
     mask[40:60, 90:110] = True  # centred square
@@ -431,7 +431,7 @@ def test_random_weights_are_seeded_without_touching_global_rng():
 
 
 def test_colour_array_masks_match_grey_ones():
-    from skpatchcore.images import preprocess_mask
+    from skpatchcore.io.images import preprocess_mask
 
     grey = np.zeros((40, 40), dtype=np.uint8)
     grey[10:20, 5:15] = 255
@@ -470,7 +470,7 @@ def test_scales_append_each_scales_features_on_the_first_grid(rng, geometry):
 
 
 def test_scales_read_each_file_once(tmp_path, rng, monkeypatch):
-    import skpatchcore.images as images_module
+    import skpatchcore.io.images as images_module
 
     path = tmp_path / "part.png"
     Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from skpatchcore.images import UnreadableImageError, preprocess_image  # noqa: E402
+from skpatchcore.io.images import UnreadableImageError, preprocess_image  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on damaged TIFF tags
 SIDE = 16

@@ -1,11 +1,11 @@
-"""Tests for skpatchcore.metrics against naive reference implementations."""
+"""Tests for skpatchcore.evaluation.metrics against naive reference implementations."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.evaluation.metrics import aupro, image_auroc, pixel_auroc
 
 
 def _random_data(seed, n=4, shape=(12, 14), with_region=True):

@@ -15,8 +15,8 @@ from torch import nn
 
 import skpatchcore
 from skpatchcore import CorruptModelError, IncompatibleModelError, PatchCoreDetector, make_patchcore
-from skpatchcore import persistence
-from skpatchcore._atomic import atomic_write, check_writable_file
+from skpatchcore.io import model_file as persistence
+from skpatchcore.io.atomic import atomic_write, check_writable_file
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ _SLOW_SAVE = textwrap.dedent("""
 
 @pytest.mark.parametrize("suffix, sig, how", [(".skpc", signal.SIGKILL, "cli"), (".joblib", signal.SIGTERM, "helper")])
 def test_killed_save_keeps_the_previous_model(tmp_path, suffix, sig, how):
-    from skpatchcore import _atomic
+    from skpatchcore.io import atomic as _atomic
 
     target = tmp_path / f"model{suffix}"
     target.write_bytes(b"previous model")

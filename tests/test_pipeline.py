@@ -12,7 +12,7 @@ from sklearn.model_selection import GridSearchCV
 
 from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer
 from skpatchcore import IncompatibleModelError
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.evaluation.metrics import aupro, image_auroc, pixel_auroc
 
 
 @pytest.fixture(scope="module")

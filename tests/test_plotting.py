@@ -1,4 +1,4 @@
-"""Tests for skpatchcore.plotting (figures rendered to PNG files, never shown)."""
+"""Tests for skpatchcore.evaluation.figures (figures rendered to PNG files, never shown)."""
 
 import sys
 
@@ -8,8 +8,8 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from skpatchcore import plotting  # noqa: E402
-from skpatchcore.plotting import (  # noqa: E402
+from skpatchcore.evaluation import figures as plotting  # noqa: E402
+from skpatchcore.evaluation.figures import (  # noqa: E402
     overlay_heatmap,
     plot_examples,
     plot_roc_curves,

@@ -9,7 +9,7 @@ from sklearn.pipeline import Pipeline
 from skpatchcore import CoresetSampler, PatchCoreDetector, make_patchcore
 from skpatchcore._threads import effective_n_jobs, torch_threads
 from skpatchcore.coreset import _project
-from skpatchcore.metrics import image_auroc
+from skpatchcore.evaluation.metrics import image_auroc
 
 # A 96 px resnet18 image has 12 x 12 patches of 1024 float32: 0.56 MiB of features.
 ONE_IMAGE_MIB = 12 * 12 * 1024 * 4 / 2**20

@@ -12,7 +12,7 @@ exit status 1; ``--verbose`` adds the traceback. Usage errors exit with 2.
 ``score`` and ``evaluate`` exit with 3 when some images could not be read
 (the others are scored and the failures listed).
 
-Model files are written in the safe format of :mod:`skpatchcore.persistence`
+Model files are written in the safe format of :mod:`skpatchcore.io.model_file`
 (no code runs when one is read), or with :func:`joblib.dump` when the name
 ends in ``.joblib``, ``.pkl`` or ``.pickle``. ``score`` and ``evaluate``
 read a pickle only with ``--allow-pickle``: unpickling runs any code the

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..images import IMAGE_EXTENSIONS, list_images
+from ..io.images import IMAGE_EXTENSIONS, list_images
 
 PROG = "skpatchcore"
 #: Exit status of ``score`` and ``evaluate`` when some images could not be read.
@@ -136,8 +136,8 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         damaged, holds something other than a PatchCore pipeline, or was
         saved by an incompatible version.
     """
-    from .._persistence import CorruptModelError, IncompatibleModelError
-    from ..persistence import detect_format, load
+    from ..io.versioning import CorruptModelError, IncompatibleModelError
+    from ..io.model_file import detect_format, load
     from ..pipeline import PatchCorePipeline
 
     path = Path(path)

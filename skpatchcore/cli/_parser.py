@@ -6,10 +6,9 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import __version__
-from ..demo import DEMO_BACKBONE, DEMO_LAYERS, DEMO_WEIGHTS_FILE
+from .._version import __version__
 from ._common import EXIT_PARTIAL, PROG
-from .demo import run_demo
+from .demo import DEMO_BACKBONE, DEMO_LAYERS, DEMO_WEIGHTS_FILE, run_demo
 from .evaluate import run_evaluate
 from .fit import run_fit
 from .score import run_score

@@ -5,7 +5,7 @@ The work is :func:`skpatchcore.evaluation.evaluate_model`. Unreadable test
 images are left out of the metrics, listed in ``metrics.json`` and
 ``scores.csv`` and make the exit status
 :data:`~skpatchcore.cli._common.EXIT_PARTIAL`; the results replace earlier
-ones only when complete (see :func:`skpatchcore._atomic.staged_outputs`).
+ones only when complete (see :func:`skpatchcore.io.atomic.staged_outputs`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..datasets import load_mvtec
-from ..evaluation import evaluate_model, format_metrics
+from ..io.datasets import load_mvtec
+from ..evaluation.protocol import evaluate_model, format_metrics
 from ._common import apply_pixel_limit, apply_run_options, info, load_model, progress_enabled
 from .score import report_failures
 

@@ -7,9 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._atomic import atomic_path, check_writable_file
+from ..io.atomic import atomic_path, check_writable_file
 from .._scoring import check_readable
-from ..persistence import SUFFIX
+from ..io.model_file import SUFFIX
 from ._common import (
     CommandError,
     apply_pixel_limit,
@@ -102,7 +102,7 @@ def save_model(model, path: str | Path) -> Path:
     -------
     path : Path
     """
-    from ..persistence import save
+    from ..io.model_file import save
 
     path = Path(path)
     if not _is_pickle_name(path):

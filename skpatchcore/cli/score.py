@@ -15,8 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._atomic import atomic_write, staged_outputs
-from .._report import colour_range, prediction_cells, save_heatmap, unique_names
+from ..io.atomic import atomic_write, staged_outputs
+from ..evaluation.report import colour_range, prediction_cells, save_heatmap, unique_names
 from .._scoring import check_readable, iter_scored
 from ._common import (
     EXIT_PARTIAL,
@@ -48,10 +48,10 @@ def run_score(args: argparse.Namespace) -> int:
         check_readable(images)
     write_images = not args.no_images
     if write_images:
-        from ..plotting import _require_matplotlib
+        from ..evaluation.figures import require_matplotlib
 
         try:
-            _require_matplotlib()
+            require_matplotlib()
         except ImportError as error:
             raise CommandError(f"{error} Or pass --no-images.") from error
     output = Path(args.output)

@@ -1,10 +1,9 @@
-"""Dataset loaders and a synthetic defect generator.
+"""Datasets on disk: reading the MVTec AD layout and writing it.
 
 - :func:`load_mvtec` -- list the images of a dataset in MVTec AD layout.
 - :func:`load_masks` -- read ground-truth masks as boolean arrays.
-- :func:`make_synthetic_defects` -- generate a small deterministic textured
-  "part" dataset with scratches, spots and cracks and their pixel masks.
-- :func:`save_mvtec_layout` -- write such a dataset to disk in MVTec layout.
+- :func:`save_mvtec_layout` -- write a dataset (such as
+  :func:`skpatchcore.synthetic.make_synthetic_defects` makes) to disk in MVTec layout.
 
 The MVTec AD layout of one category is::
 
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 from sklearn.utils import Bunch
 
 from .images import IMAGE_EXTENSIONS, list_images, read_mask
@@ -31,12 +29,8 @@ from .images import IMAGE_EXTENSIONS, list_images, read_mask
 __all__ = [
     "load_mvtec",
     "load_masks",
-    "make_synthetic_defects",
     "save_mvtec_layout",
 ]
-
-DEFECT_TYPES = ("scratch", "spot", "crack")
-
 
 def load_mvtec(root: str | os.PathLike, category: str | None = None) -> Bunch:
     """List the images, labels and mask files of an MVTec AD style dataset.
@@ -87,7 +81,7 @@ def load_mvtec(root: str | os.PathLike, category: str | None = None) -> Bunch:
 
     Examples
     --------
-    >>> from skpatchcore.datasets import load_mvtec  # doctest: +SKIP
+    >>> from skpatchcore.io.datasets import load_mvtec  # doctest: +SKIP
     >>> data = load_mvtec("mvtec_ad", category="bottle")  # doctest: +SKIP
     >>> len(data.train_images), data.test_labels.mean()  # doctest: +SKIP
     (209, 0.756...)
@@ -223,101 +217,6 @@ def load_masks(
     return masks
 
 
-def make_synthetic_defects(
-    n_train: int = 20,
-    n_test_good: int = 6,
-    n_test_defect: int = 12,
-    image_size: int = 128,
-    random_state: int | np.random.Generator | None = 0,
-) -> Bunch:
-    """Generate textured part images with synthetic surface defects.
-
-    Every image shows the same kind of surface: a smooth low-frequency
-    shading, a fine periodic (brushed / woven) pattern and a little sensor
-    noise, tinted slightly blue-grey. All images share these statistics but
-    have a random phase and offset. Each defective test image gets exactly
-    one defect, cycling through ``"scratch"`` (thin bright or dark straight
-    line), ``"spot"`` (filled irregular blob of different intensity) and
-    ``"crack"`` (jagged dark polyline). Defects differ from the surface by at
-    least about 60 grey levels and cover 0.5 % to 5 % of the image.
-
-    Parameters
-    ----------
-    n_train : int, default=20
-        Number of normal training images.
-    n_test_good : int, default=6
-        Number of normal test images.
-    n_test_defect : int, default=12
-        Number of defective test images.
-    image_size : int, default=128
-        Height and width of the images, at least 32.
-    random_state : int, numpy Generator or None, default=0
-        Seed or generator; the output is deterministic for a given seed.
-
-    Returns
-    -------
-    data : :class:`~sklearn.utils.Bunch`
-        Dictionary-like object with attributes:
-
-        train_images : ndarray of shape (n_train, H, W, 3), dtype uint8
-            Normal RGB training images.
-        test_images : ndarray of shape (n_test, H, W, 3), dtype uint8
-            Test images, the ``n_test_good`` good ones first.
-        test_labels : ndarray of shape (n_test,), dtype int
-            1 for defective and 0 for good test images.
-        test_masks : ndarray of shape (n_test, H, W), dtype bool
-            Pixel masks of the defects (all False for good images).
-        test_defect_types : list of str
-            ``"good"``, ``"scratch"``, ``"spot"`` or ``"crack"``.
-
-    Examples
-    --------
-    >>> from skpatchcore.datasets import make_synthetic_defects
-    >>> data = make_synthetic_defects(n_train=4, n_test_good=2,
-    ...                               n_test_defect=3, image_size=64)
-    >>> data.train_images.shape, data.test_masks.shape
-    ((4, 64, 64, 3), (5, 64, 64))
-    >>> data.test_defect_types
-    ['good', 'good', 'scratch', 'spot', 'crack']
-    """
-    for name, value in (
-        ("n_train", n_train),
-        ("n_test_good", n_test_good),
-        ("n_test_defect", n_test_defect),
-    ):
-        if int(value) != value or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-    if int(image_size) != image_size or image_size < 32:
-        raise ValueError(f"image_size must be an integer >= 32, got {image_size!r}.")
-    n_train, n_test_good = int(n_train), int(n_test_good)
-    n_test_defect = int(n_test_defect)
-    size = int(image_size)
-    rng = np.random.default_rng(random_state)
-
-    train = np.empty((n_train, size, size), dtype=np.float64)
-    for i in range(n_train):
-        train[i] = _texture(rng, size)
-    n_test = n_test_good + n_test_defect
-    test = np.empty((n_test, size, size), dtype=np.float64)
-    masks = np.zeros((n_test, size, size), dtype=bool)
-    types = ["good"] * n_test_good
-    for i in range(n_test_good):
-        test[i] = _texture(rng, size)
-    for j in range(n_test_defect):
-        i = n_test_good + j
-        kind = DEFECT_TYPES[j % len(DEFECT_TYPES)]
-        test[i], masks[i] = _add_defect(rng, _texture(rng, size), kind)
-        types.append(kind)
-    labels = np.array([t != "good" for t in types], dtype=int)
-    return Bunch(
-        train_images=_to_rgb(train),
-        test_images=_to_rgb(test),
-        test_labels=labels,
-        test_masks=masks,
-        test_defect_types=types,
-    )
-
-
 def save_mvtec_layout(
     bunch: Bunch, root: str | os.PathLike, category: str = "synthetic"
 ) -> Path:
@@ -423,108 +322,3 @@ def _size_tuple(size) -> tuple[int, int]:
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size must be a positive int or (H, W), got {size}.")
     return size
-
-
-def _to_rgb(grey: np.ndarray) -> np.ndarray:
-    """Tint grey float images blue-grey and convert them to uint8 RGB."""
-    tint = np.array([0.93, 0.97, 1.0])
-    return np.clip(np.rint(grey[..., None] * tint), 0, 255).astype(np.uint8)
-
-
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """One grey surface image (float, mean ~130) with a random phase."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    # smooth shading: low-pass filtered white noise, unit variance
-    shading = ndimage.gaussian_filter(
-        rng.standard_normal((size, size)), sigma=size / 12, mode="wrap"
-    )
-    shading /= shading.std() + 1e-12
-    # fine periodic pattern (period 6 px along a 30 degree direction and
-    # 9 px across it), random phase per image
-    angle = np.deg2rad(30.0)
-    u = xx * np.cos(angle) + yy * np.sin(angle)
-    v = -xx * np.sin(angle) + yy * np.cos(angle)
-    phase_u, phase_v = rng.uniform(0, 2 * np.pi, size=2)
-    pattern = 0.6 * np.sin(2 * np.pi * u / 6 + phase_u) + 0.4 * np.sin(
-        2 * np.pi * v / 9 + phase_v
-    )
-    noise = rng.standard_normal((size, size))
-    offset = rng.uniform(-4, 4)
-    return 130.0 + offset + 10.0 * shading + 10.0 * pattern + 3.0 * noise
-
-
-def _segment_distance(yy, xx, p0, p1) -> np.ndarray:
-    """Distance of every grid point to the segment p0-p1 (points as (y, x))."""
-    d = np.subtract(p1, p0, dtype=np.float64)
-    length2 = float(d @ d)
-    if length2 == 0.0:
-        return np.hypot(yy - p0[0], xx - p0[1])
-    t = ((yy - p0[0]) * d[0] + (xx - p0[1]) * d[1]) / length2
-    t = np.clip(t, 0.0, 1.0)
-    return np.hypot(yy - (p0[0] + t * d[0]), xx - (p0[1] + t * d[1]))
-
-
-def _defect_mask(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
-    """Random boolean mask of one defect of the given kind."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    margin = 0.15 * size
-    if kind == "scratch":
-        width = max(2.0, round(size / 48))
-        length = rng.uniform(0.35, 0.6) * size
-        angle = rng.uniform(0, np.pi)
-        direction = np.array([np.sin(angle), np.cos(angle)])
-        center = rng.uniform(margin + length / 2 * np.abs(direction),
-                             size - margin - length / 2 * np.abs(direction))
-        p0, p1 = center - direction * length / 2, center + direction * length / 2
-        return _segment_distance(yy, xx, p0, p1) <= width / 2
-    if kind == "spot":
-        radius = size * rng.uniform(0.07, 0.1)
-        center = rng.uniform(margin + radius, size - margin - radius, size=2)
-        theta = np.arctan2(yy - center[0], xx - center[1])
-        wobble = np.ones_like(theta)
-        for k in (2, 3, 5):
-            amplitude, phase = rng.uniform(0.03, 0.12), rng.uniform(0, 2 * np.pi)
-            wobble += amplitude * np.sin(k * theta + phase)
-        return np.hypot(yy - center[0], xx - center[1]) <= radius * wobble
-    if kind == "crack":
-        width = max(2.0, round(size / 42))
-        n_steps = int(rng.integers(7, 11))
-        step = 0.06 * size
-        heading = rng.uniform(0, 2 * np.pi)
-        point = rng.uniform(0.35 * size, 0.65 * size, size=2)
-        distance = np.full((size, size), np.inf)
-        for _ in range(n_steps):
-            heading += rng.uniform(-0.7, 0.7)
-            nxt = point + step * np.array([np.sin(heading), np.cos(heading)])
-            # turn back towards the centre instead of leaving the image
-            if np.any(nxt < margin) or np.any(nxt > size - margin):
-                heading += np.pi
-                nxt = point + step * np.array([np.sin(heading), np.cos(heading)])
-            distance = np.minimum(distance, _segment_distance(yy, xx, point, nxt))
-            point = nxt
-        return distance <= width / 2
-    raise ValueError(f"Unknown defect type {kind!r}; expected one of {DEFECT_TYPES}.")
-
-
-def _add_defect(
-    rng: np.random.Generator, image: np.ndarray, kind: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one defect of `kind` onto a grey image; return image and mask."""
-    size = image.shape[0]
-    for _ in range(100):
-        mask = _defect_mask(rng, size, kind)
-        if 0.005 <= mask.mean() <= 0.05:
-            break
-    else:  # pragma: no cover - the shapes above always fit within a few draws
-        raise RuntimeError(f"Could not draw a {kind} covering 0.5-5% of the image.")
-    image = image.copy()
-    texture = image[mask] - image[mask].mean()
-    if kind == "scratch":
-        level = 225.0 if rng.random() < 0.5 else 35.0
-        image[mask] = level + 0.2 * texture
-    elif kind == "spot":
-        level = 215.0 if rng.random() < 0.5 else 45.0
-        image[mask] = level + 0.4 * texture
-    else:  # crack
-        image[mask] = 30.0 + 0.2 * texture
-    return image, mask

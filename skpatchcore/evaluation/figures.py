@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from ._atomic import atomic_path
-from ._maps import resize_map
-from .images import ImageLike, rgb_uint8
-from .metrics import _pool, image_auroc, pixel_auroc
+from ..io.atomic import atomic_path
+from .._maps import resize_map
+from ..io.images import ImageLike, rgb_uint8
+from .metrics import pixel_scores_and_labels, image_auroc, pixel_auroc
 
 __all__ = [
     "overlay_heatmap",
@@ -42,7 +42,7 @@ DEFAULT_CMAP = "jet"
 MAX_ROC_POINTS = 2000
 
 
-def _require_matplotlib():
+def require_matplotlib():
     try:
         import matplotlib
     except ImportError as error:
@@ -53,14 +53,14 @@ def _require_matplotlib():
     return matplotlib
 
 
-def _new_figure(width: float, height: float):
-    _require_matplotlib()
+def new_figure(width: float, height: float):
+    require_matplotlib()
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _value_range(anomaly_map: np.ndarray, vmin, vmax) -> tuple[float, float]:
+def value_range(anomaly_map: np.ndarray, vmin, vmax) -> tuple[float, float]:
     low = float(np.min(anomaly_map)) if vmin is None else float(vmin)
     high = float(np.max(anomaly_map)) if vmax is None else float(vmax)
     if not high > low:
@@ -102,10 +102,10 @@ def overlay_heatmap(
         The axes drawn on (``ax.figure`` is its figure).
     """
     if ax is None:
-        ax = _new_figure(4.0, 4.0).add_subplot()
+        ax = new_figure(4.0, 4.0).add_subplot()
     rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
-    low, high = _value_range(amap, vmin, vmax)
+    low, high = value_range(amap, vmin, vmax)
     ax.imshow(rgb)
     ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=low, vmax=high)
     ax.set_axis_off()
@@ -116,7 +116,7 @@ def _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cma
     """Fill three axes with image / anomaly map / ground truth (or overlay)."""
     rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
-    low, high = _value_range(amap, vmin, vmax)
+    low, high = value_range(amap, vmin, vmax)
     axes[0].imshow(rgb)
     heading = title or "image"
     if score is not None:
@@ -172,7 +172,7 @@ def plot_triptych(
     -------
     figure : matplotlib.figure.Figure
     """
-    figure = _new_figure(10.0, 3.4)
+    figure = new_figure(10.0, 3.4)
     axes = figure.subplots(1, 3)
     _draw_triptych(axes, image, anomaly_map, mask, score, title, vmin, vmax, cmap)
     return figure
@@ -214,7 +214,7 @@ def plot_examples(
     for name, values in (("masks", masks), ("scores", scores), ("titles", titles)):
         if values is not None and len(values) != n:
             raise ValueError(f"Got {n} images but {len(values)} {name}.")
-    figure = _new_figure(10.0, 3.2 * n)
+    figure = new_figure(10.0, 3.2 * n)
     axes = np.atleast_2d(figure.subplots(n, 3))
     for i in range(n):
         _draw_triptych(
@@ -263,14 +263,14 @@ def plot_roc_curves(labels, scores, masks=None, maps=None):
     scores = np.asarray(scores, dtype=np.float64)
     auroc = image_auroc(labels, scores)
     with_pixels = masks is not None and maps is not None
-    figure = _new_figure(9.0 if with_pixels else 4.8, 4.4)
+    figure = new_figure(9.0 if with_pixels else 4.8, 4.4)
     axes = np.atleast_1d(figure.subplots(1, 2 if with_pixels else 1))
     fpr, tpr = _roc_points(labels != 0, scores)
     axes[0].plot(fpr, tpr, color="tab:blue", label=f"image AUROC = {auroc:.3f}")
     axes[0].set_title("Image-level ROC")
     if with_pixels:
         pixel_value = pixel_auroc(list(masks), list(maps))
-        pixel_scores, pixel_labels = _pool(list(masks), list(maps))
+        pixel_scores, pixel_labels = pixel_scores_and_labels(list(masks), list(maps))
         fpr, tpr = _roc_points(pixel_labels, pixel_scores)
         axes[1].plot(fpr, tpr, color="tab:red", label=f"pixel AUROC = {pixel_value:.3f}")
         axes[1].set_title("Pixel-level ROC")
@@ -320,10 +320,10 @@ def save_overlay_png(
     -------
     path : pathlib.Path
     """
-    matplotlib = _require_matplotlib()
+    matplotlib = require_matplotlib()
     rgb = rgb_uint8(image)
     amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
-    low, high = _value_range(amap, vmin, vmax)
+    low, high = value_range(amap, vmin, vmax)
     normalised = np.clip((amap - low) / (high - low), 0.0, 1.0)
     colours = matplotlib.colormaps[cmap](normalised)[..., :3]
     blended = (1.0 - alpha) * (rgb / 255.0) + alpha * colours

@@ -12,8 +12,8 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from .detector import PatchCoreDetector
-from .images import as_image_list
+from ..detector import PatchCoreDetector
+from ..io.images import as_image_list
 
 __all__ = ["results_frame"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path
-from .images import model_view
+from ..io.atomic import atomic_path
+from ..io.images import model_view
 
 #: ``evaluate`` CSV columns (``error`` is empty for scored images).
 EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction", "error")
@@ -46,12 +46,12 @@ def colour_range(model, vmin: float | None, vmax: float | None) -> tuple[float, 
 
 def save_heatmap(target: Path, features, image_path: str, anomaly_map, vmin: float, vmax: float) -> None:
     """Overlay on the original image without a crop, else on the cropped view."""
-    from .plotting import save_overlay_png
+    from .figures import save_overlay_png
 
     if features.crop_size_ is not None:
         image = model_view(features, image_path)
     else:  # the original image, turned upright only if the model turned it
-        from .images import read_image
+        from ..io.images import read_image
 
         image = np.asarray(read_image(image_path, getattr(features, "exif_transpose", True)))
     save_overlay_png(target, image, anomaly_map, vmin, vmax)
@@ -74,7 +74,7 @@ def unique_names(paths: Sequence[str]) -> list[str]:
 
 def write_plots(output: Path, features, images, labels, anomaly, masks, maps, vmin, vmax) -> None:
     """``roc.png`` (when both classes are present) and ``worst_examples.png`` in `output`."""
-    from .plotting import plot_examples, plot_roc_curves
+    from .figures import plot_examples, plot_roc_curves
 
     if 0 < labels.sum() < labels.size:
         with_pixels = bool(masks.any()) and not masks.all()

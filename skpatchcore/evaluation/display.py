@@ -11,7 +11,7 @@ from computed values with ``from_predictions``:
   (each drawn by ``sklearn.metrics.RocCurveDisplay``).
 
 matplotlib is imported only when drawing. New figures are made without
-``pyplot``, as in :mod:`skpatchcore.plotting`.
+``pyplot``, as in :mod:`skpatchcore.evaluation.figures`.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import RocCurveDisplay, auc, roc_curve
 
-from ._maps import resize_map
-from .images import ImageLike, preprocess_image, preprocess_mask, read_mask
-from .metrics import _pool
-from .images import rgb_uint8
-from .plotting import DEFAULT_CMAP, _new_figure, _value_range
+from .._maps import resize_map
+from ..io.images import ImageLike, preprocess_image, preprocess_mask, read_mask
+from .metrics import pixel_scores_and_labels
+from ..io.images import rgb_uint8
+from .figures import DEFAULT_CMAP, new_figure, value_range
 
 __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
 
 
 def _image_pipeline(estimator):
     """The feature step of a fitted image pipeline (``make_patchcore``), or a clear error."""
-    from .pipeline import PatchCorePipeline
+    from ..pipeline import PatchCorePipeline
 
     if not isinstance(estimator, PatchCorePipeline):
         raise TypeError(
@@ -134,10 +134,10 @@ class AnomalyMapDisplay:
             Itself, with the attributes set.
         """
         if ax is None:
-            ax = _new_figure(4.4, 4.0).add_subplot()
+            ax = new_figure(4.4, 4.0).add_subplot()
         rgb = rgb_uint8(self.image)
         amap = resize_map(self.anomaly_map, rgb.shape[:2], antialias=True)
-        low, high = _value_range(amap, vmin, vmax)
+        low, high = value_range(amap, vmin, vmax)
         self.image_ = ax.imshow(rgb)
         self.overlay_ = ax.imshow(amap, cmap=cmap, alpha=alpha, vmin=low, vmax=high)
         self.contour_ = None
@@ -293,7 +293,7 @@ class AnomalyRocDisplay:
         if self.pixel_fpr is not None:
             levels.append(("pixel", self.pixel_fpr, self.pixel_tpr, self.pixel_auroc))
         if ax is None:
-            figure = _new_figure(4.6 * len(levels), 4.4)
+            figure = new_figure(4.6 * len(levels), 4.4)
             axes = np.atleast_1d(figure.subplots(1, len(levels)))
         else:
             axes = np.atleast_1d(np.asarray(ax, dtype=object)).ravel()
@@ -380,7 +380,7 @@ class AnomalyRocDisplay:
                     f"masks and maps must pair up with equal shapes; got {len(masks)} masks and {len(maps)} maps, "
                     f"shapes {shapes[:3]}{'...' if len(shapes) > 3 else ''}."
                 )
-            pixel_scores, pixel_labels = _pool(list(masks), list(maps))
+            pixel_scores, pixel_labels = pixel_scores_and_labels(list(masks), list(maps))
             if pixel_labels.all() or not pixel_labels.any():
                 raise ValueError("The pixel level needs masks with both defect and normal pixels.")
             fpr, tpr, _ = roc_curve(pixel_labels, pixel_scores)

@@ -22,7 +22,7 @@ The file holds:
   stored as code. Its weights (the fitted, pruned network's state dict) are
   tensors. Its structure is either the traced ``torch.fx`` graph written as
   data, with module classes, functions and tensor methods from fixed
-  allow-lists (``skpatchcore._graph_format``; kept only when the network
+  allow-lists (``skpatchcore.io.model_graph``; kept only when the network
   rebuilt from it gives exactly the same layer outputs at save time), which
   :func:`load` rebuilds without importing torchvision or timm; or, for
   networks outside the allow-lists, nothing beyond the transformer's
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_write
-from ._persistence import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
+from .atomic import atomic_write
+from .versioning import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
 
@@ -65,10 +65,10 @@ _PICKLE_MAGIC = (b"\x80", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x04\x22\x4d\x18",
 
 def _allowed_classes() -> dict[str, type]:
     """The only classes a file may name."""
-    from .coreset import CoresetSampler
-    from .detector import PatchCoreDetector
-    from .features import PatchFeatureTransformer
-    from .pipeline import PatchCorePipeline
+    from ..coreset import CoresetSampler
+    from ..detector import PatchCoreDetector
+    from ..features import PatchFeatureTransformer
+    from ..pipeline import PatchCorePipeline
 
     return {cls.__name__: cls for cls in (PatchCorePipeline, PatchFeatureTransformer, CoresetSampler,
                                           PatchCoreDetector)}
@@ -115,7 +115,7 @@ class _Encoder:
         self.tensors: dict = {}
 
     def estimator(self, estimator, key: str) -> dict:
-        from .pipeline import PatchCorePipeline
+        from ..pipeline import PatchCorePipeline
 
         name = type(estimator).__name__
         if _allowed_classes().get(name) is not type(estimator):
@@ -156,7 +156,7 @@ class _Encoder:
         """The fitted network: its state dict as tensors, and its graph when the allow-lists cover it."""
         import torch
 
-        from ._graph_format import describe, rebuild
+        from .model_graph import describe, rebuild
 
         seen: set[int] = set()
         state, channels_last = {}, []
@@ -267,7 +267,7 @@ def save(model, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save as save_tensors
 
-    from . import __version__
+    from .._version import __version__
 
     encoder = _Encoder()
     description = {
@@ -397,8 +397,8 @@ class _Decoder:
         self.path = path
 
     def estimator(self, description: dict, key: str):
-        from . import __version__
-        from .pipeline import PatchCorePipeline
+        from .._version import __version__
+        from ..pipeline import PatchCorePipeline
 
         name = description["class"]
         cls = _allowed_classes().get(name)
@@ -444,7 +444,7 @@ class _Decoder:
         for name in description.get("channels_last", []):  # stored as (N, H, W, C): a view, no copy
             state[name] = state[name].permute(0, 3, 1, 2)
         if description.get("graph") is not None:
-            from ._graph_format import rebuild
+            from .model_graph import rebuild
 
             try:
                 network = rebuild(description["graph"], state)

@@ -49,7 +49,7 @@ def image_auroc(labels, scores) -> float:
 
     Examples
     --------
-    >>> from skpatchcore.metrics import image_auroc
+    >>> from skpatchcore.evaluation.metrics import image_auroc
     >>> image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
     """
@@ -110,7 +110,7 @@ def pixel_auroc(masks, maps) -> float:
     scores handled like :func:`sklearn.metrics.roc_auc_score`. Peak extra
     memory is about 20 bytes per pixel.
     """
-    scores, labels = _pool(masks, maps)
+    scores, labels = pixel_scores_and_labels(masks, maps)
     n_pos = int(np.count_nonzero(labels))
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -318,7 +318,7 @@ def _pairs(masks, maps) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def _pool(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def pixel_scores_and_labels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate all maps into float32 scores and all masks into bool labels."""
     pairs = _pairs(masks, maps)
     total = sum(m.size for m, _ in pairs)

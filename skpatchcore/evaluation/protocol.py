@@ -1,7 +1,7 @@
 """Evaluating a fitted model on a labelled test set.
 
 - :func:`evaluate` -- image AUROC, pixel AUROC, AUPRO and per-defect image
-  AUROC of a test set (what :func:`~skpatchcore.datasets.load_mvtec`
+  AUROC of a test set (what :func:`~skpatchcore.io.datasets.load_mvtec`
   returns, or lists of images, labels and masks), and one row of scores
   per image as a pandas ``DataFrame``.
 - :func:`evaluate_model` -- the same metrics of an MVTec-layout test set,
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from sklearn.utils import Bunch
 
-from ._atomic import atomic_write, staged_outputs
-from ._report import (
+from ..io.atomic import atomic_write, staged_outputs
+from .report import (
     EVALUATE_COLUMNS,
     EVALUATE_OUTPUTS,
     colour_range,
@@ -41,7 +41,7 @@ from ._report import (
     unique_names,
     write_plots,
 )
-from ._scoring import check_readable, iter_scored
+from .._scoring import check_readable, iter_scored
 
 if TYPE_CHECKING:
     import pandas
@@ -85,7 +85,7 @@ def evaluate(
     model : PatchCorePipeline
         A fitted pipeline.
     data : Bunch, default=None
-        Output of :func:`skpatchcore.datasets.load_mvtec` (its
+        Output of :func:`skpatchcore.io.datasets.load_mvtec` (its
         ``test_images``, ``test_labels``, ``test_defect_types``,
         ``test_masks`` and ``category``).
     images : sequence of str, path-like or ndarray, default=None
@@ -130,7 +130,7 @@ def evaluate(
 
     Examples
     --------
-    >>> from skpatchcore.datasets import load_mvtec
+    >>> from skpatchcore.io.datasets import load_mvtec
     >>> from skpatchcore.evaluation import evaluate
     >>> metrics, scores = evaluate(model, load_mvtec("mvtec/bottle"))  # doctest: +SKIP
     >>> metrics["image_auroc"], scores.groupby("defect_type")["decision_function"].mean()  # doctest: +SKIP
@@ -160,7 +160,7 @@ def evaluate_model(
     model : PatchCorePipeline
         A fitted pipeline.
     data : Bunch
-        Output of :func:`skpatchcore.datasets.load_mvtec`.
+        Output of :func:`skpatchcore.io.datasets.load_mvtec`.
     output : str or path-like, default=None
         Folder for ``metrics.json`` and ``scores.csv`` (nothing is written
         when None). Everything is written into a staging folder first and
@@ -195,9 +195,9 @@ def evaluate_model(
         ``unreadable`` (``{"path", "error"}`` dicts), then `extra`.
     """
     if (plots or heatmaps) and output is not None:
-        from .plotting import _require_matplotlib
+        from .figures import require_matplotlib
 
-        _require_matplotlib()
+        require_matplotlib()
     low, high = colour_range(model, vmin, vmax)
     with ExitStack() as stack:
         staging = None if output is None else stack.enter_context(staged_outputs(output, EVALUATE_OUTPUTS))
@@ -240,7 +240,7 @@ def masks_at_map_geometry(
         If `images` is given and differs from `masks` in length, or a mask's
         size differs from its image's.
     """
-    from .images import image_size, mask_to_bool, preprocess_mask, read_mask
+    from ..io.images import image_size, mask_to_bool, preprocess_mask, read_mask
 
     if images is not None and len(images) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(images)} images.")
@@ -300,14 +300,14 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _test_set(data, images, labels, masks, defect_types) -> Bunch:
-    """`data`, or a Bunch like :func:`~skpatchcore.datasets.load_mvtec`'s built from the lists."""
+    """`data`, or a Bunch like :func:`~skpatchcore.io.datasets.load_mvtec`'s built from the lists."""
     lists = (images, labels, masks, defect_types)
     if data is not None:
         if any(item is not None for item in lists):
             raise ValueError("Pass either data or images, labels, masks and defect_types, not both.")
         return data
     if images is None or labels is None:
-        raise ValueError("evaluate needs data (see skpatchcore.datasets.load_mvtec) or images and labels.")
+        raise ValueError("evaluate needs data (see skpatchcore.io.datasets.load_mvtec) or images and labels.")
     images = list(images)
     n_images = len(images)
     labels = np.asarray(labels)

@@ -1,5 +1,5 @@
 """Version stamps in pickled estimators, checked when a model is loaded, and the
-errors of model files (pickled or in the safe format of :mod:`skpatchcore.persistence`)."""
+errors of model files (pickled or in the safe format of :mod:`skpatchcore.io.model_file`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class VersionedStateMixin:
     """Adds skpatchcore's version to the pickled state and checks it on load."""
 
     def __getstate__(self):
-        from . import __version__
+        from .._version import __version__
 
         state = super().__getstate__()
         state = dict(state)
@@ -26,7 +26,7 @@ class VersionedStateMixin:
         return state
 
     def __setstate__(self, state):
-        from . import __version__
+        from .._version import __version__
 
         saved_format = state.pop("_skpatchcore_format", None)
         saved_version = state.pop("_skpatchcore_version", "unknown")
