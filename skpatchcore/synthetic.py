@@ -290,7 +290,7 @@ def make_synthetic_defects(
 
     Examples
     --------
-    >>> from skpatchcore.io.datasets import make_synthetic_defects
+    >>> from skpatchcore.synthetic import make_synthetic_defects
     >>> data = make_synthetic_defects(n_train=4, n_test_good=2,
     ...                               n_test_defect=3, image_size=64)
     >>> data.train_images.shape, data.test_masks.shape
