@@ -18,6 +18,8 @@ from skpatchcore import CorruptModelError, IncompatibleModelError, PatchCoreDete
 from skpatchcore.io import model_file as persistence
 from skpatchcore.io.atomic import atomic_write, check_writable_file
 
+from _helpers import rewrite_model_file
+
 
 @pytest.fixture(scope="module")
 def images():
@@ -38,20 +40,7 @@ def saved(fitted, tmp_path_factory):
     return skpatchcore.save(fitted, tmp_path_factory.mktemp("safe") / "model.skpc")
 
 
-def _rewrite(source, target, change):
-    """Copy a saved model, letting `change` edit its metadata and description (checksum kept valid)."""
-    from safetensors.torch import load, save
-
-    data = source.read_bytes()
-    length = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8:8 + length])["__metadata__"]
-    tensors = load(data)
-    description = json.loads(metadata["model"])
-    change(metadata, description)
-    metadata["model"] = json.dumps(description)
-    metadata["sha256"] = persistence._digest(metadata["model"], tensors)
-    target.write_bytes(save(tensors, metadata=metadata))
-    return target
+_rewrite = rewrite_model_file
 
 
 def test_round_trip_scores_bit_identically(fitted, saved, images):

@@ -131,3 +131,52 @@ def test_missing_matplotlib_gives_install_hint(monkeypatch, image, hot_map, tmp_
         plotting.save_overlay_png(tmp_path / "x.png", image, hot_map, 0, 1)
     with pytest.raises(ImportError, match=r"skpatchcore\[plot\]"):
         plotting.plot_triptych(image, hot_map)
+
+
+def test_blocked_uint8_blend_matches_matplotlib_colouring(image, hot_map):
+    import matplotlib
+
+    from skpatchcore._maps import resize_map
+
+    amap = resize_map(hot_map, image.shape[:2], antialias=True)
+    colours = matplotlib.colormaps["jet"](np.clip((amap - 0.0) / 10.0, 0.0, 1.0))[..., :3]
+    expected = np.clip(np.rint((0.6 * (image / 255.0) + 0.4 * colours) * 255.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(plotting.blend_overlay(image, amap, 0.0, 10.0, 0.4, rows_per_block=7), expected)
+
+
+def test_large_overlays_are_downsampled(tmp_path, hot_map):
+    assert plotting.overlay_size(9000, 6000) == (2048, 1365) and plotting.overlay_size(30, 50) == (30, 50)
+    assert plotting.overlay_size(9000, 6000, max_side=None) == (9000, 6000)
+    big = np.full((300, 500, 3), 120, dtype=np.uint8)
+    out = save_overlay_png(tmp_path / "big.png", big, hot_map, 0.0, 10.0, max_side=100)
+    assert _png_size(out) == (100, 60)
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+import numpy as np
+import matplotlib, torch  # imported before the baseline
+from PIL import Image
+from skpatchcore.evaluation.figures import save_overlay_png
+amap = np.random.default_rng(0).random((112, 112)).astype(np.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+save_overlay_png(sys.argv[2], sys.argv[1], amap, 0.0, 1.0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with Image.open(sys.argv[2]) as out:
+    print(out.size, (after - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+def test_overlay_of_a_9000_px_image_stays_within_memory(tmp_path):
+    import subprocess
+
+    source = tmp_path / "huge.png"
+    Image.new("RGB", (9000, 9000), (90, 120, 150)).save(source, compress_level=1)
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(source), str(tmp_path / "o.png")],
+                            capture_output=True, text=True, check=True, timeout=600)
+    size, grown_mib = result.stdout.split(")")
+    assert size == "(2048, 2048"
+    # Reading the file as RGB takes about 2 x 232 MiB (decoded, then converted); drawing the overlay at
+    # full size as float64 RGBA took about 8.9 GiB more in all.
+    assert int(grown_mib) < 1024, result.stdout

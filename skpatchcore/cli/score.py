@@ -3,8 +3,8 @@
 Unreadable images do not stop a run: they get a row with an ``error`` cell,
 are counted at the end and make the exit status :data:`EXIT_PARTIAL`
 (``--fail-fast`` stops at the first one instead). The results are written
-into a staging folder and replace the previous ``scores.csv`` and
-``heatmaps/`` only when complete.
+into a staging folder that replaces the output folder as a whole when
+complete (:mod:`skpatchcore.result_folder`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io.atomic import atomic_write, staged_outputs
+from ..io.atomic import atomic_write
 from ..evaluation.report import colour_range, prediction_cells, save_heatmap, unique_names
 from .._scoring import check_readable, iter_scored
+from ..result_folder import staged_result_folder
 from ._common import (
     EXIT_PARTIAL,
     CommandError,
@@ -62,7 +63,7 @@ def run_score(args: argparse.Namespace) -> int:
     n_anomalous = 0
     failures: list[tuple[str, str]] = []
     start_time = time.perf_counter()
-    with staged_outputs(output, SCORE_OUTPUTS) as staging:
+    with staged_result_folder(output, SCORE_OUTPUTS) as staging:
         with atomic_write(staging / "scores.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(SCORE_COLUMNS)

@@ -10,7 +10,8 @@ shown, no global backend is switched, and figures are saved with
 - :func:`plot_triptych` -- image, anomaly map and ground truth side by side.
 - :func:`plot_examples` -- several triptychs, one per row.
 - :func:`plot_roc_curves` -- image-level and pixel-level ROC curves.
-- :func:`save_overlay_png` -- write an overlay PNG at the image's own size.
+- :func:`save_overlay_png` -- write an overlay PNG at the image's own size
+  (downsampled to :data:`MAX_OVERLAY_SIDE` pixels at most).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ..io.images import ImageLike, rgb_uint8
 from .metrics import pixel_scores_and_labels, image_auroc, pixel_auroc
 
 __all__ = [
+    "blend_overlay",
     "overlay_heatmap",
+    "overlay_size",
     "plot_examples",
     "plot_roc_curves",
     "plot_triptych",
@@ -40,6 +43,9 @@ __all__ = [
 DEFAULT_CMAP = "jet"
 #: Most points drawn per ROC curve (pixel curves have millions of thresholds).
 MAX_ROC_POINTS = 2000
+#: Longest side of a heatmap overlay PNG: larger images are shown downsampled, which keeps
+#: the memory of drawing an overlay bounded whatever the image's size.
+MAX_OVERLAY_SIDE = 2048
 
 
 def require_matplotlib():
@@ -285,6 +291,73 @@ def plot_roc_curves(labels, scores, masks=None, maps=None):
     return figure
 
 
+def overlay_size(height: int, width: int, max_side: int | None = MAX_OVERLAY_SIDE) -> tuple[int, int]:
+    """``(height, width)`` of an overlay of an image: its own size, shrunk to `max_side` at most.
+
+    Parameters
+    ----------
+    height, width : int
+        The image's size.
+    max_side : int or None, default=MAX_OVERLAY_SIDE
+        Longest side of the overlay; None keeps the image's size.
+
+    Returns
+    -------
+    size : tuple of int
+        The aspect ratio is kept (each side rounded, at least 1).
+    """
+    longest = max(height, width)
+    if max_side is None or longest <= max_side:
+        return int(height), int(width)
+    scale = max_side / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _rgb_at(image, size: tuple[int, int]) -> np.ndarray:
+    """Image (PIL image or array) as uint8 RGB of ``size = (height, width)``, resized by PIL."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(rgb_uint8(image))
+    image = image.convert("RGB")
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def blend_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float,
+                  cmap: str = DEFAULT_CMAP, rows_per_block: int = 256) -> np.ndarray:
+    """Colour an anomaly map and blend it into a uint8 RGB image, a block of rows at a time.
+
+    Parameters
+    ----------
+    rgb : ndarray of shape (H, W, 3), uint8
+    anomaly_map : ndarray of shape (H, W)
+    low, high : float
+        Values mapped to the ends of the colour map.
+    alpha : float
+        Weight of the colour.
+    cmap : str, default="jet"
+    rows_per_block : int, default=256
+        Rows coloured at once; the float work is bounded by this many rows
+        (matplotlib would colour the whole map as float64 RGBA at once).
+
+    Returns
+    -------
+    overlay : ndarray of shape (H, W, 3), uint8
+        The same colours as matplotlib's colour map applied to the map
+        normalised to [0, 1] (its lookup table, indexed the same way).
+    """
+    colour_map = require_matplotlib().colormaps[cmap]
+    table = colour_map(np.arange(colour_map.N))[:, :3]
+    overlay = np.empty_like(rgb)
+    for start in range(0, rgb.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        normalised = np.clip((anomaly_map[rows] - low) / (high - low), 0.0, 1.0)
+        index = np.minimum(np.nan_to_num(normalised * colour_map.N).astype(np.intp), colour_map.N - 1)
+        blended = (1.0 - alpha) * (rgb[rows] / 255.0) + alpha * table[index]
+        overlay[rows] = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
+    return overlay
+
+
 def save_overlay_png(
     path: str | os.PathLike,
     image: ImageLike,
@@ -293,42 +366,52 @@ def save_overlay_png(
     vmax: float | None,
     alpha: float = 0.5,
     cmap: str = DEFAULT_CMAP,
+    max_side: int | None = MAX_OVERLAY_SIDE,
 ) -> Path:
-    """Write the anomaly map blended over the image as a PNG of the image's size.
+    """Write the anomaly map blended over the image as a PNG of the image's size (up to `max_side`).
 
     The map is coloured with a matplotlib colour map and alpha-blended into
     the image pixel by pixel (no axes, no margins), so the PNG has exactly
-    the image's height and width.
+    the image's height and width, unless its longer side exceeds
+    `max_side`: then image and map are drawn downsampled to that size
+    (:func:`overlay_size`). The colouring works in uint8 a block of rows at
+    a time (:func:`blend_overlay`), so memory stays bounded for any image.
 
     Parameters
     ----------
     path : str or path-like
         Output file; parent folders are created. Written atomically (a
         temporary file renamed into place).
-    image : str, path-like or ndarray
-        Image file, or array (H, W[, 3]), uint8 or float in [0, 1].
+    image : str, path-like, PIL.Image.Image or ndarray
+        Image file, PIL image, or array (H, W[, 3]), uint8 or float in [0, 1].
     anomaly_map : array-like of shape (h, w)
-        Resized (bilinear) to the image size if it differs.
+        Resized (bilinear) to the overlay size if it differs.
     vmin, vmax : float or None
         Values mapped to the ends of the colour map (the map's own range
         when None); use the same values for every image of a set.
     alpha : float, default=0.5
         Weight of the heatmap colour.
     cmap : str, default="jet"
+    max_side : int or None, default=MAX_OVERLAY_SIDE
+        Longest side of the PNG; None draws at the image's size whatever it
+        is.
 
     Returns
     -------
     path : pathlib.Path
     """
-    matplotlib = require_matplotlib()
-    rgb = rgb_uint8(image)
-    amap = resize_map(anomaly_map, rgb.shape[:2], antialias=True)
+    require_matplotlib()
+    if isinstance(image, (str, os.PathLike)):
+        from ..io.images import read_image
+
+        image = read_image(os.fspath(image))
+    width, height = image.size if isinstance(image, Image.Image) else np.shape(image)[1::-1]
+    size = overlay_size(height, width, max_side)
+    rgb = _rgb_at(image, size)
+    amap = resize_map(anomaly_map, size, antialias=True)
     low, high = value_range(amap, vmin, vmax)
-    normalised = np.clip((amap - low) / (high - low), 0.0, 1.0)
-    colours = matplotlib.colormaps[cmap](normalised)[..., :3]
-    blended = (1.0 - alpha) * (rgb / 255.0) + alpha * colours
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as temporary:
-        Image.fromarray(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)).save(temporary, format="PNG")
+        Image.fromarray(blend_overlay(rgb, amap, low, high, alpha, cmap)).save(temporary, format="PNG")
     return output

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from sklearn.utils import Bunch
 
-from ..io.atomic import atomic_write, staged_outputs
+from ..io.atomic import atomic_write
 from .report import (
     EVALUATE_COLUMNS,
     EVALUATE_OUTPUTS,
@@ -42,6 +42,7 @@ from .report import (
     write_plots,
 )
 from .._scoring import check_readable, iter_scored
+from ..result_folder import staged_result_folder
 
 if TYPE_CHECKING:
     import pandas
@@ -163,10 +164,10 @@ def evaluate_model(
         Output of :func:`skpatchcore.io.datasets.load_mvtec`.
     output : str or path-like, default=None
         Folder for ``metrics.json`` and ``scores.csv`` (nothing is written
-        when None). Everything is written into a staging folder first and
-        replaces the previous results (``metrics.json``, ``scores.csv``,
-        ``heatmaps/``, ``roc.png``, ``worst_examples.png``) only when
-        complete.
+        when None). Everything is written into a staging folder beside it,
+        which replaces the whole folder in one step when complete
+        (:mod:`skpatchcore.result_folder`); a folder holding files other
+        than results of ``score`` / ``evaluate`` is refused.
     plots : bool, default=False
         Also write ``roc.png`` and ``worst_examples.png`` (needs matplotlib).
     heatmaps : bool, default=False
@@ -200,7 +201,7 @@ def evaluate_model(
         require_matplotlib()
     low, high = colour_range(model, vmin, vmax)
     with ExitStack() as stack:
-        staging = None if output is None else stack.enter_context(staged_outputs(output, EVALUATE_OUTPUTS))
+        staging = None if output is None else stack.enter_context(staged_result_folder(output, EVALUATE_OUTPUTS))
         scored = _score_test_set(model, data, fpr_limit, progress, fail_fast)
         metrics = scored.metrics
         metrics.update(extra or {})

@@ -50,10 +50,10 @@ def save_heatmap(target: Path, features, image_path: str, anomaly_map, vmin: flo
 
     if features.crop_size_ is not None:
         image = model_view(features, image_path)
-    else:  # the original image, turned upright only if the model turned it
+    else:  # the original image, turned upright only if the model turned it (downsampled by PIL if large)
         from ..io.images import read_image
 
-        image = np.asarray(read_image(image_path, getattr(features, "exif_transpose", True)))
+        image = read_image(image_path, getattr(features, "exif_transpose", True))
     save_overlay_png(target, image, anomaly_map, vmin, vmax)
 
 

@@ -9,19 +9,17 @@ killed leaves the previous file untouched (and at worst a hidden
 ``.<name>.*.tmp<suffix>`` file, which the next successful write does not
 need).
 
-:func:`staged_outputs` extends this to a set of result files and folders
-written by one command (``scores.csv``, ``metrics.json``, ``heatmaps/``...):
-they are written into a hidden staging folder and moved into place only
-when all of them are complete.
+:mod:`skpatchcore.result_folder` extends this to a command's whole output
+folder (``scores.csv``, ``metrics.json``, ``heatmaps/``...), published as one
+unit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -36,8 +34,13 @@ def _default_file_mode() -> int:
 _FILE_MODE = _default_file_mode()
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where folders cannot be opened)."""
+def fsync_directory(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened).
+
+    Parameters
+    ----------
+    folder : pathlib.Path
+    """
     try:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:  # Windows, or a folder without read permission
@@ -86,7 +89,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 @contextlib.contextmanager
@@ -142,46 +145,3 @@ def check_writable_file(path: str | os.PathLike) -> None:
         ) from error
     os.close(descriptor)
     os.unlink(name)
-
-
-@contextlib.contextmanager
-def staged_outputs(folder: str | os.PathLike, owned: Sequence[str]) -> Iterator[Path]:
-    """Write a command's results into a staging folder; publish them together at the end.
-
-    Parameters
-    ----------
-    folder : str or path-like
-        The output folder (created if needed).
-    owned : sequence of str
-        Names of the files and folders in `folder` that the command writes
-        (e.g. ``["scores.csv", "heatmaps"]``). When the ``with`` block ends
-        without an exception, each one written into the staging folder
-        replaces the old one, and each one *not* written this time is
-        removed, so no result of an earlier run survives beside the new
-        ones. Files are replaced by one rename each, folders by two.
-
-    Yields
-    ------
-    staging : pathlib.Path
-        A hidden folder inside `folder`; write the results there. It is
-        removed at the end, also when the block raises (the previous results
-        are then left as they were).
-    """
-    target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".skpatchcore-staging-", dir=target))
-    try:
-        yield staging
-        replaced = staging / ".replaced"
-        replaced.mkdir()
-        for name in owned:
-            new, old = staging / name, target / name
-            if old.is_dir() and not old.is_symlink():
-                os.replace(old, replaced / name)  # a folder cannot be renamed over another
-            elif not new.exists() and (old.exists() or old.is_symlink()):
-                old.unlink()
-            if new.exists():
-                os.replace(new, old)
-        _fsync_directory(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -48,6 +48,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .versioning import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
+from ..fitted_state import check_fitted_state
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
 
@@ -314,6 +315,8 @@ def _read_metadata(data: bytes, path: Path) -> dict:
         metadata = header.get("__metadata__") or {}
     except (UnicodeDecodeError, ValueError, AttributeError) as error:
         raise CorruptModelError(f"{str(path)!r} is damaged: its header is not valid ({error}).") from error
+    except RecursionError as error:  # brackets nested deeper than Python's recursion limit
+        raise CorruptModelError(f"{str(path)!r} is damaged: its header is nested too deeply.") from error
     if not isinstance(metadata, dict) or metadata.get("format") != FILE_FORMAT:
         raise CorruptModelError(
             f"{str(path)!r} is not a skpatchcore model file (written by skpatchcore.save or "
@@ -375,8 +378,13 @@ def load(path: str | os.PathLike):
         model_format = description["model_format"]
         written_by = description["skpatchcore_version"]
         estimator_description = description["estimator"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CorruptModelError(f"{str(path)!r} holds an invalid model description ({error}).") from error
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        raise CorruptModelError(f"{str(path)!r} holds an invalid model description ({error!r:.200}).") from error
+    if type(model_format) is not int:
+        raise CorruptModelError(
+            f"{str(path)!r} holds an invalid model description: its model format is {model_format!r:.40} "
+            f"(a {type(model_format).__name__}), not an integer."
+        )
     if model_format != MODEL_FORMAT_VERSION:
         raise IncompatibleModelError(
             f"{str(path)!r} was saved by skpatchcore {written_by} (model format {model_format}); this "
@@ -384,9 +392,17 @@ def load(path: str | os.PathLike):
             f"skpatchcore {written_by}."
         )
     try:
-        return _Decoder(tensors, path).estimator(estimator_description, "model")
-    except (KeyError, TypeError, AttributeError) as error:
-        raise CorruptModelError(f"{str(path)!r} holds an invalid model description ({error!r}).") from error
+        model = _Decoder(tensors, path).estimator(estimator_description, "model")
+    except (CorruptModelError, IncompatibleModelError):
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, RuntimeError,
+            OverflowError) as error:
+        raise CorruptModelError(f"{str(path)!r} holds an invalid model description ({error!r:.200}).") from error
+    try:
+        check_fitted_state(model)
+    except ValueError as error:
+        raise CorruptModelError(f"{str(path)!r} holds an invalid fitted model: {error}.") from error
+    return model
 
 
 class _Decoder:
