@@ -71,6 +71,15 @@ def test_save_leaves_the_live_backbone_where_it_is(fitted, tmp_path, monkeypatch
     assert _backbone_entry(_saved_description(path))["graph"] is not None  # verified and kept
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_saving_a_model_on_the_gpu_leaves_it_there(images, tmp_path):
+    model = make_patchcore(backbone="resnet18", weights=None, resize=64, crop_size=None, random_state=0,
+                           sampling_ratio=0.5, device="cuda").fit(images[:4])
+    assert next(model[0].backbone_.parameters()).device.type == "cuda"
+    skpatchcore.save(model, tmp_path / "model.skpc")
+    assert next(model[0].backbone_.parameters()).device.type == "cuda"
+
+
 def test_round_trip_scores_bit_identically(fitted, saved, images):
     loaded = skpatchcore.load(saved)
     expected_scores, expected_maps = fitted.score_and_maps(images)
