@@ -14,7 +14,9 @@ network wrapped with the hooks.
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -315,6 +317,10 @@ def prune_unused_modules(model: nn.Module, images: torch.Tensor, layers: Sequenc
     return n_pruned
 
 
+class TracingFallbackWarning(UserWarning):
+    """``torch.fx`` could not trace a backbone: its layers are captured by forward hooks instead."""
+
+
 class HookedLayers(nn.Module):
     """A network wrapped to return the outputs of ``layers`` (read by hooks).
 
@@ -423,7 +429,8 @@ def layer_extractor(
     several sizes (``PatchFeatureTransformer(scales=...)``) whose padding
     depends on the size keeps the hooks. Networks that cannot be traced
     (Python control flow on tensor values or sizes) are wrapped in
-    :class:`HookedLayers` instead.
+    :class:`HookedLayers` instead, with a :class:`TracingFallbackWarning`
+    that gives the tracing error.
 
     Parameters
     ----------
@@ -449,6 +456,32 @@ def layer_extractor(
                 if len(got) != len(expected) or not all(torch.equal(a, b) for a, b in zip(expected, got)):
                     return hooked
         return traced
-    except Exception:  # any tracing failure falls back to the hooks
-        pass
+    except Exception as error:  # any tracing failure falls back to the hooks, and says why
+        warnings.warn(
+            f"torch.fx cannot trace {type(network).__name__} for the layers {list(layers)} "
+            f"({type(error).__name__}: {error}); forward hooks capture them instead "
+            "(the same features; a saved model then rebuilds the backbone from its name).",
+            TracingFallbackWarning,
+            stacklevel=2,
+        )
     return hooked
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """`module` with every tensor on the CPU, without moving `module` itself.
+
+    A module already on the CPU is returned as it is (pickling does not
+    change it). Otherwise the module is deep-copied with each parameter and
+    buffer replaced by a CPU copy of it, so that the copy never needs a
+    second copy of the weights on the GPU.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return module
+    memo = {}
+    for tensor in tensors:
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = nn.Parameter(cpu, requires_grad=tensor.requires_grad) if isinstance(
+            tensor, nn.Parameter) else cpu
+    copied = copy.deepcopy(module, memo)
+    return copied.to("cpu")  # any other tensor attribute (a traced graph's constants)

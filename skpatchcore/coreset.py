@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
+from ._param_constraints import DEVICE, FRACTION, positive_int
 from .io.versioning import VersionedStateMixin
+from ._random_seeds import derived_rng, draw_seeds
 from ._validation import PatchRows, pool_patches, validate_features
-
 
 #: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
 #: ``sampling_ratio`` of all rows...
@@ -82,8 +83,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     """Greedy k-center coreset of patch features.
 
     Picks the subset of rows whose nearest-neighbour coverage of all rows is
-    (approximately) best: the approximate greedy coreset of PatchCore
-    (Roth et al. 2022, algorithm 1) as in the official code. Rows are
+    (approximately) best: the approximate greedy coreset of PatchCore [1]_
+    (algorithm 1, after the k-center coreset of [2]_) as in the official code. Rows are
     randomly projected to ``projection_dim`` dimensions; every row's distance
     to the coreset starts as its mean distance to ``n_starting_points`` random
     rows; then ``int(n_rows * sampling_ratio)`` times the row farthest from
@@ -95,7 +96,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     the detector with all their patches.
 
     Features that do not fit in memory at once are reduced chunk by chunk
-    (composable coresets, see :meth:`chunk_coreset`, :meth:`allocate` and
+    (composable coresets [3]_, see :meth:`chunk_coreset`, :meth:`allocate` and
     :meth:`merge`): each chunk orders its rows by the same greedy selection;
     the union keeps ``chunk_sampling_ratio`` of all rows, taking from every
     chunk the rows it picked at the largest distances (one distance
@@ -178,6 +179,21 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of 2-D DataFrame input, when they are all strings.
 
+    See Also
+    --------
+    PatchCoreDetector : Stores the selected rows as its memory bank.
+    PatchCorePipeline : Runs the chunked selection within a memory budget.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+       https://arxiv.org/abs/2106.08265
+    .. [2] O. Sener and S. Savarese, "Active Learning for Convolutional
+       Neural Networks: A Core-Set Approach", ICLR 2018.
+    .. [3] P. Indyk, S. Mahabadi, M. Mahdian and V. S. Mirrokni, "Composable
+       Core-sets for Diversity and Coverage Maximization", PODS 2014.
+
     Examples
     --------
     >>> import numpy as np
@@ -210,24 +226,19 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self.random_state = random_state
         self.progress = progress
 
-    def _validate_params(self) -> None:
-        for name in ("sampling_ratio", "chunk_sampling_ratio"):
-            ratio = getattr(self, name)
-            if name == "chunk_sampling_ratio" and ratio is None:
-                continue
-            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {ratio!r}.")
-        if self.method not in ("greedy", "random"):
-            raise ValueError(f"method must be 'greedy' or 'random', got {self.method!r}.")
-        if self.merge_method not in ("radius", "greedy"):
-            raise ValueError(f"merge_method must be 'radius' or 'greedy', got {self.merge_method!r}.")
-        if self.projection_dim is not None and (
-            not isinstance(self.projection_dim, numbers.Integral) or self.projection_dim < 1
-        ):
-            raise ValueError(f"projection_dim must be a positive int or None, got {self.projection_dim!r}.")
-        if not isinstance(self.n_starting_points, numbers.Integral) or self.n_starting_points < 1:
-            raise ValueError(f"n_starting_points must be a positive int, got {self.n_starting_points!r}.")
+    _parameter_constraints: dict = {
+        "sampling_ratio": [FRACTION],
+        "method": [StrOptions({"greedy", "random"})],
+        "projection_dim": [positive_int(), None],
+        "n_starting_points": [positive_int()],
+        "chunk_sampling_ratio": [FRACTION, None],
+        "merge_method": [StrOptions({"radius", "greedy"})],
+        "device": DEVICE,
+        "random_state": ["random_state"],
+        "progress": ["boolean"],
+    }
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Select the coreset rows.
 
@@ -245,11 +256,10 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         return self
 
     def _fit_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
-        """Validate, select the coreset and set the fitted attributes; return the pooled rows."""
-        self._validate_params()
+        """Validate the input, select the coreset and set the fitted attributes; return the pooled rows."""
         rows, image_index = validate_features(self, X, reset=True)
         self._select(rows)
-        self.seed_ = _draw_seed(self.random_state)  # after the picks: they stay as before chunking existed
+        self.seed_ = draw_seeds(self.random_state, 1)[0]  # after the picks: they stay as before chunking existed
         self.n_rows_seen_ = int(rows.shape[0])
         self.n_images_seen_ = None if image_index is None else int(np.asarray(X).shape[0])
         return rows, image_index
@@ -294,6 +304,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         bound = 1.0 / np.sqrt(n_dims)
         return rng.uniform(-bound, bound, size=(n_dims, self.projection_dim)).astype(np.float32)
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, **fit_params):
         """Select the coreset and return the selected rows (the memory bank).
 
@@ -310,7 +321,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             import pandas as pd
 
             if isinstance(X, pd.DataFrame):
-                return pd.DataFrame(selected, index=X.index[self.coreset_indices_], columns=self.get_feature_names_out())
+                index = X.index[self.coreset_indices_]
+                return pd.DataFrame(selected, index=index, columns=self.get_feature_names_out())
         source = None if image_index is None else image_index[self.coreset_indices_]
         return PatchRows(selected, source, np.asarray(self.coreset_indices_))
 
@@ -326,7 +338,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self : CoresetSampler
         """
         self._validate_params()
-        self.seed_ = _draw_seed(self.random_state)
+        self.seed_ = draw_seeds(self.random_state, 1)[0]
         return self
 
     def chunk_coreset(self, X, first_image: int = 0) -> ChunkCoreset:
@@ -357,7 +369,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows = rows.shape[0]
         first_row = int(first_image) * n_rows // features.shape[0]
-        rng = _derived_rng(self.seed_, 1, first_row)
+        rng = derived_rng(self.seed_, 1, first_row)
         radii = None
         if self.method == "random":
             n_selected = min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
@@ -467,14 +479,14 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             picks, radius = np.argsort(-radii, kind="stable"), 0.0
             radii = radii[picks]
         elif self.method == "random":
-            rng = _derived_rng(self.seed_, 2, n_rows_total)
+            rng = derived_rng(self.seed_, 2, n_rows_total)
             picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
             radii = np.full(n_selected, np.inf)
         elif self.merge_method == "radius":
             picks, radii = largest_effective_radii([self._projected(part) for part in parts], radii, n_selected)
             radius = float("nan")
         else:
-            rng = _derived_rng(self.seed_, 2, n_rows_total)
+            rng = derived_rng(self.seed_, 2, n_rows_total)
             starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
             projected = np.concatenate([self._projected(part) for part in parts])
             picks, radius, radii = self._greedy(projected, starts, n_selected)
@@ -501,7 +513,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
 
     def _shared_projection(self, n_dims: int) -> np.ndarray | None:
         """The projection every chunk and the merge share (drawn from ``seed_``)."""
-        return self._projection_matrix(n_dims, _derived_rng(self.seed_, 0))
+        return self._projection_matrix(n_dims, derived_rng(self.seed_, 0))
 
     def transform(self, X):
         """Return ``X`` unchanged (after validation): new images keep all patches.
@@ -573,14 +585,3 @@ def _prefix(part: ChunkCoreset, n_kept: int) -> ChunkCoreset:
         radius=float(part.radii[n_kept]), radii=part.radii[:n_kept],
         projected=None if part.projected is None else part.projected[:n_kept],
     )
-
-
-def _draw_seed(random_state) -> int:
-    """One integer seed from `random_state` (fresh entropy when None)."""
-    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-
-
-def _derived_rng(seed: int, *keys: int) -> np.random.RandomState:
-    """An independent random stream for (`seed`, `keys`): same keys, same stream."""
-    state = np.random.SeedSequence([int(seed), *(int(key) for key in keys)]).generate_state(1)[0]
-    return np.random.RandomState(int(state))

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import numbers
+from numbers import Real
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import images_per_chunk
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
+from ._param_constraints import DEVICE, N_JOBS, WORKING_MEMORY, NumberInterval, positive_int
 from .io.versioning import VersionedStateMixin
 from ._validation import PatchRows, validate_features
 from .search import (
@@ -62,9 +65,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
 
     ``fit`` stores what it receives as the memory bank: 2-D rows (e.g. the
     coreset chosen by :class:`CoresetSampler`) or 4-D patch features
-    ``(n_images, h, w, D)``, whose patches are pooled. Scoring follows the
-    scikit-learn outlier-detection conventions (``score_samples``: higher
-    means more normal).
+    ``(n_images, h, w, D)``, whose patches are pooled. This is PatchCore's scoring step [1]_.
+    Scoring follows the scikit-learn outlier-detection conventions
+    (``score_samples``: higher means more normal), as for
+    ``LocalOutlierFactor(novelty=True)`` [2]_ and ``IsolationForest`` [3]_.
 
     * 4-D input: each patch is scored by its distance to the nearest bank
       row; an image's anomaly score is its largest patch score (optionally
@@ -133,6 +137,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     Attributes
     ----------
     memory_bank_ : ndarray of shape (n_bank, n_features), float32
+        The stored normal rows that every sample is compared with: the
+        rows given to ``fit`` (4-D input pooled to one row per patch), plus
+        those added by ``partial_fit``. In a pipeline, the coreset chosen by
+        :class:`CoresetSampler`.
     bank_image_index_ : ndarray of shape (n_bank,) or None
         Source image of every bank row (from 4-D input or :class:`PatchRows`);
         None for plain rows. Calibration leaves these images out.
@@ -145,6 +153,27 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of 2-D DataFrame input (e.g. through a pipeline with
         ``set_output(transform="pandas")``), when they are all strings.
+
+    See Also
+    --------
+    CoresetSampler : Chooses the memory bank (the greedy coreset).
+    PatchCorePipeline : Images in, scores, maps and decisions out.
+    sklearn.neighbors.LocalOutlierFactor : With ``novelty=True``, a novelty
+        detector that also compares new samples with their nearest training
+        samples, by local density rather than by distance.
+    sklearn.ensemble.IsolationForest : A tree-based outlier detector, with
+        the same ``contamination`` / ``offset_`` / ``decision_function``
+        conventions.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+       https://arxiv.org/abs/2106.08265
+    .. [2] M. M. Breunig, H.-P. Kriegel, R. T. Ng and J. Sander, "LOF:
+       Identifying Density-Based Local Outliers", SIGMOD 2000.
+    .. [3] F. T. Liu, K. M. Ting and Z.-H. Zhou, "Isolation Forest",
+       ICDM 2008.
 
     Examples
     --------
@@ -180,21 +209,22 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    # ------------------------------------------------------------------ fit
-    def _validate_params(self) -> None:
-        if not isinstance(self.n_neighbors, numbers.Integral) or self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors must be a positive int, got {self.n_neighbors!r}.")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
-        if not isinstance(self.reweight_neighbors, numbers.Integral) or self.reweight_neighbors < 1:
-            raise ValueError(f"reweight_neighbors must be a positive int, got {self.reweight_neighbors!r}.")
-        sigma = self.map_sigma
-        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0.0 <= sigma < float("inf")):
-            raise ValueError(f"map_sigma must be a finite number >= 0, got {sigma!r}.")
-        c = self.contamination
-        if not (c == "auto" or (isinstance(c, numbers.Real) and 0.0 < c <= 0.5)):
-            raise ValueError(f"contamination must be 'auto' or a float in (0, 0.5], got {c!r}.")
+    _parameter_constraints: dict = {
+        "n_neighbors": [positive_int()],
+        "algorithm": [StrOptions(set(ALGORITHMS))],
+        "reweight": ["boolean"],
+        "reweight_neighbors": [positive_int()],
+        # Below infinity: an infinite sigma would make every map flat.
+        "map_sigma": [NumberInterval(Real, 0, np.inf, closed="left")],
+        "contamination": [StrOptions({"auto"}), NumberInterval(Real, 0, 0.5, closed="right")],
+        "device": DEVICE,
+        "working_memory": WORKING_MEMORY,
+        "n_jobs": N_JOBS,
+        "random_state": ["random_state"],
+    }
 
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Store the memory bank and calibrate the decision threshold.
 
@@ -212,11 +242,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         -------
         self : PatchCoreDetector
         """
-        self._validate_params()
         rows, image_index = _rows_and_images(self, X, reset=True)
         self._store_bank(rows, image_index, copy=not isinstance(X, PatchRows))
         return self
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
         """Add normal rows or images to the memory bank and recalibrate.
 
@@ -236,7 +266,6 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         """
         if not hasattr(self, "memory_bank_"):
             return self.fit(X, y)
-        self._validate_params()
         rows, image_index = _rows_and_images(self, X, reset=False)
         old_index, n_old = self.bank_image_index_, self.memory_bank_.shape[0]
         if old_index is None and image_index is None:
@@ -503,7 +532,23 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         return -self._score(X)[0]
 
     def decision_function(self, X) -> np.ndarray:
-        """``score_samples(X) - offset_``: negative for predicted anomalies."""
+        """Shifted opposite of the anomaly score: negative for predicted anomalies.
+
+        ``score_samples(X) - offset_``, where ``offset_`` is the threshold
+        calibrated at ``fit`` on training images (or rows) scored without
+        themselves (see ``contamination``). As with scikit-learn's outlier
+        detectors, 0 is the decision boundary and higher means more normal.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,)
+            Negative for samples predicted anomalous, zero or positive for
+            normal ones.
+        """
         return self.score_samples(X) - self.offset_
 
     def pvalues(self, X) -> np.ndarray:
@@ -555,7 +600,22 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         return conformal_pvalues(-np.asarray(scores, dtype=np.float64), self.calibration_scores_)
 
     def predict(self, X) -> np.ndarray:
-        """+1 for normal samples, -1 for anomalies."""
+        """Predict whether each sample is normal (+1) or anomalous (-1).
+
+        A sample is anomalous when its anomaly score exceeds the calibrated
+        threshold (``decision_function(X) < 0``). For a threshold of your
+        own, compare ``-score_samples(X)`` with it, or flag small
+        :meth:`pvalues`.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features) or (n_images, h, w, n_features)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            +1 for normal samples, -1 for anomalies.
+        """
         return np.where(self.decision_function(X) < 0, -1, 1)
 
     def patch_scores(self, X) -> np.ndarray:

@@ -5,24 +5,28 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import sparse
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils import check_random_state
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
+from ._param_constraints import DEVICE, N_JOBS, positive_int
 from .io.versioning import VersionedStateMixin
+from ._random_seeds import int_seeds
 from ._threads import torch_threads
 from .backbones import (
     build_backbone,
+    cpu_copy,
     extract_layers,
     input_normalization,
     layer_extractor,
@@ -165,8 +169,8 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     Images are resized (and by default centre-cropped), normalised and passed
     through the backbone up to the last requested layer. Every feature-map
     position becomes a patch vector that aggregates its 3x3 neighbourhood,
-    with deeper layers upsampled to the first layer's grid (PatchCore,
-    Roth et al. 2022, section 3.1). With torchvision backbones the default is
+    with deeper layers upsampled to the first layer's grid (PatchCore [1]_,
+    section 3.1). With torchvision backbones the default is
     the official ``patchcore-inspection`` recipe; EfficientNets get the
     recipe measured best for them (``aggregation="auto"``, ``mean="auto"``).
 
@@ -285,6 +289,21 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     mean_, std_ : tuple of 3 floats
         The normalisation used (``mean`` and ``std`` with ``"auto"`` resolved).
 
+    See Also
+    --------
+    CoresetSampler : Chooses the memory bank among these patch features.
+    make_patchcore : The pipeline of this transformer, the coreset and the
+        detector.
+    torchvision.models.feature_extraction.create_feature_extractor : The
+        ``torch.fx`` extraction of intermediate layers that ``backbone_``
+        follows.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+       https://arxiv.org/abs/2106.08265
+
     Examples
     --------
     >>> import numpy as np
@@ -340,30 +359,38 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.random_state = random_state
         self.exif_transpose = exif_transpose
 
-    def _validate_params(self) -> None:
-        if isinstance(self.layers, str) or len(self.layers) == 0:
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "layers": [tuple, list],
+        "weights": [str, os.PathLike, None],
+        "resize": [StrOptions({"auto"}), positive_int()],
+        "crop_size": [StrOptions({"auto"}), positive_int(), None],
+        "interpolation": [StrOptions({"auto", *INTERPOLATIONS})],
+        "mean": [StrOptions({"auto"}), "array-like"],
+        "std": [StrOptions({"auto"}), "array-like"],
+        "recipe": [StrOptions(set(RECIPES))],
+        "patch_size": [positive_int()],
+        "scales": [tuple, list],
+        "pretrain_embed_dim": [positive_int()],
+        "target_embed_dim": [positive_int()],
+        "aggregation": [StrOptions({"auto", *AGGREGATIONS})],
+        "device": DEVICE,
+        "batch_size": [positive_int()],
+        "n_jobs": N_JOBS,
+        "progress": ["boolean"],
+        "random_state": ["random_state"],
+        "exif_transpose": ["boolean"],
+    }
+
+    def _check_param_values(self) -> None:
+        """What the constraints cannot say: names of layers, an odd patch size, the scales."""
+        if len(self.layers) == 0 or not all(isinstance(layer, str) for layer in self.layers):
             raise ValueError(f"layers must be a non-empty tuple of layer names, got {self.layers!r}.")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}.")
-        if self.aggregation != "auto" and self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be 'auto' or one of {AGGREGATIONS}, got {self.aggregation!r}.")
-        for name in ("resize", "patch_size", "pretrain_embed_dim", "target_embed_dim", "batch_size"):
-            value = getattr(self, name)
-            if name == "resize" and _is_auto(value):
-                continue
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                expected = "a positive integer or 'auto'" if name == "resize" else "a positive integer"
-                raise ValueError(f"{name} must be {expected}, got {value!r}.")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd, got {self.patch_size}.")
         _check_scales(self.scales)
-        if not (self.crop_size is None or _is_auto(self.crop_size)
-                or (isinstance(self.crop_size, (int, np.integer)) and self.crop_size >= 1)):
-            raise ValueError(f"crop_size must be None, 'auto' or a positive integer, got {self.crop_size!r}.")
-        if not _is_auto(self.interpolation) and self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"Unknown interpolation {self.interpolation!r}; expected 'auto' or one of "
-                             f"{INTERPOLATIONS}.")
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Build the backbone and record the output shape.
 
@@ -374,13 +401,13 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         -------
         self : PatchFeatureTransformer
         """
-        self._validate_params()
+        self._check_param_values()
         model = self.backbone
         if isinstance(model, nn.Module):
             model = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
             if self.random_state is not None:
-                torch.manual_seed(_torch_seed(self.random_state))
+                torch.manual_seed(int_seeds(self.random_state, 1)[0])
             model = build_backbone(model, self.weights)
         self.mean_, self.std_ = self._normalization(model)
         self.aggregation_ = self._resolved_aggregation(model)
@@ -537,7 +564,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         state = super().__getstate__()
         if "backbone_" in state:
             # A CPU copy for the pickle: the live network stays where it is (on the GPU).
-            state["backbone_"] = _cpu_copy(state["backbone_"])
+            state["backbone_"] = cpu_copy(state["backbone_"])
         return state
 
 
@@ -553,30 +580,3 @@ def _check_scales(scales) -> None:
 
 def _is_auto(value) -> bool:
     return isinstance(value, str) and value == "auto"
-
-
-def _torch_seed(random_state) -> int:
-    """The torch seed of `random_state`: an int as it is, else one drawn from it."""
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-
-
-def _cpu_copy(module: nn.Module) -> nn.Module:
-    """`module` with every tensor on the CPU, without moving `module` itself.
-
-    A module already on the CPU is returned as it is (pickling does not
-    change it). Otherwise the module is deep-copied with each parameter and
-    buffer replaced by a CPU copy of it, so that the copy never needs a
-    second copy of the weights on the GPU.
-    """
-    tensors = [*module.parameters(), *module.buffers()]
-    if all(tensor.device.type == "cpu" for tensor in tensors):
-        return module
-    memo = {}
-    for tensor in tensors:
-        cpu = tensor.detach().to("cpu", copy=True)
-        memo[id(tensor)] = nn.Parameter(cpu, requires_grad=tensor.requires_grad) if isinstance(
-            tensor, nn.Parameter) else cpu
-    copied = copy.deepcopy(module, memo)
-    return copied.to("cpu")  # any other tensor attribute (a traced graph's constants)

@@ -15,11 +15,14 @@ Two situations:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import BaseCrossValidator, KFold
+from sklearn.utils._param_validation import StrOptions, validate_parameter_constraints, validate_params
 
+from ._param_constraints import NumberInterval
 from .synthetic import DEFECT_KINDS, check_defect_options
 
 SYNTHETIC_METRICS = ("image_auroc", "pixel_auroc", "mean_auroc")
@@ -49,13 +52,43 @@ class NormalOnlyKFold(BaseCrossValidator):
     [[0, 1, 2], [2, 3, 4]]
     """
 
+    _parameter_constraints: dict = {
+        "n_splits": [NumberInterval(Integral, 2, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
     def __init__(self, n_splits: int = 3, shuffle: bool = False, random_state=None):
         self.n_splits = n_splits
         self.shuffle = shuffle
         self.random_state = random_state
 
+    def _validate_params(self) -> None:
+        """Raise ``InvalidParameterError`` for a parameter outside ``_parameter_constraints``."""
+        params = {name: getattr(self, name) for name in self._parameter_constraints}
+        validate_parameter_constraints(self._parameter_constraints, params, caller_name=type(self).__name__)
+
     def split(self, X, y=None, groups=None):
-        """Yield ``(train, test)`` index arrays."""
+        """Yield ``(train, test)`` index arrays.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...) or list of images
+            Only its length is used.
+        y : array-like of shape (n_samples,), default=None
+            0 for normal samples, anything else for anomalous ones; None
+            means every sample is normal.
+        groups : ignored
+
+        Yields
+        ------
+        train : ndarray
+            Indices of normal samples of the other folds.
+        test : ndarray
+            Indices of the held-out normal samples and of every anomalous
+            sample, sorted.
+        """
+        self._validate_params()
         y = np.zeros(len(X), dtype=int) if y is None else np.asarray(y)
         normal = np.flatnonzero(y == 0)
         anomalous = np.flatnonzero(y != 0)
@@ -66,7 +99,8 @@ class NormalOnlyKFold(BaseCrossValidator):
             yield normal[train], np.sort(np.concatenate([normal[test], anomalous]))
 
     def get_n_splits(self, X=None, y=None, groups=None) -> int:
-        """Number of splits."""
+        """Number of splits (``n_splits``); the arguments are ignored."""
+        self._validate_params()
         return self.n_splits
 
 
@@ -127,6 +161,16 @@ class SyntheticDefectScorer:
                 f"defect_fraction={self.defect_fraction!r}, random_state={self.random_state!r})")
 
 
+@validate_params(
+    {
+        "metric": [StrOptions(set(SYNTHETIC_METRICS))],
+        "kinds": [list, tuple],
+        "defect_fraction": [NumberInterval(Real, 0, 1, closed="neither")],
+        # A fixed int: every configuration must see the same defects on a fold.
+        "random_state": [NumberInterval(Integral, 0, None, closed="left")],
+    },
+    prefer_skip_nested_validation=True,
+)
 def synthetic_defect_scorer(
     metric: str = "mean_auroc",
     kinds: Sequence[str] = DEFECT_KINDS,
@@ -171,7 +215,5 @@ def synthetic_defect_scorer(
     ...     scoring=synthetic_defect_scorer(),
     ... )  # search.fit(paths_of_good_images)
     """
-    if metric not in SYNTHETIC_METRICS:
-        raise ValueError(f"metric must be one of {SYNTHETIC_METRICS}, got {metric!r}.")
     check_defect_options(kinds, defect_fraction)
     return SyntheticDefectScorer(metric, kinds, defect_fraction, random_state)

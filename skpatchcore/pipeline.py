@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
-import numbers
 import tempfile
 
 import numpy as np
+from sklearn.base import _fit_context
 from sklearn.pipeline import Pipeline
-from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils import _safe_indexing
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._budget import check_disk, check_memory, images_per_chunk, resolve_working_memory
 from ._doc_link import DocLinkMixin
 from ._maps import resize_map
+from ._param_constraints import N_JOBS, WORKING_MEMORY
+from ._random_seeds import int_seeds
 from ._threads import torch_threads
 from ._union import SpilledUnion
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
@@ -22,8 +25,21 @@ from .features import PatchFeatureTransformer
 from .io.images import as_image_list, image_size
 
 
+def _check_chunkable(pipeline) -> bool:
+    """``partial_fit`` is there for the steps features -> coreset -> detector only."""
+    if not pipeline._chunkable():
+        raise AttributeError(
+            "partial_fit needs the steps PatchFeatureTransformer -> CoresetSampler -> PatchCoreDetector "
+            "(as make_patchcore builds them)."
+        )
+    return True
+
+
 class PatchCorePipeline(DocLinkMixin, Pipeline):
     """A scikit-learn ``Pipeline`` with PatchCore's pixel-level outputs, in bounded memory.
+
+    PatchCore [1]_ as one estimator: images in; image scores, pixel anomaly
+    maps and calibrated decisions out.
 
     Everything a ``Pipeline`` does works unchanged (``score_samples``,
     ``decision_function``, ``predict``, ``GridSearchCV``, ``joblib``). Added:
@@ -71,7 +87,36 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         :mod:`skpatchcore.distributed`). None runs in this process. Dask
         collections (``dask.bag``, a ``dask.dataframe`` column of paths) are
         scored lazily on the current Dask scheduler whatever this is.
+
+    See Also
+    --------
+    make_patchcore : Builds this pipeline with PatchCore's three steps.
+    PatchCoreDetector : The last step: memory bank, scores, threshold.
+    sklearn.neighbors.LocalOutlierFactor : A nearest-neighbour novelty
+        detector for tabular data (``novelty=True``).
+    sklearn.ensemble.IsolationForest : A tree-based outlier detector for
+        tabular data.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox and P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+       https://arxiv.org/abs/2106.08265
+
+    Examples
+    --------
+    >>> from skpatchcore import make_patchcore
+    >>> model = make_patchcore(backbone="resnet18", weights=None, sampling_ratio=0.01)
+    >>> type(model).__name__, [name for name, _ in model.steps]
+    ('PatchCorePipeline', ['features', 'coreset', 'detector'])
     """
+
+    _parameter_constraints: dict = {
+        **Pipeline._parameter_constraints,
+        "working_memory": WORKING_MEMORY,
+        "n_jobs": N_JOBS,
+        "scheduler": [str, None],
+    }
 
     def __init__(self, steps, *, transform_input=None, memory=None, verbose=False,
                  working_memory=None, n_jobs=None, scheduler=None):
@@ -81,6 +126,8 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         self.scheduler = scheduler
 
     # ------------------------------------------------------------------ fit
+    # prefer_skip_nested_validation=False: each step validates its own parameters when it is fitted.
+    @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None, **params):
         """Fit on the normal samples of ``X`` (all of them when ``y`` is None).
 
@@ -117,6 +164,8 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             detector.fit(bank)
         return self
 
+    @available_if(_check_chunkable)
+    @_fit_context(prefer_skip_nested_validation=False)
     def partial_fit(self, X, y=None):
         """Add normal images to a fitted model without re-reading the old ones.
 
@@ -137,11 +186,6 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         -------
         self : PatchCorePipeline
         """
-        if not self._chunkable():
-            raise TypeError(
-                "partial_fit needs the steps PatchFeatureTransformer -> CoresetSampler -> PatchCoreDetector "
-                "(as make_patchcore builds them)."
-            )
         features, sampler, detector = (step for _, step in self.steps)
         if not hasattr(detector, "memory_bank_"):
             return self.fit(X, y)
@@ -163,7 +207,8 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
     def _chunkable(self) -> bool:
         """Whether the steps are features -> coreset -> detector (the chunked fit's structure)."""
         kinds = (PatchFeatureTransformer, CoresetSampler, PatchCoreDetector)
-        return len(self.steps) == 3 and all(isinstance(step, kind) for (_, step), kind in zip(self.steps, kinds))
+        steps = self.steps if isinstance(self.steps, (list, tuple)) else []  # fit's validation names a bad value
+        return len(steps) == 3 and all(isinstance(step, kind) for (_, step), kind in zip(steps, kinds))
 
     def _fit_chunk(self, n_images: int) -> int:
         """Images per fit chunk: as few chunks as the budget allows, the remainder spread over them.
@@ -223,17 +268,13 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
     # -------------------------------------------------------------- scoring
     def _features_and_detector(self):
         check_is_fitted(self)
-        detector = self.steps[-1][1]
-        if not isinstance(detector, PatchCoreDetector):
-            raise TypeError("The last pipeline step must be a PatchCoreDetector.")
-        first = self.steps[0][1]
-        if not hasattr(first, "input_size_"):
-            raise TypeError("The first pipeline step must be a fitted PatchFeatureTransformer.")
-        return first, detector
-
-    def _scores_images(self) -> bool:
-        """Whether a fitted feature transformer feeds a PatchCoreDetector (else: plain ``Pipeline``)."""
-        return isinstance(self.steps[-1][1], PatchCoreDetector) and hasattr(self.steps[0][1], "input_size_")
+        first = image_features_step(self)
+        if first is None:
+            raise TypeError(
+                "This pipeline does not score images: its first step must be a fitted PatchFeatureTransformer "
+                "and its last step a PatchCoreDetector."
+            )
+        return first, self.steps[-1][1]
 
     def _score_chunk(self) -> int:
         """Images per scoring chunk: features, search results and maps in the budget."""
@@ -340,28 +381,61 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             from .distributed import score_collection
 
             return score_collection(self, X, "score_samples")
-        if not self._scores_images():
+        if image_features_step(self) is None:
             return super().score_samples(X)
         parts = [scores for _, scores, _ in self.iter_score_and_maps(X, maps=False)]
         return np.concatenate(parts)
 
     def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for predicted anomalies."""
+        """Shifted opposite of the anomaly score: negative for predicted anomalies.
+
+        ``score_samples(X) - offset_`` of the last step (a
+        :class:`PatchCoreDetector`, whose threshold ``offset_`` was
+        calibrated at ``fit``); images are scored in chunks, as by
+        :meth:`score_samples`.
+
+        Parameters
+        ----------
+        X : images, rows for a pipeline of tabular steps, or a Dask collection of image paths
+            A Dask collection gives a lazy result of the same kind.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,)
+            Negative for samples predicted anomalous.
+        """
         if _is_dask_collection(X):
             from .distributed import score_collection
 
             return score_collection(self, X, "decision_function")
-        if not self._scores_images():
+        if image_features_step(self) is None:
             return super().decision_function(X)
         return self.score_samples(X) - self.steps[-1][1].offset_
 
     def predict(self, X, **params):
-        """+1 for normal samples, -1 for anomalies."""
+        """Predict whether each sample is normal (+1) or anomalous (-1).
+
+        A sample is anomalous when ``decision_function(X) < 0``: its
+        anomaly score exceeds the threshold calibrated at ``fit``.
+
+        Parameters
+        ----------
+        X : images, rows for a pipeline of tabular steps, or a Dask collection of image paths
+            A Dask collection gives a lazy result of the same kind.
+        **params
+            Passed to ``Pipeline.predict`` (which then predicts without
+            chunks).
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            +1 for normal samples, -1 for anomalies.
+        """
         if _is_dask_collection(X):
             from .distributed import score_collection
 
             return score_collection(self, X, "predict")
-        if params or not self._scores_images():
+        if params or image_features_step(self) is None:
             return super().predict(X, **params)
         return np.where(self.decision_function(X) < 0, -1, 1)
 
@@ -393,6 +467,31 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             # Images in, like the first step (Pipeline copies only its pairwise/sparse tags).
             tags.input_tags = copy.deepcopy(first.__sklearn_tags__().input_tags)
         return tags
+
+
+def image_features_step(model) -> PatchFeatureTransformer | None:
+    """The feature step of a fitted model that scores images, or None for any other model.
+
+    The one test of "does this model score images?" (the pipeline's
+    scoring methods, :func:`~skpatchcore.evaluation.results.results_frame` and the
+    displays use it): `model` is a ``Pipeline`` whose first step was fitted
+    on images (it has ``input_size_``, as a fitted
+    :class:`PatchFeatureTransformer` has) and whose last step is a
+    :class:`PatchCoreDetector`. Pipelines of tabular steps, detectors and
+    unfitted pipelines give None.
+
+    Parameters
+    ----------
+    model : estimator
+
+    Returns
+    -------
+    features : PatchFeatureTransformer or None
+    """
+    if not isinstance(model, Pipeline) or not model.steps:
+        return None
+    first, last = model.steps[0][1], model.steps[-1][1]
+    return first if isinstance(last, PatchCoreDetector) and hasattr(first, "input_size_") else None
 
 
 def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, original_size: bool):
@@ -510,7 +609,7 @@ def make_patchcore(
     >>> [name for name, _ in model.steps]
     ['features', 'coreset', 'detector']
     """
-    seeds = [None] * 3 if random_state is None else _step_seeds(random_state, 3)
+    seeds = [None] * 3 if random_state is None else int_seeds(random_state, 3)
     return PatchCorePipeline(
         [
             ("features", PatchFeatureTransformer(
@@ -528,10 +627,3 @@ def make_patchcore(
         n_jobs=n_jobs,
         scheduler=scheduler,
     )
-
-
-def _step_seeds(random_state, n_steps: int) -> list[int]:
-    """The int for every step, or `n_steps` independent int seeds drawn from a RandomState."""
-    if isinstance(random_state, numbers.Integral):
-        return [int(random_state)] * n_steps
-    return [int(seed) for seed in check_random_state(random_state).randint(np.iinfo(np.int32).max, size=n_steps)]

@@ -10,8 +10,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import get_tags
 
-from _helpers import small_transformer
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchCorePipeline, make_patchcore
+
+from _helpers import small_transformer
+
 
 @pytest.fixture
 def table(rng):
@@ -140,11 +142,11 @@ def test_pickling_leaves_the_live_backbone_alone(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_pickling_a_model_on_the_gpu_leaves_it_there():
-    from skpatchcore.features import _cpu_copy
+    from skpatchcore.backbones import cpu_copy
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).to("cuda")
     module[1].weight.requires_grad_(False)
-    copy = _cpu_copy(module)
+    copy = cpu_copy(module)
     assert copy is not module
     assert all(t.device.type == "cuda" for t in [*module.parameters(), *module.buffers()])
     assert all(t.device.type == "cpu" for t in [*copy.parameters(), *copy.buffers()])

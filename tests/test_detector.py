@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import CoresetSampler, PatchCoreDetector
 from skpatchcore.coreset import PatchRows
@@ -102,7 +103,7 @@ def test_map_sigma_sets_the_smoothing_and_leaves_image_scores_alone(rng):
         np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sigma_scores, scores)
     for bad in (-1, float("nan"), float("inf"), "4", True):
-        with pytest.raises(ValueError, match="map_sigma must be a finite number >= 0"):
+        with pytest.raises(InvalidParameterError, match="'map_sigma' parameter of PatchCoreDetector must be"):
             PatchCoreDetector(map_sigma=bad).fit(train)
 
 
@@ -157,7 +158,7 @@ def test_contamination_sets_the_quantile(rng):
 def test_no_fit_predict_for_a_novelty_detector():
     assert not hasattr(PatchCoreDetector(), "fit_predict")
     with pytest.raises(AttributeError) as error:
-        PatchCoreDetector().fit_predict
+        _ = PatchCoreDetector().fit_predict
     assert "novelty detector" in str(error.value.__cause__)
 
 

@@ -10,8 +10,9 @@ from sklearn.utils import estimator_checks
 from sklearn.utils._testing import create_memmap_backed_data
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from _helpers import small_transformer
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchCorePipeline, make_patchcore
+
+from _helpers import small_transformer
 
 # CoresetSampler.fit_transform returns the selected rows (the memory bank the
 # next pipeline step stores) while transform passes features through: by
@@ -41,11 +42,8 @@ DETECTOR_XFAIL = {
 NORMAL_ONLY = "fit(X, y) keeps the samples with y == 0 (normal) only; the check's labels leave none"
 NOT_ROWS = "input that is neither an array nor a DataFrame is taken for a list of images"
 IN_PLACE = "steps are fitted in place, as by sklearn.pipeline.Pipeline (which these checks skip)"
-IMAGE_PARTIAL_FIT = "partial_fit merges image coresets: it needs features -> coreset -> detector steps"
 PIPELINE_XFAIL = {
     **DETECTOR_XFAIL,
-    "check_fit_score_takes_y": IMAGE_PARTIAL_FIT,
-    "check_n_features_in_after_fitting": IMAGE_PARTIAL_FIT,
     "check_estimators_overwrite_params": IN_PLACE,
     "check_dont_overwrite_parameters": IN_PLACE,
     "check_estimators_dtypes": NORMAL_ONLY,

@@ -3,12 +3,19 @@
 import numpy as np
 import pytest
 from sklearn.model_selection import GridSearchCV
-
-from _helpers import small_model
+from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import NormalOnlyKFold, synthetic_defect_scorer
-from skpatchcore.synthetic import (ALL_DEFECT_KINDS, DEFECT_KINDS, MAX_AREA, UNEVEN_MAX_AREA,
-                                   UNEVEN_MIN_AREA, add_synthetic_defects)
+from skpatchcore.synthetic import (
+    ALL_DEFECT_KINDS,
+    DEFECT_KINDS,
+    MAX_AREA,
+    UNEVEN_MAX_AREA,
+    UNEVEN_MIN_AREA,
+    add_synthetic_defects,
+)
+
+from _helpers import small_model
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def test_synthetic_defects_are_reproducible_and_read_files(synthetic, tmp_path):
     "kwargs, match",
     [
         (dict(kinds=["dent"]), "kinds must be"),
-        (dict(kinds="crack"), "kinds must be"),
+        (dict(kinds="crack"), r"kinds'? (parameter of synthetic_defect_scorer )?must be"),
         (dict(defect_fraction=1.0), "defect_fraction"),
     ],
 )
@@ -89,7 +96,7 @@ def test_bad_synthetic_options(kwargs, match, synthetic):
 def test_one_image_is_refused(synthetic):
     with pytest.raises(ValueError, match="at least 2 images"):
         add_synthetic_defects(synthetic.train_images[:1])
-    with pytest.raises(ValueError, match="metric must be"):
+    with pytest.raises(InvalidParameterError, match="'metric' parameter of synthetic_defect_scorer must be"):
         synthetic_defect_scorer(metric="f1")
 
 

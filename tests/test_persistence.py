@@ -11,7 +11,7 @@ import textwrap
 import joblib
 import numpy as np
 import pytest
-from torch import nn
+import torch
 
 import skpatchcore
 from skpatchcore import CorruptModelError, IncompatibleModelError, PatchCoreDetector, make_patchcore
@@ -41,6 +41,33 @@ def saved(fitted, tmp_path_factory):
 
 
 _rewrite = rewrite_model_file
+
+
+def test_save_leaves_the_live_backbone_where_it_is(fitted, tmp_path, monkeypatch):
+    """Saving checks the stored graph on a CPU copy: the live network is never moved (e.g. off a GPU)."""
+    network = fitted[0].backbone_
+    parameters = list(network.parameters())
+    assert isinstance(network, torch.fx.GraphModule)  # the traced graph, whose rebuild save checks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("save moved the live backbone")
+
+    monkeypatch.setattr(type(network), "to", refuse)
+    monkeypatch.setattr(type(network), "cpu", refuse)
+    path = skpatchcore.save(fitted, tmp_path / "model.skpc")
+    monkeypatch.undo()
+    assert fitted[0].backbone_ is network
+    assert all(a is b for a, b in zip(network.parameters(), parameters))
+    assert _backbone_entry(_saved_description(path))["graph"] is not None  # verified and kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_saving_a_model_on_the_gpu_leaves_it_there(images, tmp_path):
+    model = make_patchcore(backbone="resnet18", weights=None, resize=64, crop_size=None, random_state=0,
+                           sampling_ratio=0.5, device="cuda").fit(images[:4])
+    assert next(model[0].backbone_.parameters()).device.type == "cuda"
+    skpatchcore.save(model, tmp_path / "model.skpc")
+    assert next(model[0].backbone_.parameters()).device.type == "cuda"
 
 
 def test_round_trip_scores_bit_identically(fitted, saved, images):
@@ -74,15 +101,19 @@ def _backbone_entry(description):
     return description["estimator"]["steps"][0][1]["fitted"]["backbone_"]
 
 
+def _saved_description(path):
+    """The JSON description of the model in a saved file."""
+    data = path.read_bytes()
+    return json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["model"])
+
+
 def test_timm_efficientnet_graph_round_trips(images, tmp_path):
     pytest.importorskip("timm")
     model = make_patchcore("timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=None, resize=64,
                            crop_size=None, random_state=0).fit(images[:3])
     model.set_params(features__random_state=None)  # the by-name rebuild could not reproduce the weights
     path = skpatchcore.save(model, tmp_path / "lite0.skpc")
-    data = path.read_bytes()
-    description = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["model"])
-    graph = _backbone_entry(description)["graph"]
+    graph = _backbone_entry(_saved_description(path))["graph"]
     assert graph is not None and "Sequential" in {m["class"] for m in graph["modules"].values()}
     loaded = skpatchcore.load(path)
     np.testing.assert_array_equal(loaded.score_samples(images), model.score_samples(images))

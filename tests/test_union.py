@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import CoresetSampler
 from skpatchcore._union import SpilledUnion, gather_rows, largest_effective_radii
@@ -105,7 +106,7 @@ def test_radius_merge_keeps_the_union_rows_of_largest_effective_radius(rng):
     greedy.seed_ = sampler.seed_
     greedy_bank = greedy.merge(parts)
     assert len(greedy_bank) == 8 and np.isfinite(greedy.coverage_radius_)
-    with pytest.raises(ValueError, match="merge_method must be 'radius' or 'greedy'"):
+    with pytest.raises(InvalidParameterError, match="'merge_method' parameter of CoresetSampler must be"):
         CoresetSampler(merge_method="kmeans").begin_chunks()
 
 

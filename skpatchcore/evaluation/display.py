@@ -21,11 +21,11 @@ import os
 import numpy as np
 from PIL import Image
 from sklearn.metrics import RocCurveDisplay, auc, roc_curve
+from sklearn.utils.validation import check_is_fitted
 
 from .._maps import resize_map
-from ..io.images import ImageLike, preprocess_image, preprocess_mask, read_mask
+from ..io.images import ImageLike, preprocess_image, preprocess_mask, read_mask, rgb_uint8
 from .metrics import pixel_scores_and_labels
-from ..io.images import rgb_uint8
 from .figures import DEFAULT_CMAP, new_figure, value_range
 
 __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
@@ -33,14 +33,20 @@ __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
 
 def _image_pipeline(estimator):
     """The feature step of a fitted image pipeline (``make_patchcore``), or a clear error."""
-    from ..pipeline import PatchCorePipeline
+    from ..pipeline import PatchCorePipeline, image_features_step
 
     if not isinstance(estimator, PatchCorePipeline):
         raise TypeError(
             f"from_estimator needs a fitted PatchCorePipeline (make_patchcore); got {type(estimator).__name__}. "
             "With maps computed already, use from_predictions."
         )
-    first, _ = estimator._features_and_detector()
+    check_is_fitted(estimator)
+    first = image_features_step(estimator)
+    if first is None:
+        raise TypeError(
+            "from_estimator needs a PatchCorePipeline of images (PatchFeatureTransformer first, PatchCoreDetector "
+            "last). With maps computed already, use from_predictions."
+        )
     return first
 
 

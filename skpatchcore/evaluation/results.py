@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..detector import PatchCoreDetector
 from ..io.images import as_image_list
+from ..pipeline import image_features_step
 
 __all__ = ["results_frame"]
 
@@ -41,11 +42,6 @@ def final_detector(model) -> PatchCoreDetector:
         )
     check_is_fitted(detector, "offset_")
     return detector
-
-
-def _scores_images(model) -> bool:
-    first = model.steps[0][1] if isinstance(model, Pipeline) else None
-    return hasattr(first, "input_size_")
 
 
 def results_frame(model, X):
@@ -92,7 +88,7 @@ def results_frame(model, X):
     pd = _require_pandas()
     detector = final_detector(model)
     index = X.index if isinstance(X, pd.DataFrame) else None
-    if _scores_images(model):
+    if image_features_step(model) is not None:
         X = as_image_list(X)  # a generator is read once
         paths = [os.fspath(item) if isinstance(item, (str, os.PathLike)) else None for item in X]
     else:

@@ -158,12 +158,14 @@ class _Encoder:
         import torch
 
         from .model_graph import describe, rebuild
+        from ..backbones import cpu_copy
 
         seen: set[int] = set()
         state, channels_last = {}, []
         for name, tensor in network.state_dict().items():
             tensor = tensor.detach().to("cpu")
-            if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+            channels_last_order = not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+            if tensor.ndim == 4 and channels_last_order:
                 # Stored in its memory order (N, H, W, C), so that loading needs no copy.
                 channels_last.append(name)
                 stored = tensor.permute(0, 2, 3, 1)
@@ -183,7 +185,8 @@ class _Encoder:
             try:
                 rebuilt = rebuild(graph, {name: tensor.clone() for name, tensor in state.items()})
                 with torch.inference_mode():
-                    expected, got = network.to("cpu")(probe), rebuilt(probe)
+                    # On a CPU copy: saving leaves the live network where it is (on the GPU).
+                    expected, got = cpu_copy(network)(probe), rebuilt(probe)
                 same = len(expected) == len(got) and all(torch.equal(a, b) for a, b in zip(expected, got))
             except Exception:  # any failure: rebuild from the backbone's name instead
                 same = False
