@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import demo as _demo
-from ..demo import DEMO_BACKBONE, DEMO_FULL, DEMO_MODEL, DEMO_QUICK, DEMO_WEIGHTS_FILE
+from ..demo import DEMO_BACKBONE, DEMO_FULL, DEMO_MODEL, DEMO_QUICK, DEMO_RESULTS, DEMO_WEIGHTS_FILE
 from ..evaluation import format_metrics
 from ._common import (
     PROG,
@@ -65,10 +65,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics), flush=True)
     if not pretrained:
         warn("these metrics come from a RANDOM-WEIGHT backbone (see above)")
-    written = ["metrics.json", "scores.csv", DEMO_MODEL]
+    written = ["metrics.json", "scores.csv"]
     written += ["heatmaps/", "roc.png", "worst_examples.png"] if plots else []
     total = time.perf_counter() - total_start
-    print(f"Wrote {', '.join(written)} in {output} ({total:.1f} s in all)", flush=True)
+    print(f"Wrote {output / DEMO_MODEL}, and {', '.join(written)} in {output / DEMO_RESULTS} "
+          f"({total:.1f} s in all)", flush=True)
     info(args, f"Next: {PROG} score {output / DEMO_MODEL} YOUR_IMAGES -o {output / 'scores'}")
     return 0
 
