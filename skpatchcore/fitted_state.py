@@ -39,7 +39,7 @@ class _Check:
         if not isinstance(value, np.ndarray):
             self.fail(attribute, f"is a {type(value).__name__}, not an array")
         if value.dtype.kind not in kinds or (dtype is not None and value.dtype != np.dtype(dtype)):
-            expected = np.dtype(dtype).name if dtype is not None else {"i": "integer", "f": "float"}.get(kinds, kinds)
+            expected = np.dtype(dtype).name if dtype is not None else {"i": "integer", "iu": "integer", "f": "float"}.get(kinds, kinds)
             self.fail(attribute, f"has dtype {value.dtype.name}; fit stores {expected}")
         if value.ndim != ndim:
             self.fail(attribute, f"has shape {value.shape}; fit stores a {ndim}-D array")
@@ -103,7 +103,7 @@ def _check_detector(check: _Check) -> None:
     n_neighbors = getattr(check.estimator, "n_neighbors", 1)
     if isinstance(n_neighbors, Integral) and bank.shape[0] < n_neighbors + 1:
         check.fail("memory_bank_", f"has {bank.shape[0]} rows; n_neighbors + 1 = {n_neighbors + 1} are needed")
-    image_index = check.array("bank_image_index_", "i", dtype=np.int64, required=False)
+    image_index = check.array("bank_image_index_", "iu", required=False)
     if image_index is not None and image_index.shape != bank.shape[:1]:
         check.fail("bank_image_index_", f"has shape {image_index.shape}; the memory bank has {bank.shape[0]} rows")
     check.array("calibration_scores_", "f", finite=True)

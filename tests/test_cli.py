@@ -329,14 +329,15 @@ def test_demo_quick(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "Backbone: resnet18" in captured.out and "RANDOM" in captured.out
     assert "image AUROC" in captured.out and "RANDOM-weight" in captured.err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
     assert metrics["backbone"] == "resnet18" and metrics["pretrained"] is False
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics[key] <= 1.0
-    for name in ("model.skpc", "scores.csv", "roc.png", "worst_examples.png"):
-        assert (out / name).is_file()
+    assert (out / "model.skpc").is_file()
+    for name in ("scores.csv", "roc.png", "worst_examples.png"):
+        assert (out / "results" / name).is_file()
     data = load_mvtec(out / "data" / "synthetic")
-    assert len(list((out / "heatmaps").glob("*.png"))) == len(data.test_images) == 5
+    assert len(list((out / "results" / "heatmaps").glob("*.png"))) == len(data.test_images) == 5
     assert isinstance(skpatchcore.load(out / "model.skpc"), PatchCorePipeline)
 
 

@@ -252,3 +252,12 @@ def test_model_format_of_the_wrong_type_says_so(saved, tmp_path):
 def test_untampered_file_still_loads(saved, images, expected_scores):
     assert torch.is_tensor(next(iter(skpatchcore.load(saved)[0].backbone_.state_dict().values())))
     np.testing.assert_array_equal(skpatchcore.load(saved).score_samples(images[:1]), expected_scores)
+
+
+def test_the_source_audit_allows_only_listed_torch_functions_and_tensor_methods():
+    with pytest.raises(ValueError, match="'torch.os.system'"):
+        audit_source("def forward(self, x):\n    y = torch.os.system('id')\n    return y\n")
+    with pytest.raises(ValueError, match="attribute 'numpy' of 'x'"):
+        audit_source("def forward(self, x):\n    y = x.numpy()\n    return y\n")
+    audit_source("def forward(self, x):\n    y = torch.nn.functional.relu(x.view(1, -1));  x = None\n"
+                 "    z = y.shape\n    return [y, z]\n")

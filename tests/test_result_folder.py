@@ -30,8 +30,8 @@ def _stale_siblings(out: Path):
 _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     out = os.path.realpath(sys.argv[1])
-    import skpatchcore.result_folder as result_folder
     if sys.argv[2] == "no-exchange":
+        import skpatchcore.result_folder as result_folder
         result_folder._exchange = lambda first, second: False
     for name in ("rename", "replace"):
         real = getattr(os, name)

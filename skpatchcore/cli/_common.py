@@ -66,7 +66,8 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     inputs : sequence of str or path-like
         Image files (taken as they are) and folders, searched recursively for
         files with a suffix in :data:`IMAGE_EXTENSIONS` (case-insensitive),
-        skipping hidden files and folders.
+        skipping hidden files and folders and following links to folders
+        (:func:`~skpatchcore.io.images.list_images`).
 
     Returns
     -------
@@ -90,7 +91,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
                     f"{', '.join(IMAGE_EXTENSIONS)})"
                 )
             found.extend(str(p) for p in files)
-        elif path.is_file():
+        elif os.path.lexists(path):  # a file; a FIFO or broken link is reported when it is read
             found.append(str(path))
         else:
             raise CommandError(f"no such file or folder: {str(item)!r}")
@@ -137,12 +138,16 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         saved by an incompatible version.
     """
     from ..io.versioning import CorruptModelError, IncompatibleModelError
+    from ..input_files import file_problem
     from ..io.model_file import detect_format, load
     from ..pipeline import PatchCorePipeline
 
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "not found":
         raise CommandError(f"model file not found: {str(path)!r}")
+    if problem is not None:
+        raise CommandError(f"{str(path)!r} is not a model file: it is {problem}")
     kind = detect_format(path)
     try:
         if kind == "safe":

@@ -1,8 +1,9 @@
 """``skpatchcore demo``: a synthetic defect dataset, a fit and an evaluation in one folder.
 
 :func:`run_demo` chains :func:`make_demo_dataset` and :func:`fit_and_evaluate`:
-the dataset (``data/``), the model, ``metrics.json``, ``scores.csv``, heatmaps
-and plots go into one output folder. The backbone is :data:`DEMO_BACKBONE`
+the dataset (``data/``) and the model go into one output folder, the evaluation
+(``metrics.json``, ``scores.csv``, heatmaps and plots) into its ``results/``
+folder (:data:`DEMO_RESULTS`), which each run replaces as a unit. The backbone is :data:`DEMO_BACKBONE`
 with ImageNet weights found offline by :func:`find_demo_weights`, or a
 random-weight resnet18 with ``--quick``.
 """
@@ -43,6 +44,8 @@ DEMO_LAYERS = ("blocks.2", "blocks.4")
 DEMO_WEIGHTS_FILE = "tf_efficientnet_lite0_imagenet.pth"
 #: The demo's model file (safe format, see :mod:`skpatchcore.io.model_file`).
 DEMO_MODEL = "model.skpc"
+#: The demo's results folder (``metrics.json``, ``scores.csv``, heatmaps, plots), inside its output folder.
+DEMO_RESULTS = "results"
 #: Demo datasets: image size, numbers of images, coreset sampling ratio.
 DEMO_FULL = {"image_size": 160, "n_train": 30, "n_test_good": 8, "n_test_defect": 12, "sampling_ratio": 0.1}
 DEMO_QUICK = {"image_size": 64, "n_train": 6, "n_test_good": 2, "n_test_defect": 3, "sampling_ratio": 0.1}
@@ -113,9 +116,10 @@ def fit_and_evaluate(
     data : Bunch
         :func:`~skpatchcore.io.datasets.load_mvtec` of :func:`make_demo_dataset`'s folder.
     output : str or path-like
-        Receives :data:`DEMO_MODEL` and the results of
-        :func:`skpatchcore.evaluation.evaluate_model` (``metrics.json``,
-        ``scores.csv`` and, with `plots`, heatmaps and plots).
+        Receives :data:`DEMO_MODEL`, and in its :data:`DEMO_RESULTS` folder the
+        results of :func:`skpatchcore.evaluation.evaluate_model`
+        (``metrics.json``, ``scores.csv`` and, with `plots`, heatmaps and
+        plots).
     backbone, layers, weights
         As for :func:`~skpatchcore.make_patchcore`.
     quick : bool, default=False
@@ -154,7 +158,7 @@ def fit_and_evaluate(
     output = Path(output)
     save(model, output / DEMO_MODEL)
     metrics = evaluate_model(
-        model, data, output=output, plots=plots, heatmaps=plots, progress=progress,
+        model, data, output=output / DEMO_RESULTS, plots=plots, heatmaps=plots, progress=progress,
         extra={**(extra or {}), "fit_seconds": round(seconds, 3)},
     )
     return model, metrics, seconds
@@ -246,10 +250,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_metrics(metrics), flush=True)
     if not pretrained:
         warn("these metrics come from a RANDOM-WEIGHT backbone (see above)")
-    written = ["metrics.json", "scores.csv", DEMO_MODEL]
+    written = ["metrics.json", "scores.csv"]
     written += ["heatmaps/", "roc.png", "worst_examples.png"] if plots else []
     total = time.perf_counter() - total_start
-    print(f"Wrote {', '.join(written)} in {output} ({total:.1f} s in all)", flush=True)
+    print(f"Wrote {output / DEMO_MODEL}, and {', '.join(written)} in {output / DEMO_RESULTS} "
+          f"({total:.1f} s in all)", flush=True)
     info(args, f"Next: {PROG} score {output / DEMO_MODEL} YOUR_IMAGES -o {output / 'scores'}")
     return 0
 

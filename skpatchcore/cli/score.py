@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..io.atomic import atomic_write
-from ..evaluation.report import colour_range, prediction_cells, save_heatmap, unique_names
+from ..evaluation.report import colour_range, prediction_cells, save_heatmap, text_cell, unique_names
 from .._scoring import check_readable, iter_scored
 from ..result_folder import staged_result_folder
 from ._common import (
@@ -31,8 +31,9 @@ from ._common import (
     warn,
 )
 
-#: ``score`` CSV columns (``error`` is empty for scored images).
-SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction", "error")
+#: ``score`` CSV columns (``error`` is empty for scored images; ``heatmap``: the heat map's path in the
+#: output folder, empty without one).
+SCORE_COLUMNS = ("path", "anomaly_score", "decision", "prediction", "error", "heatmap")
 #: What ``score`` writes into its output folder (replaced together at the end).
 SCORE_OUTPUTS = ("scores.csv", "heatmaps")
 #: Unreadable images listed one by one on stderr (the rest only in scores.csv).
@@ -75,13 +76,13 @@ def run_score(args: argparse.Namespace) -> int:
                 for i, (path, score, error) in enumerate(zip(chunk.paths, chunk.scores, chunk.errors)):
                     if error is not None:
                         failures.append((path, error))
-                        writer.writerow([path, "", "", "", error])
+                        writer.writerow([text_cell(path), "", "", "", text_cell(error), ""])
                         continue
                     n_anomalous += int(score - offset < 0)
-                    writer.writerow([path, *prediction_cells(score, offset), ""])
+                    heatmap = f"heatmaps/{names[chunk.start + i]}" if write_images else ""
+                    writer.writerow([text_cell(path), *prediction_cells(score, offset), "", heatmap])
                     if write_images:
-                        target = staging / "heatmaps" / names[chunk.start + i]
-                        save_heatmap(target, features, path, chunk.maps[i], vmin, vmax)
+                        save_heatmap(staging / heatmap, features, path, chunk.maps[i], vmin, vmax)
     elapsed = time.perf_counter() - start_time
     n_scored = len(images) - len(failures)
     info(args, f"Scored {n_scored} images in {elapsed:.1f} s: {n_anomalous} anomalous, "

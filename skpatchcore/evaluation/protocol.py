@@ -38,6 +38,7 @@ from .report import (
     colour_range,
     prediction_cells,
     save_heatmap,
+    text_cell,
     unique_names,
     write_plots,
 )
@@ -433,13 +434,14 @@ def _write_results(staging: Path, model, scored: _Scored, plots: bool, heatmaps:
         writer = csv.writer(handle)
         writer.writerow(EVALUATE_COLUMNS)
         for i, image in enumerate(images):
-            row = [image, test.test_defect_types[i], int(scored.labels[i])]
+            row = [text_cell(image), text_cell(test.test_defect_types[i]), int(scored.labels[i])]
             if scored.errors[i] is not None:
-                writer.writerow([*row, "", "", "", scored.errors[i]])
+                writer.writerow([*row, "", "", "", text_cell(scored.errors[i]), ""])
                 continue
-            writer.writerow([*row, *prediction_cells(scored.scores[i], scored.offset), ""])
+            heatmap = f"heatmaps/{names[i]}" if heatmaps else ""
+            writer.writerow([*row, *prediction_cells(scored.scores[i], scored.offset), "", heatmap])
             if heatmaps:
-                save_heatmap(staging / "heatmaps" / names[i], features, image, scored.maps[i], low, high)
+                save_heatmap(staging / heatmap, features, image, scored.maps[i], low, high)
     with atomic_write(staging / "metrics.json", "w", encoding="utf-8") as handle:
         handle.write(json.dumps(scored.metrics, indent=2) + "\n")
     if plots:

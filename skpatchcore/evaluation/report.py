@@ -14,12 +14,35 @@ import numpy as np
 from ..io.atomic import atomic_path
 from ..io.images import model_view
 
-#: ``evaluate`` CSV columns (``error`` is empty for scored images).
-EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction", "error")
+#: ``evaluate`` CSV columns (``error`` is empty for scored images, ``heatmap`` without a heat map).
+EVALUATE_COLUMNS = ("path", "defect_type", "label", "anomaly_score", "decision", "prediction", "error", "heatmap")
 #: What ``evaluate`` writes into its output folder (replaced together at the end).
 EVALUATE_OUTPUTS = ("metrics.json", "scores.csv", "heatmaps", "roc.png", "worst_examples.png")
 #: Examples of each kind shown in ``evaluate --plots``'s worst_examples.png.
 N_WORST = 3
+
+
+#: Leading characters that make spreadsheet programs read a cell as a formula.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str) -> str:
+    """A text CSV cell (a path, an error message) that spreadsheets show as text.
+
+    A cell starting with one of :data:`FORMULA_PREFIXES` (a file named
+    ``=HYPERLINK(...).png``) gets a leading apostrophe, as spreadsheet
+    exporters do, so that opening ``scores.csv`` never evaluates it.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    cell : str
+    """
+    text = str(text)
+    return f"'{text}" if text.startswith(FORMULA_PREFIXES) else text
 
 
 def prediction_cells(score_sample: float, offset: float) -> list[str]:

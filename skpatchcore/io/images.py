@@ -41,6 +41,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..input_files import file_problem
+
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
 #: File suffixes treated as images when folders are searched (lower case).
@@ -73,9 +75,11 @@ def as_image_list(X) -> list:
 
     Parameters
     ----------
-    X : ndarray of shape (n_images, height, width[, channels]), or list
-        A 4-D (colour) or 3-D (grayscale) array, or a list whose items are
-        image file paths or 2-D / 3-D arrays of possibly differing sizes.
+    X : ndarray of shape (n_images, height, width[, channels]), list or DataFrame
+        A 4-D (colour) or 3-D (grayscale) array, a list whose items are
+        image file paths or 2-D / 3-D arrays of possibly differing sizes, or
+        a pandas DataFrame whose ``path`` column (or only column) holds
+        image file paths.
 
     Returns
     -------
@@ -87,6 +91,14 @@ def as_image_list(X) -> list:
             "X must be a collection of images, got a single path "
             f"{os.fspath(X)!r}; wrap it in a list: [path]."
         )
+    if hasattr(X, "columns") and hasattr(X, "iloc"):  # a DataFrame: iterating it gives column names
+        columns = list(X.columns)
+        if len(columns) != 1 and "path" not in columns:
+            raise TypeError(
+                f"X is a DataFrame with columns {columns[:5]}; pass a DataFrame with a 'path' column (or "
+                "a single column) of image file paths, or a list of paths or arrays."
+            )
+        X = list(X["path" if "path" in columns else columns[0]])
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
             raise ValueError(
@@ -174,10 +186,20 @@ def scale_to_unit(array: np.ndarray) -> np.ndarray:
     return (array.astype(np.float64) / _UINT32_MAX).astype(np.float32)
 
 
+def _check_image_file(path: str) -> None:
+    """FileNotFoundError if nothing (or a broken link) is there; UnreadableImageError if not a regular file."""
+    problem = file_problem(path)
+    if problem == "not found":
+        raise FileNotFoundError(f"Image file not found: {path}")
+    if problem is not None and problem.startswith("a broken"):
+        raise FileNotFoundError(f"Image file {path} is {problem}")
+    if problem is not None:
+        raise UnreadableImageError(f"Cannot read image {path}: it is {problem}")
+
+
 def _open_checked(path: str) -> Image.Image:
     """``Image.open`` with the decoding limit and errors that name the file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
+    _check_image_file(path)
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
@@ -514,18 +536,28 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     Returns
     -------
     paths : list of Path
-        Files whose suffix (case-insensitive) is in :data:`IMAGE_EXTENSIONS`,
-        sorted; hidden files, and with `recursive` files in hidden folders,
-        are skipped.
+        Entries whose suffix (case-insensitive) is in :data:`IMAGE_EXTENSIONS`
+        and that are not folders, sorted; hidden files, and with `recursive`
+        files in hidden folders, are skipped. Symbolic links to folders are
+        followed (each folder once). Broken links, FIFOs and devices with an
+        image suffix are listed, so that reading them reports them instead
+        of skipping them silently.
     """
     folder = Path(folder)
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        path for path in candidates
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.is_file()
-    )
+    found = []
+    visited = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree, or two links to one folder
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith(".")) if recursive else []
+        found.extend(
+            Path(root) / name for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return sorted(found)
 
 
 def model_view(features, image: ImageLike) -> np.ndarray:

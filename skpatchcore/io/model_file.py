@@ -49,6 +49,7 @@ import numpy as np
 from .atomic import atomic_write
 from .versioning import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
 from ..fitted_state import check_fitted_state
+from ..input_files import file_problem
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
 
@@ -350,10 +351,23 @@ def load(path: str | os.PathLike):
         parameters this version of skpatchcore does not have.
     FileNotFoundError
         If `path` does not exist.
+
+    Notes
+    -----
+    Everything read from the file is validated before use (see
+    ``docs/security.rst``): the header's nesting, the checksum, class names,
+    every string of the backbone graph and the dtype, shape and values of
+    the fitted arrays. A folder, FIFO or device raises
+    :class:`~skpatchcore.CorruptModelError` without being opened.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
+    problem = file_problem(path)
+    if problem == "not found":
+        raise FileNotFoundError(f"model file not found: {str(path)!r}")
+    if problem is not None:
+        raise CorruptModelError(f"{str(path)!r} is not a skpatchcore model file: it is {problem}.")
     with open(path, "rb") as handle:
         head = handle.read(16)
         length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0

@@ -341,10 +341,11 @@ def audit_source(source: str) -> None:
 
     Defence in depth behind the validation of each string: the source must
     parse as one ``forward(self, x)`` made of assignments and a return,
-    whose expressions only call modules (``self.<path>``), functions of the
-    ``torch`` namespace, tensor methods, ``getattr`` and ``slice``, read only
-    their own variables and a few constants, use no attribute or name
-    starting with ``__`` and pass no ``*``/``**`` arguments.
+    whose expressions only call modules (``self.<path>``), the allow-listed
+    ``torch`` functions (by their full dotted name), allow-listed tensor
+    methods and attributes, ``getattr`` and ``slice``, read only their own
+    variables and a few constants, use no attribute or name starting with
+    ``__`` and pass no ``*``/``**`` arguments.
 
     Parameters
     ----------
@@ -383,8 +384,47 @@ def audit_source(source: str) -> None:
                 raise ValueError(f"call of {node.func.id!r} in the generated forward")
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("__"):
                 raise ValueError(f"string {node.value!r:.80} in the generated forward")
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                _check_attribute(node.value.id, node.attr, node)
         if isinstance(statement, ast.Assign):
             known.update(target.id for target in statement.targets if isinstance(target, ast.Name))
+    _check_torch_chains(tree)
+
+
+def _torch_names() -> frozenset:
+    """Dotted names under which ``torch.fx`` writes the allow-listed torch functions."""
+    from torch.fx.node import _get_qualified_name
+
+    return frozenset(_get_qualified_name(f) for f in FUNCTIONS.values() if f.__module__.startswith("torch"))
+
+
+def _dotted(node) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id if isinstance(node, ast.Name) else "?", *reversed(parts)])
+
+
+def _check_attribute(root: str, attribute: str, node: ast.Attribute) -> None:
+    """Attributes read from a name: module paths of ``self``, tensor methods and attributes, torch functions."""
+    if root == "self":
+        return  # module paths, validated against the rebuilt modules
+    if root == "torch":
+        # The outermost attribute of the chain is checked as a whole (torch.nn.functional.relu).
+        return
+    if attribute not in METHODS and attribute not in TENSOR_ATTRIBUTES:
+        raise ValueError(f"attribute {attribute!r} of {root!r} in the generated forward")
+
+
+def _check_torch_chains(tree: ast.AST) -> None:
+    allowed = _torch_names()
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            name = _dotted(node)
+            if name.startswith("torch.") and name not in allowed:
+                raise ValueError(f"{name!r} in the generated forward")
 
 
 def rebuild(description: dict, state: dict) -> torch.fx.GraphModule:
