@@ -216,8 +216,9 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
             else:
                 for start in range(0, len(images), chunk):
-                    part = sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
-                    union.add(part)
+                    for part in sampler.chunk_coresets(features.transform(images[start:start + chunk]),
+                                                       first_image + start):
+                        union.add(part)
             return sampler.merge(union.parts)
 
     # -------------------------------------------------------------- scoring
