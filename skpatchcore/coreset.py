@@ -139,12 +139,14 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         times this fraction of its rows.
     merge_method : {"radius", "greedy"}, default="radius"
         How :meth:`merge` chooses the bank among the union of chunk
-        coresets (a fit within the budget is one greedy pass and never
-        merges). ``"radius"`` keeps the rows of largest effective radius:
-        a row's radius in its chunk's greedy order, lowered to its distance
-        to the nearest union row of larger radius, so that a pattern that
-        several chunks picked counts once, as in one greedy pass over all
-        rows. ``"greedy"`` runs one more greedy pass over the union (the
+        coresets (a fit of ``strategy="single_pass"`` within the budget
+        never merges). ``"radius"`` keeps the rows of largest effective
+        radius: a row's radius in its chunk's greedy order, lowered to its
+        distance to the nearest union row of larger radius, so that a
+        pattern that several chunks picked counts once, as in one greedy
+        pass over all rows; unions of more than 131,072 rows are compared
+        within groups of consecutive chunks of that size, so that the cost
+        grows linearly. ``"greedy"`` runs one more greedy pass over the union (the
         composable-coreset construction, with its approximation guarantee;
         slower on large unions). Both deviate from the paper, which has
         one pass over all rows; see docs/scaling.rst.
@@ -543,9 +545,13 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
           a row's radius in its chunk's greedy order and its distance to the
           nearest union row of larger radius. This replays what one greedy
           pass over all rows does to a pattern that several chunks picked:
-          only its first copy keeps its radius. ``coverage_radius_`` is
-          not computed (``nan``): bounding it would cost a search of every
-          union row among the kept ones.
+          only its first copy keeps its radius. A union of more than
+          ``MERGE_GROUP_ROWS`` (131,072) rows is split into groups of
+          consecutive chunks of about that many rows, and rows are compared
+          within their group only (the cost grows linearly with the union;
+          :func:`~skpatchcore._union.largest_effective_radii_by_group`).
+          ``coverage_radius_`` is not computed (``nan``): bounding it would
+          cost a search of every union row among the kept ones.
         - ``"greedy"``: one more greedy pass over the union. If every chunk
           keeps at least as many rows as the bank, greedy selection over the
           union of greedy chunk coresets covers every input row within 4
@@ -569,7 +575,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         bank : PatchRows of shape (n_selected, n_features)
             The selected rows with their ``image_index`` and ``row_index``.
         """
-        from ._union import gather_rows, largest_effective_radii
+        from ._union import gather_rows, largest_effective_radii_by_group
 
         check_is_fitted(self, "seed_")
         if len(parts) == 0:
@@ -591,7 +597,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
             radii = np.full(n_selected, np.inf)
         elif self.merge_method == "radius":
-            picks, radii = largest_effective_radii([self._projected(part) for part in parts], radii, n_selected)
+            picks, radii = largest_effective_radii_by_group([self._projected(part) for part in parts], radii,
+                                                            n_selected)
             radius = float("nan")
         else:
             rng = _derived_rng(self.seed_, 2, n_rows_total)
