@@ -7,7 +7,7 @@ recommended recipe) on Magnetic Tile Defects (``--mtd``, default
 
 * ``mtd``: the 762 training images' features once, then for 1% and 10%
   the coreset with ``strategy="single_pass"`` (the paper's one greedy pass)
-  and ``"auto"`` (chunk coresets in threads beyond rows x picks = 1e9):
+  and ``"auto"`` (chunk coresets in threads beyond rows x picks = 4e9):
   features, coreset and detector (calibration) seconds, fit = their sum
   (what ``PatchCorePipeline.fit`` runs within its budget), and image /
   pixel AUROC on the 582 test images.

@@ -159,7 +159,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         threads (:meth:`chunk_coresets`) and merges their union as a
         chunked fit does (:meth:`merge`, ``merge_method``); its cost grows
         linearly with the rows. ``"auto"`` chooses one pass while rows x
-        picks is at most 1e9 (e.g. the 1% coreset of 300 images of 784
+        picks is at most 4e9 (e.g. the 1% coreset of 800 images of 784
         patches), chunks beyond (see :mod:`skpatchcore.coreset_strategy`).
         The rule does not depend on the cores, so the bank does not
         either. ``"chunks"`` deviates from the paper like every chunked
@@ -412,7 +412,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         """Chunk coresets of consecutive images, split by ``strategy`` and computed in threads.
 
         Under ``strategy="single_pass"``, and under ``"auto"`` when the
-        chunk's greedy order is small (rows x picks at most 1e9), the one
+        chunk's greedy order is small (rows x picks at most 4e9), the one
         :meth:`chunk_coreset` of `X`; otherwise the chunk coresets of
         consecutive runs of about 16,384 rows (whole images), each exactly
         :meth:`chunk_coreset` of its images, computed on ``n_jobs`` threads.

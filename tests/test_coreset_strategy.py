@@ -27,8 +27,9 @@ def small_chunks(monkeypatch):
 
 
 def test_auto_rule_runs_one_pass_for_small_work_and_chunks_beyond(monkeypatch):
-    assert resolve_strategy("auto", 597_408, 5_974) == "chunks"  # MTD at 1%: 3.6e9 rows x picks
-    assert resolve_strategy("auto", 100_000, 1_000) == "single_pass"  # 1e8
+    assert resolve_strategy("auto", 597_408, 59_740) == "chunks"  # MTD at 10%: 3.6e10 rows x picks
+    assert resolve_strategy("auto", 597_408, 5_974) == "single_pass"  # MTD at 1%: 3.6e9
+    assert resolve_strategy("auto", 3_000 * 784, 23_520) == "chunks"  # 3,000 images at 1%
     assert resolve_strategy("auto", 16_384, 16_000) == "single_pass"  # one chunk's rows at most
     assert resolve_strategy("single_pass", 10**7, 10**6) == "single_pass"
     assert resolve_strategy("chunks", 100, 10) == "chunks"
