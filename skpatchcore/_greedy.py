@@ -26,7 +26,7 @@ import numpy as np
 _FASTMATH = {"reassoc", "contract", "nsz"}
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _distance_to_vector(points, i, vector):
     total = 0.0
     for k in range(points.shape[1]):
@@ -35,7 +35,7 @@ def _distance_to_vector(points, i, vector):
     return np.sqrt(total)
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _mean_distance_to_starts(points, starts):
     out = np.empty(points.shape[0], dtype=np.float64)
     for i in range(points.shape[0]):
@@ -46,13 +46,13 @@ def _mean_distance_to_starts(points, starts):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _above(value, a, b):
     """Heap order: larger value first, then lower index (``argmax`` ties)."""
     return value[a] > value[b] or (value[a] == value[b] and a < b)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _sift_down(heap, value, position):
     size = heap.shape[0]
     item = heap[position]
@@ -69,7 +69,7 @@ def _sift_down(heap, value, position):
     heap[position] = item
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _start_heap(points, starts):  # pragma: no cover - compiled
     value = _mean_distance_to_starts(points, starts)
     up_to_date = np.zeros(points.shape[0], dtype=np.int64)  # picks already applied
@@ -79,7 +79,7 @@ def _start_heap(points, starts):  # pragma: no cover - compiled
     return value, up_to_date, heap
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _farthest(points, value, up_to_date, heap, pick_vectors, t):  # pragma: no cover - compiled
     """Update the top point until it stays on top; return it and the distances computed."""
     n_computed = 0
@@ -98,7 +98,7 @@ def _farthest(points, value, up_to_date, heap, pick_vectors, t):  # pragma: no c
             return top, n_computed
 
 
-@numba.njit(cache=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _pick(points, value, up_to_date, heap, picks, pick_vectors, radii, start, stop):  # pragma: no cover
     """Make picks ``start`` to ``stop - 1``; return the distances computed."""
     n_computed = 0

@@ -26,6 +26,11 @@ import numpy as np
 #: 2 MiB block of distances that stays in cache (docs/benchmarks.md).
 QUERY_BLOCK = 1024
 EARLIER_BLOCK = 512
+#: Largest union (rows) whose effective radii are computed against one another:
+#: a larger union is split into consecutive groups of parts of at most about this
+#: many rows, so that the merge's cost grows linearly with the union
+#: (:func:`largest_effective_radii_by_group`).
+MERGE_GROUP_ROWS = 1 << 17
 
 
 class SpilledUnion:
@@ -176,6 +181,60 @@ def largest_effective_radii(projected: Sequence[np.ndarray], radii: np.ndarray,
             effective[start:stop] = np.minimum(sorted_radii[start:stop], nearest)
     ranked = np.argsort(-effective, kind="stable")[:n_keep]
     return order[ranked], effective[ranked]
+
+
+def largest_effective_radii_by_group(projected: Sequence[np.ndarray], radii: np.ndarray, n_keep: int,
+                                     group_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`largest_effective_radii` with rows compared within groups of consecutive parts.
+
+    A union of at most `group_rows` rows is one group: exactly
+    :func:`largest_effective_radii`. A larger one is cut into consecutive
+    groups of whole parts of at most about `group_rows` rows; a row's
+    effective radius discounts the rows of larger radius of its own group
+    only (an upper bound of its effective radius over the whole union),
+    and the `n_keep` rows of largest effective radius over all groups are
+    kept (one threshold for all groups). The cost is about
+    ``union x group_rows / 2`` distances instead of ``union^2 / 2``, so it
+    grows linearly with the union; patterns repeated by chunks of different
+    groups are kept once per group.
+
+    Parameters
+    ----------
+    projected : sequence of ndarray of shape (n_part_rows, n_dims)
+    radii : ndarray of shape (n_rows,)
+    n_keep : int
+    group_rows : int or None, default=None
+        None: :data:`MERGE_GROUP_ROWS`.
+
+    Returns
+    -------
+    picks, effective
+        As :func:`largest_effective_radii`.
+    """
+    group_rows = MERGE_GROUP_ROWS if group_rows is None else int(group_rows)
+    sizes = [len(block) for block in projected]
+    groups, current = [], []
+    for index, size in enumerate(sizes):
+        if current and sum(sizes[i] for i in current) + size > group_rows:
+            groups.append(current)
+            current = []
+        current.append(index)
+    groups.append(current)
+    if len(groups) == 1:
+        return largest_effective_radii(projected, radii, n_keep)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    radii = np.asarray(radii, dtype=np.float64)
+    picks, effective = [], []
+    for group in groups:
+        first, last = starts[group[0]], starts[group[-1] + 1]
+        # Every row of the group kept over all groups is among the group's own n_keep largest.
+        group_picks, group_effective = largest_effective_radii(
+            [projected[i] for i in group], radii[first:last], min(n_keep, last - first))
+        picks.append(group_picks + first)
+        effective.append(group_effective)
+    picks, effective = np.concatenate(picks), np.concatenate(effective)
+    ranked = np.argsort(-effective, kind="stable")[:min(int(n_keep), len(radii))]
+    return picks[ranked], effective[ranked]
 
 
 def _in_order(blocks: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:

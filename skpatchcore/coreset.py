@@ -17,10 +17,19 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._param_constraints import DEVICE, FRACTION, positive_int
+from ._param_constraints import DEVICE, FRACTION, N_JOBS, positive_int
 from .io.versioning import VersionedStateMixin
 from ._random_seeds import derived_rng, draw_seeds
+from ._threads import effective_n_jobs
 from ._validation import PatchRows, pool_patches, validate_features
+from .coreset_strategy import (
+    STRATEGIES,
+    SharedProgress,
+    chunk_bounds,
+    map_in_threads,
+    n_threads,
+    resolve_strategy,
+)
 
 #: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
 #: ``sampling_ratio`` of all rows...
@@ -131,15 +140,38 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         times this fraction of its rows.
     merge_method : {"radius", "greedy"}, default="radius"
         How :meth:`merge` chooses the bank among the union of chunk
-        coresets (a fit within the budget is one greedy pass and never
-        merges). ``"radius"`` keeps the rows of largest effective radius:
-        a row's radius in its chunk's greedy order, lowered to its distance
-        to the nearest union row of larger radius, so that a pattern that
-        several chunks picked counts once, as in one greedy pass over all
-        rows. ``"greedy"`` runs one more greedy pass over the union (the
+        coresets (a fit of ``strategy="single_pass"`` within the budget
+        never merges). ``"radius"`` keeps the rows of largest effective
+        radius: a row's radius in its chunk's greedy order, lowered to its
+        distance to the nearest union row of larger radius, so that a
+        pattern that several chunks picked counts once, as in one greedy
+        pass over all rows; unions of more than 131,072 rows are compared
+        within groups of consecutive chunks of that size, so that the cost
+        grows linearly. ``"greedy"`` runs one more greedy pass over the union (the
         composable-coreset construction, with its approximation guarantee;
         slower on large unions). Both deviate from the paper, which has
         one pass over all rows; see docs/scaling.rst.
+    strategy : {"auto", "single_pass", "chunks"}, default="auto"
+        How :meth:`fit` selects greedily among rows held in memory.
+        ``"single_pass"`` is the paper's and the official code's one greedy
+        pass over all rows, whose cost grows with rows x picks (the square
+        of the training set at a fixed ratio). ``"chunks"`` orders chunks of
+        about 16,384 rows (whole images) by greedy selection in parallel
+        threads (:meth:`chunk_coresets`) and merges their union as a
+        chunked fit does (:meth:`merge`, ``merge_method``); its cost grows
+        linearly with the rows. ``"auto"`` chooses one pass while rows x
+        picks is at most 4e9 (e.g. the 1% coreset of 800 images of 784
+        patches), chunks beyond (see :mod:`skpatchcore.coreset_strategy`).
+        The rule does not depend on the cores, so the bank does not
+        either. ``"chunks"`` deviates from the paper like every chunked
+        fit (see docs/scaling.rst); ``"single_pass"`` keeps the paper's
+        algorithm at any size.
+    n_jobs : int or None, default=None
+        Threads that compute chunk coresets at once (``strategy``, and
+        :meth:`chunk_coresets` in a pipeline's chunked fit); scikit-learn
+        style, -1 for all cores. None uses as many as torch does (the
+        pipeline's ``n_jobs`` during its fit; else all cores). The result
+        does not depend on it.
     device : str, default="auto"
         ``"auto"`` runs the greedy loop on CUDA when available; on the CPU a
         compiled kernel that gives the same picks as the naive loop is used.
@@ -212,6 +244,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         n_starting_points=10,
         chunk_sampling_ratio=None,
         merge_method="radius",
+        strategy="auto",
+        n_jobs=None,
         device="auto",
         random_state=None,
         progress=False,
@@ -222,6 +256,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self.n_starting_points = n_starting_points
         self.chunk_sampling_ratio = chunk_sampling_ratio
         self.merge_method = merge_method
+        self.strategy = strategy
+        self.n_jobs = n_jobs
         self.device = device
         self.random_state = random_state
         self.progress = progress
@@ -236,6 +272,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         "device": DEVICE,
         "random_state": ["random_state"],
         "progress": ["boolean"],
+        "strategy": [StrOptions(set(STRATEGIES))],
+        "n_jobs": N_JOBS,
     }
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -258,11 +296,24 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
     def _fit_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         """Validate the input, select the coreset and set the fitted attributes; return the pooled rows."""
         rows, image_index = validate_features(self, X, reset=True)
-        self._select(rows)
-        self.seed_ = draw_seeds(self.random_state, 1)[0]  # after the picks: they stay as before chunking existed
-        self.n_rows_seen_ = int(rows.shape[0])
-        self.n_images_seen_ = None if image_index is None else int(np.asarray(X).shape[0])
+        n_rows = int(rows.shape[0])
+        n_images = None if image_index is None else int(np.asarray(X).shape[0])
+        if self._uses_chunks(n_rows, max(1, int(n_rows * self.sampling_ratio))):
+            self.seed_ = draw_seeds(self.random_state, 1)[0]
+            per_image = 1 if n_images is None else n_rows // n_images
+            units = n_rows // per_image
+            self.merge(self._chunk_parts(rows, per_image, chunk_bounds(units, per_image), first_image=0))
+        else:
+            self._select(rows)
+            self.seed_ = draw_seeds(self.random_state, 1)[0]  # after the picks: they stay as before chunking existed
+        self.n_rows_seen_ = n_rows
+        self.n_images_seen_ = n_images
         return rows, image_index
+
+    def _uses_chunks(self, n_rows: int, n_picks: int) -> bool:
+        """Whether a greedy selection of `n_picks` of `n_rows` rows runs as chunk coresets (``strategy``)."""
+        return (self.method == "greedy" and n_picks < n_rows
+                and resolve_strategy(self.strategy, n_rows, n_picks) == "chunks")
 
     def _select(self, rows: np.ndarray) -> None:
         rng = check_random_state(self.random_state)
@@ -282,9 +333,13 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self.coreset_indices_, self.coverage_radius_, self.coreset_radii_ = self._greedy(projected, starts, n_selected)
 
     def _greedy(
-        self, projected: np.ndarray, starts: np.ndarray, n_selected: int
+        self, projected: np.ndarray, starts: np.ndarray, n_selected: int, bar=None
     ) -> tuple[np.ndarray, float, np.ndarray]:
-        """Greedy picks, the radius after the last one, and every pick's radius when picked."""
+        """Greedy picks, the radius after the last one, and every pick's radius when picked.
+
+        `bar` is a progress bar shared by several selections (else one is
+        made here when ``progress`` is set).
+        """
         device = resolve_device(self.device)
         # Imported here: numba is only needed to fit, not to load and score.
         from ._greedy import greedy_numba, greedy_torch
@@ -292,6 +347,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         radii = np.empty(n_selected, dtype=np.float64)
         if device.type == "cuda":
             picks, radius = greedy_torch(projected, starts, n_selected, device, radii=radii)
+        elif bar is not None:
+            picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar, radii=radii)
         else:
             with tqdm(total=n_selected, desc="Coreset", unit="pick", disable=not self.progress) as bar:
                 picks, radius, _ = greedy_numba(projected, starts.astype(np.int64), n_selected, bar, radii=radii)
@@ -359,32 +416,96 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             their radii (at least one row), for :meth:`allocate`; with
             ``method="random"``, ``int(n_rows * chunk_ratio())`` random rows.
         """
+        rows, per_image, n_images = self._chunk_input(X)
+        return self._chunk_parts(rows, per_image, [(0, n_images)], first_image)[0]
+
+    def chunk_coresets(self, X, first_image: int = 0) -> list[ChunkCoreset]:
+        """Chunk coresets of consecutive images, split by ``strategy`` and computed in threads.
+
+        Under ``strategy="single_pass"``, and under ``"auto"`` when the
+        chunk's greedy order is small (rows x picks at most 4e9), the one
+        :meth:`chunk_coreset` of `X`; otherwise the chunk coresets of
+        consecutive runs of about 16,384 rows (whole images), each exactly
+        :meth:`chunk_coreset` of its images, computed on ``n_jobs`` threads.
+        A chunked fit then merges far fewer picks per row: each chunk's
+        greedy order costs its own rows times its picks.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+        first_image : int, default=0
+            Global index of the first image (see :meth:`chunk_coreset`).
+
+        Returns
+        -------
+        coresets : list of ChunkCoreset
+            In image order.
+        """
+        rows, per_image, n_images = self._chunk_input(X)
+        n_rows = rows.shape[0]
+        n_picks = max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio())))
+        bounds = chunk_bounds(n_images, per_image) if self._uses_chunks(n_rows, n_picks) else [(0, n_images)]
+        return self._chunk_parts(rows, per_image, bounds, first_image)
+
+    def _chunk_input(self, X) -> tuple[np.ndarray, int, int]:
+        """Pooled rows of 4-D chunk features, the rows per image and the images."""
         check_is_fitted(self, "seed_")
         features = np.asarray(X)
         if features.ndim != 4 or min(features.shape) == 0:
             raise ValueError(
                 f"chunk_coreset needs patch features of shape (n_images, h, w, n_features); got {features.shape}."
             )
-        rows, local_image = pool_patches(features)
+        rows, _ = pool_patches(features)
+        n_images = int(features.shape[0])
+        return rows, rows.shape[0] // n_images, n_images
+
+    def _chunk_parts(self, rows: np.ndarray, per_image: int, bounds: Sequence[tuple[int, int]],
+                     first_image: int) -> list[ChunkCoreset]:
+        """The chunk coresets of the image ranges `bounds` of `rows`, computed in threads.
+
+        Each range is projected and seeded in this thread; the greedy
+        orders run on :func:`~skpatchcore.coreset_strategy.n_threads` threads.
+        """
+        n_picks = sum(self._chunk_picks((stop - start) * per_image) for start, stop in bounds)
+        on_cpu = resolve_device(self.device).type != "cuda"
+        threads = n_threads(self.n_jobs) if on_cpu and len(bounds) > 1 else 1
+        with tqdm(total=n_picks, desc="Coreset", unit="pick", disable=not self.progress) as bar:
+            bar = SharedProgress(bar)
+            jobs = (self._chunk_job(rows[start * per_image:stop * per_image], per_image, first_image + start)
+                    for start, stop in bounds)
+            return list(map_in_threads(lambda job: job(bar), jobs, threads))
+
+    def _chunk_picks(self, n_rows: int) -> int:
+        """Rows a chunk of `n_rows` rows keeps (greedy order to 1.5 times ``chunk_ratio()``)."""
+        if self.method == "random":
+            return min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
+        return min(n_rows, max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))))
+
+    def _chunk_job(self, rows: np.ndarray, per_image: int, first_image: int):
+        """Prepare one chunk coreset (projection, seeds); return the function that selects it."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         n_rows = rows.shape[0]
-        first_row = int(first_image) * n_rows // features.shape[0]
+        first_row = int(first_image) * per_image
         rng = derived_rng(self.seed_, 1, first_row)
-        radii = None
+        n_selected = self._chunk_picks(n_rows)
+
+        def coreset(picks, radius, radii=None, projected=None) -> ChunkCoreset:
+            return ChunkCoreset(
+                rows=rows[picks], image_index=picks // per_image + int(first_image), row_index=picks + first_row,
+                n_rows=n_rows, n_images=n_rows // per_image, radius=radius, radii=radii, projected=projected,
+            )
+
         if self.method == "random":
-            n_selected = min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
-            picks, radius = np.sort(rng.choice(n_rows, n_selected, replace=False)), float("nan")
-        else:
-            n_selected = min(n_rows, max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))))
-            starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
-            projected = _project(rows, self._shared_projection(rows.shape[1]))
-            picks, radius, radii = self._greedy(projected, starts, n_selected)
-            projected = projected[picks]
-        return ChunkCoreset(
-            rows=rows[picks], image_index=local_image[picks] + int(first_image),
-            row_index=picks + first_row, n_rows=n_rows, n_images=int(features.shape[0]), radius=radius,
-            radii=radii, projected=None if self.method == "random" else projected,
-        )
+            part = coreset(np.sort(rng.choice(n_rows, n_selected, replace=False)), float("nan"))
+            return lambda bar: part
+        starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
+        projected = _project(rows, self._shared_projection(rows.shape[1]))
+
+        def job(bar) -> ChunkCoreset:
+            picks, radius, radii = self._greedy(projected, starts, n_selected, bar)
+            return coreset(picks, radius, radii, projected[picks])
+
+        return job
 
     def allocate(self, parts: Sequence[ChunkCoreset], n_rows_total: int) -> list[ChunkCoreset]:
         """Cut chunk coresets down to the union's share of ``n_rows_total`` rows.
@@ -435,9 +556,13 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
           a row's radius in its chunk's greedy order and its distance to the
           nearest union row of larger radius. This replays what one greedy
           pass over all rows does to a pattern that several chunks picked:
-          only its first copy keeps its radius. ``coverage_radius_`` is
-          not computed (``nan``): bounding it would cost a search of every
-          union row among the kept ones.
+          only its first copy keeps its radius. A union of more than
+          ``MERGE_GROUP_ROWS`` (131,072) rows is split into groups of
+          consecutive chunks of about that many rows, and rows are compared
+          within their group only (the cost grows linearly with the union;
+          :func:`~skpatchcore._union.largest_effective_radii_by_group`).
+          ``coverage_radius_`` is not computed (``nan``): bounding it would
+          cost a search of every union row among the kept ones.
         - ``"greedy"``: one more greedy pass over the union. If every chunk
           keeps at least as many rows as the bank, greedy selection over the
           union of greedy chunk coresets covers every input row within 4
@@ -461,7 +586,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         bank : PatchRows of shape (n_selected, n_features)
             The selected rows with their ``image_index`` and ``row_index``.
         """
-        from ._union import gather_rows, largest_effective_radii
+        from ._union import gather_rows, largest_effective_radii_by_group
 
         check_is_fitted(self, "seed_")
         if len(parts) == 0:
@@ -483,7 +608,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             picks, radius = np.sort(rng.choice(n_union, n_selected, replace=False)), float("nan")
             radii = np.full(n_selected, np.inf)
         elif self.merge_method == "radius":
-            picks, radii = largest_effective_radii([self._projected(part) for part in parts], radii, n_selected)
+            picks, radii = largest_effective_radii_by_group([self._projected(part) for part in parts], radii,
+                                                            n_selected)
             radius = float("nan")
         else:
             rng = derived_rng(self.seed_, 2, n_rows_total)

@@ -326,15 +326,26 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     def _neighbors_in_other_groups(self, chosen: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distances of bank rows `chosen` to their `n_neighbors` nearest rows of other groups, and the nearest.
 
-        Searches for ``n_neighbors`` plus the largest group's size and drops
-        the query's own group. Exact search under ``"auto"``: a few thousand
-        queries with a large k, where building pynndescent's index for a
-        large bank costs far more than brute force.
+        Exact search (``algorithm`` "auto" or "exact") skips the query's own
+        group inside the search, so its cost does not depend on the groups'
+        sizes; a few thousand queries, where building pynndescent's index
+        for a large bank costs far more than brute force. The approximate
+        searches look for ``n_neighbors`` plus the largest group's size and
+        drop the query's own group.
         """
         queries = self.memory_bank_[chosen]
+        if self.algorithm in ("auto", "exact"):
+            bank, bank_squared = self._exact_bank()
+            distances, indices = brute_force_kneighbors(
+                queries, bank, self.n_neighbors, bank.device, bank_squared=bank_squared,
+                groups=(groups[chosen], groups),
+            )
+            if not np.all(np.isfinite(distances)):
+                raise ValueError(f"Too few bank rows outside each training image for n_neighbors={self.n_neighbors}.")
+            return distances, indices[:, 0]
         largest_group = int(np.max(np.unique(groups[chosen], return_counts=True)[1]))
         k = min(len(groups), self.n_neighbors + largest_group)
-        distances, indices = self._kneighbors(queries, k, "exact" if self.algorithm == "auto" else None)
+        distances, indices = self._kneighbors(queries, k)
         other = groups[indices] != groups[chosen][:, None]
         keep = other & (np.cumsum(other, axis=1) <= self.n_neighbors)  # the first n_neighbors of other groups
         if np.any(keep.sum(axis=1) < self.n_neighbors):

@@ -174,9 +174,9 @@ def _task_threads(plan: dict[str, int], n_jobs: int | None) -> int:
     return plan.get(get_worker().address, 1)
 
 
-def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs) -> ChunkCoreset:
+def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs) -> list[ChunkCoreset]:
     with _task_context(plan, n_jobs):
-        return sampler.chunk_coreset(features.transform(images), first_image)
+        return sampler.chunk_coresets(features.transform(images), first_image)
 
 
 def chunk_coresets(
@@ -184,6 +184,10 @@ def chunk_coresets(
     union,
 ) -> None:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
+
+    A task's chunk is split further as in a fit in one process
+    (:meth:`~skpatchcore.CoresetSampler.chunk_coresets`), so the bank is the
+    same as there.
 
     Results are added to `union` (allocated, their rows spilled to disk) as
     they arrive, so the caller holds about the union's share of rows, never
@@ -219,8 +223,9 @@ def chunk_coresets(
         for start in range(0, len(images), chunk)
     ]
     try:
-        for future, part in distributed.as_completed(futures, loop=client.loop, with_results=True):
-            union.add(part)
+        for future, parts in distributed.as_completed(futures, loop=client.loop, with_results=True):
+            for part in parts:
+                union.add(part)
             future.release()
     finally:
         _stop(client, [*futures, features_ref, sampler_ref])

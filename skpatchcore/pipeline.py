@@ -56,9 +56,11 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
     extracts features chunk by chunk, reduces each chunk with the greedy
     coreset, keeps the union of the chunk coresets on disk (only their
     projections in memory) and merges it (:meth:`CoresetSampler.merge`);
-    when all the features fit in the budget, it is one greedy pass over
-    everything, as the official code does. Beyond the budget only the memory
-    bank grows (``sampling_ratio`` of the patches).
+    when all the features fit in the budget, the sampler selects among them
+    all at once: one greedy pass over everything, as the official code does,
+    or, for large selections under its ``strategy="auto"``, chunk coresets
+    computed in threads and merged the same way. Beyond the budget only the
+    memory bank grows (``sampling_ratio`` of the patches).
 
     ``fit(X, y)`` learns from normal samples only: when labels are given,
     samples with ``y != 0`` are left out. This keeps the memory bank clean
@@ -156,7 +158,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             chunk = self._fit_chunk(len(images))
             self._check_fit_memory(len(images), chunk)
             if chunk >= len(images) and self.scheduler is None:
-                # Everything fits in the budget: one greedy pass over all patches.
+                # Everything fits in the budget: the sampler's strategy (one greedy pass, or chunks in threads).
                 bank = sampler.fit_transform(features.transform(images))
             else:
                 sampler.begin_chunks()
@@ -261,8 +263,9 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
             else:
                 for start in range(0, len(images), chunk):
-                    part = sampler.chunk_coreset(features.transform(images[start:start + chunk]), first_image + start)
-                    union.add(part)
+                    for part in sampler.chunk_coresets(features.transform(images[start:start + chunk]),
+                                                       first_image + start):
+                        union.add(part)
             return sampler.merge(union.parts)
 
     # -------------------------------------------------------------- scoring

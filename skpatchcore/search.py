@@ -60,6 +60,7 @@ def brute_force_kneighbors(
     n_neighbors: int,
     device: torch.device | str = "cpu",
     bank_squared: torch.Tensor | None = None,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by chunked matrix products.
 
@@ -73,6 +74,11 @@ def brute_force_kneighbors(
     bank_squared : Tensor of shape (n_bank,), optional
         The bank rows' squared norms on ``device``, if already computed
         (repeated calls on one bank).
+    groups : (ndarray of shape (n_queries,), ndarray of shape (n_bank,)), optional
+        Group labels of the queries and of the bank rows: a query's
+        neighbours are then searched among the rows of *other* groups only
+        (leave-group-out). Where fewer than ``n_neighbors`` such rows exist,
+        the missing neighbours have distance ``inf``.
 
     Returns
     -------
@@ -87,6 +93,9 @@ def brute_force_kneighbors(
         bank_tensor = bank.to(device)
         if bank_squared is None:
             bank_squared = (bank_tensor * bank_tensor).sum(dim=1)
+        if groups is not None:
+            query_groups = torch.as_tensor(np.asarray(groups[0]), device=device)
+            bank_groups = torch.as_tensor(np.asarray(groups[1]), device=device)
         n_queries, n_bank = queries.shape[0], bank_tensor.shape[0]
         distances = np.empty((n_queries, n_neighbors), dtype=np.float32)
         indices = np.empty((n_queries, n_neighbors), dtype=np.int64)
@@ -94,8 +103,15 @@ def brute_force_kneighbors(
         for start in range(0, n_queries, step):
             chunk = torch.as_tensor(np.asarray(queries[start : start + step], dtype=np.float32)).to(device)
             squared = torch.addmm(bank_squared[None, :], chunk, bank_tensor.T, beta=1.0, alpha=-2.0)
+            if groups is not None:
+                own = query_groups[start : start + step, None] == bank_groups[None, :]
+                squared.masked_fill_(own, float("inf"))
             positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
             exact, nearest = _exact_distances(chunk, bank_tensor, positions)
+            if groups is not None:  # own-group rows come back only where too few others exist
+                own_pick = bank_groups[nearest] == query_groups[start : start + step, None]
+                exact, order = torch.sort(exact.masked_fill(own_pick, float("inf")), dim=1, stable=True)
+                nearest = torch.gather(nearest, 1, order)
             distances[start : start + step] = exact.cpu().numpy()
             indices[start : start + step] = nearest.cpu().numpy()
     return distances, indices

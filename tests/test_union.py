@@ -171,3 +171,27 @@ def test_partial_fit_of_a_model_without_bank_radii_keeps_the_bank_whole(syntheti
     model.partial_fit(synthetic.train_images[8:])
     assert old_rows <= set(model[1].coreset_indices_.tolist())
     assert model[-1].memory_bank_.shape[0] == int(16 * 144 * 0.05)
+
+
+def test_grouped_radius_merge_is_exact_for_one_group_and_compares_within_groups(rng):
+    from skpatchcore._union import largest_effective_radii_by_group
+
+    points = rng.normal(size=(300, 6)).astype(np.float32)
+    radii = np.sort(rng.uniform(0.5, 3.0, size=300))[::-1]
+    parts = [points[:100], points[100:200], points[200:]]
+    single = largest_effective_radii(parts, radii, 40)
+    grouped = largest_effective_radii_by_group(parts, radii, 40, group_rows=300)
+    np.testing.assert_array_equal(single[0], grouped[0])
+    # Groups of one part: effective radii against the rows of the own part only.
+    picks, effective = largest_effective_radii_by_group(parts, radii, 40, group_rows=150)
+    expected = np.concatenate([largest_effective_radii([part], radii[i * 100:(i + 1) * 100], 100)[1]
+                               for i, part in enumerate(parts)])
+    np.testing.assert_allclose(effective, np.sort(expected)[::-1][:40])
+    assert len(np.unique(picks)) == 40 and np.all(np.diff(effective) <= 0)
+    # A pattern repeated in two groups is kept once per group, not once in all.
+    copies = (rng.normal(size=(1, 6)) + 1e-3 * rng.normal(size=(4, 6))).astype(np.float32)
+    far = 50 + rng.normal(size=(4, 6)).astype(np.float32)
+    blocks = [np.concatenate([copies[:2], far[:2]]), np.concatenate([copies[2:], far[2:]])]
+    radii = np.array([9.0, 1.0, 2.0, 1.5, 8.0, 0.9, 1.9, 1.4])
+    picks, _ = largest_effective_radii_by_group(blocks, radii, 3, group_rows=4)
+    assert set(picks) == {0, 4, 2}
