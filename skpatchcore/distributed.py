@@ -174,14 +174,21 @@ def _task_threads(plan: dict[str, int], n_jobs: int | None) -> int:
     return plan.get(get_worker().address, 1)
 
 
-def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs) -> ChunkCoreset:
+def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs,
+                        first_tile: int | None = None) -> ChunkCoreset:
     with _task_context(plan, n_jobs):
-        return sampler.chunk_coreset(features.transform(images), first_image)
+        if first_tile is None:
+            return sampler.chunk_coreset(features.transform(images), first_image)
+        from .pipeline import number_by_image
+
+        counts = [features.tile_layout(image).n_tiles for image in images]
+        part = sampler.chunk_coreset(features.transform(images), first_tile)
+        return number_by_image(part, np.repeat(np.arange(len(images)), counts), first_tile, first_image)
 
 
 def chunk_coresets(
     scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None,
-    union,
+    union, first_tile: int | None = None,
 ) -> None:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
 
@@ -206,17 +213,27 @@ def chunk_coresets(
         torch threads per task; None for the worker's share of its cores.
     union : SpilledUnion
         Collects the chunk coresets (:class:`skpatchcore._union.SpilledUnion`).
+    first_tile : int or None, default=None
+        For a tiled transformer: global number of the first image's first
+        tile (the coreset numbers tiles; the parts come back numbered by
+        image, see :func:`skpatchcore.pipeline.number_by_image`).
     """
     distributed = _require_distributed()
     client = connect(scheduler)
     plan = thread_plan(client)
     features_ref, sampler_ref = client.scatter([features, sampler], broadcast=True, hash=False)
+    starts = range(0, len(images), chunk)
+    if first_tile is None:
+        first_tiles = [None] * len(starts)
+    else:
+        counts = np.array([features.tile_layout(image).n_tiles for image in images], dtype=np.int64)
+        first_tiles = [first_tile + int(counts[:start].sum()) for start in starts]
     futures = [
         client.submit(
             _chunk_coreset_task, features_ref, sampler_ref, list(images[start:start + chunk]),
-            first_image + start, plan, n_jobs, pure=False,
+            first_image + start, plan, n_jobs, tile, pure=False,
         )
-        for start in range(0, len(images), chunk)
+        for start, tile in zip(starts, first_tiles)
     ]
     try:
         for future, part in distributed.as_completed(futures, loop=client.loop, with_results=True):

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write
-from ._persistence import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
+from ._persistence import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
 
@@ -377,7 +377,7 @@ def load(path: str | os.PathLike):
         estimator_description = description["estimator"]
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptModelError(f"{str(path)!r} holds an invalid model description ({error}).") from error
-    if model_format != MODEL_FORMAT_VERSION:
+    if model_format not in READABLE_MODEL_FORMATS:
         raise IncompatibleModelError(
             f"{str(path)!r} was saved by skpatchcore {written_by} (model format {model_format}); this "
             f"version reads model format {MODEL_FORMAT_VERSION}. Refit the model, or load it with "
