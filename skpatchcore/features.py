@@ -585,20 +585,28 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         model = self.backbone_.to(device)
         chunk_tiles = max(1, int(chunk_tiles))
         pending_image, pending_origin, pending_views = [], [], []
-        done_image, done_origin, done_features = [], [], []
+        # One chunk's features, written in place batch by batch (never held twice).
+        chunk_image = np.empty(chunk_tiles, dtype=np.int64)
+        chunk_origin = np.empty((chunk_tiles, 2), dtype=np.int64)
+        chunk_features, filled = None, 0
 
         def run_batch():
+            nonlocal chunk_features, filled
             views = [np.stack(view) for view in zip(*pending_views)]
             with torch.inference_mode():
-                done_features.append(self._features(model, views, device).float().cpu().numpy())
-            done_image.extend(pending_image)
-            done_origin.extend(pending_origin)
+                features = self._features(model, views, device).float().cpu().numpy()
+            if chunk_features is None:
+                chunk_features = np.empty((chunk_tiles, *features.shape[1:]), dtype=np.float32)
+            stop = filled + len(features)
+            chunk_features[filled:stop], chunk_image[filled:stop], chunk_origin[filled:stop] = (
+                features, pending_image, pending_origin)
+            filled = stop
             pending_image.clear(), pending_origin.clear(), pending_views.clear()
 
         def chunk():
-            result = (np.asarray(done_image, dtype=np.int64), np.asarray(done_origin, dtype=np.int64).reshape(-1, 2),
-                      np.concatenate(done_features))
-            done_image.clear(), done_origin.clear(), done_features.clear()
+            nonlocal chunk_features, filled
+            result = chunk_image[:filled].copy(), chunk_origin[:filled].copy(), chunk_features[:filled]
+            chunk_features, filled = None, 0
             return result
 
         with torch_threads(self.n_jobs):
@@ -609,14 +617,14 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
                     pending_image.append(index)
                     pending_origin.append(origin)
                     pending_views.append(self._tile_views(pixels, origin))
-                    if len(pending_views) >= min(self.batch_size, chunk_tiles - len(done_image)):
+                    if len(pending_views) >= min(self.batch_size, chunk_tiles - filled):
                         run_batch()
-                    if len(done_image) == chunk_tiles:
+                    if filled == chunk_tiles:
                         yield chunk()
                 del pixels
             if pending_views:
                 run_batch()
-            if done_image:
+            if filled:
                 yield chunk()
 
     def _tile_views(self, pixels: np.ndarray, origin) -> list[np.ndarray]:

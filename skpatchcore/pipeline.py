@@ -290,8 +290,10 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         """
         first, detector = self._features_and_detector()
         layouts = [first.tile_layout(image) for image in images]
-        largest = max((int(np.prod(layout.padded_size)) + int(np.prod(layout.image_size)) for layout in layouts),
-                      default=1)
+        # The stitching canvas becomes the map in place; a tile_scale != 1 resizes it into a second array.
+        largest = max((int(np.prod(layout.padded_size))
+                       + (int(np.prod(layout.image_size)) if layout.scaled_size != layout.image_size else 0)
+                       for layout in layouts), default=1)
         budget = resolve_working_memory(self.working_memory)
         map_chunk = images_per_chunk(4 * largest, max(1, len(images)), budget / 2)
         pixels = 3 * max((int(np.prod(layout.scaled_size)) for layout in layouts), default=1)

@@ -32,6 +32,9 @@ from ._maps import resize_map
 
 __all__ = ["MapStitcher", "TileLayout", "check_tile_params", "tile_layout", "tile_starts"]
 
+#: Tiles whose patch scores are upsampled together when stitching a map.
+STITCH_BATCH = 8
+
 
 def check_tile_params(tile_size, tile_overlap, tile_scale) -> None:
     """Refuse tiling parameters that cannot form a tile grid, naming the problem.
@@ -190,12 +193,15 @@ class MapStitcher:
     def add(self, grids: np.ndarray, origins: np.ndarray) -> None:
         """Add the patch-score grids ``(n, h, w)`` of the tiles at ``origins`` ``(n, 2)``."""
         size = self.layout.tile_size
-        with torch.inference_mode():
-            upsampled = F.interpolate(torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None],
-                                      size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
         weight = np.outer(self._ramp, self._ramp)
-        for tile_map, (top, left) in zip(upsampled, np.asarray(origins)):
-            self._sum[top:top + size, left:left + size] += tile_map * weight
+        grids, origins = np.ascontiguousarray(grids, dtype=np.float32), np.asarray(origins)
+        for start in range(0, len(grids), STITCH_BATCH):  # a few upsampled tiles at a time
+            with torch.inference_mode():
+                upsampled = F.interpolate(torch.from_numpy(grids[start:start + STITCH_BATCH])[:, None],
+                                          size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+            for tile_map, (top, left) in zip(upsampled, origins[start:start + STITCH_BATCH]):
+                tile_map *= weight
+                self._sum[top:top + size, left:left + size] += tile_map
 
     def result(self) -> np.ndarray:
         """The stitched map at the image's own size ``(height, width)``, float32 (in place of the canvas)."""
