@@ -335,3 +335,35 @@ def test_an_8000_x_6000_image_scores_within_the_memory_budget():
     assert (height, width) == (6000, 8000)
     assert 2950 <= row <= 3090 and 4950 <= column <= 5090  # the 40 px defect
     assert peak - baseline < budget, f"peak RSS grew by {peak - baseline:.0f} MiB over a {budget} MiB budget"
+
+
+# ------------------------------------------------------ choosing without labels
+def test_synthetic_defects_of_a_physical_size_keep_it_whatever_the_image_size():
+    from skpatchcore.synthetic import add_synthetic_defects
+
+    rng = np.random.default_rng(0)
+    for side in (64, 256):
+        images = [_texture(rng, side, side) for _ in range(6)]
+        data = add_synthetic_defects(images, kinds=("intensity",), defect_size=12, random_state=0)
+        areas = [int(mask.sum()) for mask, label in zip(data.masks, data.labels) if label]
+        assert all(80 <= area <= 220 for area in areas), areas  # about 12 x 12 px at both image sizes
+    with pytest.raises(ValueError, match="defect_size must be None"):
+        add_synthetic_defects(images, defect_size=(8, 4))
+
+
+def test_synthetic_selection_chooses_tiles_for_small_defects_in_large_images():
+    from sklearn.model_selection import GridSearchCV
+
+    from skpatchcore import NormalOnlyKFold, synthetic_defect_scorer
+
+    rng = np.random.default_rng(4)
+    images = [_texture(rng, 128, 128) for _ in range(12)]
+    model = make_patchcore(backbone="resnet18", weights=None, resize=32, crop_size=None, sampling_ratio=0.25,
+                           random_state=0, layers=("layer2", "layer3"))
+    search = GridSearchCV(model, {"features__tile_size": [None, 32]}, cv=NormalOnlyKFold(2),
+                          scoring=synthetic_defect_scorer("image_auroc", kinds=("intensity", "texture"),
+                                                          defect_size=8))
+    search.fit(images)
+    assert search.best_params_ == {"features__tile_size": 32}
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[1] > scores[0] + 0.1, scores
