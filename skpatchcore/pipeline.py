@@ -101,7 +101,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         """
         X, y = _normal_samples(X, y)
         if params or self.memory is not None or not self._chunkable():
-            if getattr(self.steps[0][1], "tile_size", None) is not None:
+            if _is_tiled(self.steps[0][1]):
                 raise ValueError(
                     "A tiled PatchFeatureTransformer (tile_size set) needs the pipeline's own fit: the steps "
                     "features -> coreset -> detector, no memory cache and no fit parameters."
@@ -130,7 +130,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
     def _tile_counts(self, images: list) -> np.ndarray | None:
         """Tiles of every image for a tiled transformer (read from the images' sizes), else None."""
         features = self.steps[0][1]
-        if getattr(features, "tile_size", None) is None:
+        if not _is_tiled(features):
             return None
         return np.array([features.tile_layout(image).n_tiles for image in images], dtype=np.int64)
 
@@ -341,7 +341,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 "cover the whole original image."
             )
         images = as_image_list(X)
-        chunk = self._score_chunk() if not first.tiled else self._tiled_score_chunks(images)[0]
+        chunk = self._score_chunk() if not _is_tiled(first) else self._tiled_score_chunks(images)[0]
         if self.scheduler is not None:
             from .distributed import score_chunks
 
@@ -472,7 +472,7 @@ def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, origina
     maps : ndarray, list of ndarray or None
     """
     first, detector = model._features_and_detector()
-    if first.tiled:
+    if _is_tiled(first):
         return score_tiles(model, images, with_maps, original_size)
     with torch_threads(model.n_jobs):
         features = images
@@ -673,3 +673,8 @@ def _step_seeds(random_state, n_steps: int) -> list[int]:
     if isinstance(random_state, numbers.Integral):
         return [int(random_state)] * n_steps
     return [int(seed) for seed in check_random_state(random_state).randint(np.iinfo(np.int32).max, size=n_steps)]
+
+
+def _is_tiled(features) -> bool:
+    """Whether a feature step cuts images into tiles (a ``PatchFeatureTransformer`` with ``tile_size`` set)."""
+    return getattr(features, "tile_size", None) is not None
