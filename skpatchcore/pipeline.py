@@ -365,7 +365,10 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             ``False``: maps at the backbone input size (after resize and crop),
             as the official code evaluates them. ``True``: each map is
             resized (bilinear) to its image's original size; only meaningful
-            without a centre crop (``crop_size=None``).
+            without a centre crop (``crop_size=None``). A tiled model
+            (``tile_size`` set) stitches every map at its image's own size
+            either way; ``False`` then stacks them, which needs images of
+            one size.
 
         Returns
         -------
