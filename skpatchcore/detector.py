@@ -643,6 +643,28 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         _check_four_d(X)
         return self._score(X)[1]
 
+    def score_and_patch_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """``score_samples`` and :meth:`patch_scores` from one nearest-neighbour search.
+
+        What a tiled pipeline needs per tile: the image score (with
+        ``reweight``, eq. 7 applied to the tile's largest patch) and the
+        unsmoothed patch-score grid to stitch.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, n_features)
+
+        Returns
+        -------
+        score_samples : ndarray of shape (n_images,)
+            Higher means more normal.
+        patch_scores : ndarray of shape (n_images, h, w), float32
+            Higher means more anomalous.
+        """
+        _check_four_d(X)
+        scores, grids = self._score(X)
+        return -scores, grids
+
     def anomaly_maps(self, X, output_size) -> np.ndarray:
         """Pixel anomaly maps: patch scores upsampled and smoothed.
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ._threads import effective_n_jobs, torch_threads
 from .coreset import ChunkCoreset
+from .tiling import number_by_image
 
 #: How long connecting to a scheduler may take (Dask duration) before a clear
 #: error; override with ``dask.config.set({"skpatchcore.connect-timeout": "30s"})``.
@@ -174,14 +175,20 @@ def _task_threads(plan: dict[str, int], n_jobs: int | None) -> int:
     return plan.get(get_worker().address, 1)
 
 
-def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs) -> list[ChunkCoreset]:
+def _chunk_coreset_task(features, sampler, images: list, first_image: int, plan, n_jobs,
+                        first_tile: int | None = None) -> list[ChunkCoreset]:
     with _task_context(plan, n_jobs):
-        return sampler.chunk_coresets(features.transform(images), first_image)
+        if first_tile is None:
+            return sampler.chunk_coresets(features.transform(images), first_image)
+        counts = [features.tile_layout(image).n_tiles for image in images]
+        tile_image = np.repeat(np.arange(len(images)), counts)
+        parts = sampler.chunk_coresets(features.transform(images), first_tile)
+        return [number_by_image(part, tile_image, first_tile, first_image) for part in parts]
 
 
 def chunk_coresets(
     scheduler: str, features, sampler, images: Sequence, chunk: int, first_image: int, n_jobs: int | None,
-    union,
+    union, first_tile: int | None = None,
 ) -> None:
     """Features and chunk coresets of consecutive image chunks, one Dask task per chunk.
 
@@ -210,17 +217,27 @@ def chunk_coresets(
         torch threads per task; None for the worker's share of its cores.
     union : SpilledUnion
         Collects the chunk coresets (:class:`skpatchcore._union.SpilledUnion`).
+    first_tile : int or None, default=None
+        For a tiled transformer: global number of the first image's first
+        tile (the coreset numbers tiles; the parts come back numbered by
+        image, see :func:`skpatchcore.pipeline.number_by_image`).
     """
     distributed = _require_distributed()
     client = connect(scheduler)
     plan = thread_plan(client)
     features_ref, sampler_ref = client.scatter([features, sampler], broadcast=True, hash=False)
+    starts = range(0, len(images), chunk)
+    if first_tile is None:
+        first_tiles = [None] * len(starts)
+    else:
+        counts = np.array([features.tile_layout(image).n_tiles for image in images], dtype=np.int64)
+        first_tiles = [first_tile + int(counts[:start].sum()) for start in starts]
     futures = [
         client.submit(
             _chunk_coreset_task, features_ref, sampler_ref, list(images[start:start + chunk]),
-            first_image + start, plan, n_jobs, pure=False,
+            first_image + start, plan, n_jobs, tile, pure=False,
         )
-        for start in range(0, len(images), chunk)
+        for start, tile in zip(starts, first_tiles)
     ]
     try:
         for future, parts in distributed.as_completed(futures, loop=client.loop, with_results=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
+from numbers import Real
 import os
 from collections.abc import Sequence
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._param_constraints import DEVICE, N_JOBS, positive_int
+from ._param_constraints import DEVICE, N_JOBS, NumberInterval, positive_int
 from .io.versioning import VersionedStateMixin
 from ._random_seeds import int_seeds
 from ._threads import torch_threads
@@ -33,7 +34,15 @@ from .backbones import (
     native_input,
     prune_unused_modules,
 )
-from .io.images import IMAGENET_MEAN, IMAGENET_STD, as_image_list, preprocess_image_geometries
+from .io.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    as_image_list,
+    image_size,
+    preprocess_image_geometries,
+    tile_pixels,
+)
+from .tiling import TileLayout, check_tile_params, tile_layout
 
 AGGREGATIONS = ("mean_pool", "concat")
 RECIPES = ("recommended", "official")
@@ -264,6 +273,25 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     exif_transpose : bool, default=True
         Turn image files upright by their EXIF orientation tag (as image
         viewers show them) before resizing. Arrays are used as they are.
+    tile_size : int or None, default=None
+        None: every image is resized to the backbone input as a whole (the
+        paper's way). An int: every image is cut into ``tile_size x
+        tile_size`` pixel tiles (after ``tile_scale``), and every tile is
+        one backbone input, as an untiled image of that size would be;
+        ``resize`` and ``crop_size`` are not used. Each image gets its own
+        grid; an image smaller than a tile along an axis is padded there by
+        repeating its edge pixels (see :mod:`skpatchcore.tiling`).
+        :meth:`transform` then returns one feature grid per tile, all tiles
+        of the first image first; :class:`~skpatchcore.PatchCorePipeline`
+        scores an image by its most anomalous patch over all its tiles and
+        stitches its map at the image's own size. Not in the paper: a
+        documented option (``docs/large_images.rst``).
+    tile_overlap : float, default=0.0
+        Fraction of a tile shared with each neighbour, in ``[0, 1)``;
+        overlapping maps are blended (:func:`skpatchcore.tiling.blend_weights`).
+    tile_scale : float, default=1.0
+        Factor by which images are resized before they are cut into tiles
+        (1.0: native resolution; 0.5: half the pixels along each side).
 
     Attributes
     ----------
@@ -278,7 +306,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     feature_shape_ : tuple of int
         ``(h, w, n_dims)`` of one image's output.
     input_size_ : tuple of int
-        ``(height, width)`` of the images the backbone sees.
+        ``(height, width)`` of the images (or tiles) the backbone sees.
     resize_ : int
     crop_size_ : int or None
     interpolation_ : str
@@ -337,6 +365,9 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         progress=False,
         random_state=None,
         exif_transpose=True,
+        tile_size=None,
+        tile_overlap=0.0,
+        tile_scale=1.0,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -358,6 +389,9 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.progress = progress
         self.random_state = random_state
         self.exif_transpose = exif_transpose
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.tile_scale = tile_scale
 
     _parameter_constraints: dict = {
         "backbone": [str, nn.Module],
@@ -380,6 +414,9 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         "progress": ["boolean"],
         "random_state": ["random_state"],
         "exif_transpose": ["boolean"],
+        "tile_size": [positive_int(), None],
+        "tile_overlap": [NumberInterval(Real, 0, 1, closed="left")],
+        "tile_scale": [NumberInterval(Real, 0, None, closed="neither")],
     }
 
     def _check_param_values(self) -> None:
@@ -412,6 +449,8 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.mean_, self.std_ = self._normalization(model)
         self.aggregation_ = self._resolved_aggregation(model)
         self.resize_, self.crop_size_, self.interpolation_ = self._geometry(model)
+        if self.tile_size is not None:  # every tile is seen as it is: no resize, no crop
+            self.resize_, self.crop_size_ = int(self.tile_size), None
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
@@ -522,6 +561,113 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             parts.append(features)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
+    # ---------------------------------------------------------------- tiles
+    @property
+    def tiled(self) -> bool:
+        """Whether images are cut into tiles (``tile_size`` is set)."""
+        return self.tile_size is not None
+
+    def tile_layout(self, image) -> TileLayout:
+        """The tile grid of one image (a path or an array), from its size alone.
+
+        Parameters
+        ----------
+        image : str, path-like or ndarray
+
+        Returns
+        -------
+        layout : TileLayout
+            See :func:`skpatchcore.tiling.tile_layout`.
+        """
+        if self.tile_size is None:
+            raise ValueError("tile_layout needs a transformer with tile_size set; this one sees whole images.")
+        return tile_layout(image_size(image, self.exif_transpose), self.tile_size, self.tile_overlap,
+                           self.tile_scale)
+
+    def iter_tiles(self, X, chunk_tiles: int):
+        """Patch features of every tile of every image, ``chunk_tiles`` tiles at a time.
+
+        Each image is decoded once (see :func:`skpatchcore.io.images.tile_pixels`)
+        and only its tiles' features are kept, so memory holds one image's
+        pixels and one chunk of tile features however large the images are.
+
+        Parameters
+        ----------
+        X : images
+            As accepted by :meth:`transform`.
+        chunk_tiles : int
+            Tiles per yielded chunk (the last may have fewer); a chunk can
+            hold tiles of several images.
+
+        Yields
+        ------
+        tile_image : ndarray of shape (n_chunk,)
+            Position in ``X`` of each tile's image.
+        origins : ndarray of shape (n_chunk, 2)
+            ``(top, left)`` of each tile in its (scaled) image.
+        features : ndarray of shape (n_chunk, h, w, n_dims), float32
+        """
+        check_is_fitted(self, "backbone_")
+        if self.tile_size is None:
+            raise ValueError("iter_tiles needs a transformer with tile_size set; this one sees whole images.")
+        images = as_image_list(X)
+        device = resolve_device(self.device)
+        model = self.backbone_.to(device)
+        chunk_tiles = max(1, int(chunk_tiles))
+        pending_image, pending_origin, pending_views = [], [], []
+        # One chunk's features, written in place batch by batch (never held twice).
+        chunk_image = np.empty(chunk_tiles, dtype=np.int64)
+        chunk_origin = np.empty((chunk_tiles, 2), dtype=np.int64)
+        chunk_features, filled = None, 0
+
+        def run_batch():
+            nonlocal chunk_features, filled
+            views = [np.stack(view) for view in zip(*pending_views)]
+            with torch.inference_mode():
+                features = self._features(model, views, device).float().cpu().numpy()
+            if chunk_features is None:
+                chunk_features = np.empty((chunk_tiles, *features.shape[1:]), dtype=np.float32)
+            stop = filled + len(features)
+            chunk_features[filled:stop], chunk_image[filled:stop], chunk_origin[filled:stop] = (
+                features, pending_image, pending_origin)
+            filled = stop
+            pending_image.clear(), pending_origin.clear(), pending_views.clear()
+
+        def chunk():
+            nonlocal chunk_features, filled
+            result = chunk_image[:filled].copy(), chunk_origin[:filled].copy(), chunk_features[:filled]
+            chunk_features, filled = None, 0
+            return result
+
+        with torch_threads(self.n_jobs):
+            for index, image in enumerate(tqdm(images, desc="Tiles", unit="image", disable=not self.progress)):
+                layout = self.tile_layout(image)
+                pixels = tile_pixels(image, layout.scaled_size, self.interpolation_, self.exif_transpose)
+                for origin in layout.origins:
+                    pending_image.append(index)
+                    pending_origin.append(origin)
+                    pending_views.append(self._tile_views(pixels, origin))
+                    if len(pending_views) >= min(self.batch_size, chunk_tiles - filled):
+                        run_batch()
+                    if filled == chunk_tiles:
+                        yield chunk()
+                del pixels
+            if pending_views:
+                run_batch()
+            if filled:
+                yield chunk()
+
+    def _tile_views(self, pixels: np.ndarray, origin) -> list[np.ndarray]:
+        """The backbone inputs of one tile (one per scale); edge pixels repeated past the image."""
+        top, left = (int(v) for v in origin)
+        side = int(self.tile_size)
+        tile = pixels[top:top + side, left:left + side]
+        missing = (side - tile.shape[0], side - tile.shape[1])
+        if missing != (0, 0):
+            tile = np.pad(tile, [(0, missing[0]), (0, missing[1])] + [(0, 0)] * (tile.ndim - 2), mode="edge")
+        return preprocess_image_geometries(tile, self._geometries(), self.interpolation_, self.mean_, self.std_,
+                                           exif_transpose=False)
+
     def transform(self, X) -> np.ndarray:
         """Compute patch features.
 
@@ -537,10 +683,19 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         -------
         features : ndarray of shape (n_images, h, w, n_dims), float32
             One feature vector per patch; written once into a pre-allocated
-            array.
+            array. With ``tile_size`` set, shape ``(n_tiles, h, w, n_dims)``:
+            the tiles of every image in turn (see :meth:`tile_layout`).
         """
         check_is_fitted(self, "backbone_")
         images = as_image_list(X)
+        if self.tile_size is not None:
+            n_tiles = sum(self.tile_layout(image).n_tiles for image in images)
+            output = np.empty((n_tiles, *self.feature_shape_), dtype=np.float32)
+            start = 0
+            for _, _, features in self.iter_tiles(images, max(1, self.batch_size)):
+                output[start:start + len(features)] = features
+                start += len(features)
+            return output
         device = resolve_device(self.device)
         model = self.backbone_.to(device)
         output = np.empty((len(images), *self.feature_shape_), dtype=np.float32)

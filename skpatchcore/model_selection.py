@@ -23,7 +23,7 @@ from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.utils._param_validation import StrOptions, validate_parameter_constraints, validate_params
 
 from ._param_constraints import NumberInterval
-from .synthetic import DEFECT_KINDS, check_defect_options
+from .synthetic import DEFECT_KINDS, check_defect_options, check_defect_size
 
 SYNTHETIC_METRICS = ("image_auroc", "pixel_auroc", "mean_auroc")
 
@@ -132,11 +132,13 @@ class SyntheticDefectScorer:
     Made by :func:`synthetic_defect_scorer`; see there.
     """
 
-    def __init__(self, metric: str, kinds: Sequence[str], defect_fraction: float, random_state: int):
+    def __init__(self, metric: str, kinds: Sequence[str], defect_fraction: float, random_state: int,
+                 defect_size=None):
         self.metric = metric
         self.kinds = tuple(kinds)
         self.defect_fraction = defect_fraction
         self.random_state = random_state
+        self.defect_size = defect_size
 
     def __call__(self, estimator, X, y=None) -> float:
         from .evaluation.protocol import masks_at_map_geometry
@@ -147,18 +149,20 @@ class SyntheticDefectScorer:
         images = as_image_list(X)
         if y is not None:
             images = [image for image, label in zip(images, np.asarray(y)) if label == 0]
-        data = add_synthetic_defects(images, self.kinds, self.defect_fraction, self.random_state)
+        data = add_synthetic_defects(images, self.kinds, self.defect_fraction, self.random_state, self.defect_size)
         if self.metric == "image_auroc":
             return image_auroc(data.labels, -estimator.score_samples(data.images))
-        scores, maps = estimator.score_and_maps(data.images)
-        pixel = pixel_auroc(masks_at_map_geometry(estimator[0], data.masks), maps)
+        tiled = getattr(estimator[0], "tile_size", None) is not None  # maps at the images' own sizes
+        scores, maps = estimator.score_and_maps(data.images, original_size=tiled)
+        pixel = pixel_auroc(masks_at_map_geometry(estimator[0], data.masks, data.images), maps)
         if self.metric == "pixel_auroc":
             return pixel
         return (image_auroc(data.labels, -scores) + pixel) / 2
 
     def __repr__(self) -> str:
+        size = "" if self.defect_size is None else f", defect_size={self.defect_size!r}"
         return (f"synthetic_defect_scorer(metric={self.metric!r}, kinds={self.kinds!r}, "
-                f"defect_fraction={self.defect_fraction!r}, random_state={self.random_state!r})")
+                f"defect_fraction={self.defect_fraction!r}, random_state={self.random_state!r}{size})")
 
 
 @validate_params(
@@ -176,6 +180,7 @@ def synthetic_defect_scorer(
     kinds: Sequence[str] = DEFECT_KINDS,
     defect_fraction: float = 0.5,
     random_state: int = 0,
+    defect_size: float | tuple[float, float] | None = None,
 ) -> SyntheticDefectScorer:
     """A ``GridSearchCV`` scorer that needs no labelled defects.
 
@@ -196,6 +201,14 @@ def synthetic_defect_scorer(
         Defect kinds to cycle through.
     defect_fraction : float in (0, 1), default=0.5
     random_state : int, default=0
+    defect_size : float, (float, float) or None, default=None
+        Defects of a physical size: side (a crack's length) in pixels of
+        the images as given (see
+        :func:`~skpatchcore.synthetic.add_synthetic_defects`); None sizes
+        them relative to each image. With the size of the defects that
+        matter, a search over ``features__tile_size`` (None among the
+        values) tells without labels whether cutting large images into
+        tiles helps, and at what size (``docs/large_images.rst``).
 
     Returns
     -------
@@ -216,4 +229,5 @@ def synthetic_defect_scorer(
     ... )  # search.fit(paths_of_good_images)
     """
     check_defect_options(kinds, defect_fraction)
-    return SyntheticDefectScorer(metric, kinds, defect_fraction, random_state)
+    check_defect_size(defect_size)
+    return SyntheticDefectScorer(metric, kinds, defect_fraction, random_state, defect_size)

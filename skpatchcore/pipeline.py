@@ -23,6 +23,7 @@ from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
 from .detector import PatchCoreDetector
 from .features import PatchFeatureTransformer
 from .io.images import as_image_list, image_size
+from .tiling import MapStitcher, number_by_image
 
 
 def _check_chunkable(pipeline) -> bool:
@@ -149,22 +150,38 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         """
         X, y = _normal_samples(X, y)
         if params or self.memory is not None or not self._chunkable():
+            if _is_tiled(self.steps[0][1]):
+                raise ValueError(
+                    "A tiled PatchFeatureTransformer (tile_size set) needs the pipeline's own fit: the steps "
+                    "features -> coreset -> detector, no memory cache and no fit parameters."
+                )
             with torch_threads(self.n_jobs):
                 return super().fit(X, y, **params)
         images = as_image_list(X)
         features, sampler, detector = (step for _, step in self.steps)
         with torch_threads(self.n_jobs):
             features.fit()
-            chunk = self._fit_chunk(len(images))
-            self._check_fit_memory(len(images), chunk)
-            if chunk >= len(images) and self.scheduler is None:
+            counts = self._tile_counts(images)
+            n_inputs = len(images) if counts is None else int(counts.sum())
+            chunk = self._fit_chunk(n_inputs)
+            self._check_fit_memory(n_inputs, chunk)
+            if chunk >= n_inputs and self.scheduler is None:
                 # Everything fits in the budget: the sampler's strategy (one greedy pass, or chunks in threads).
                 bank = sampler.fit_transform(features.transform(images))
+                if counts is not None:  # tiles -> their images, so calibration leaves whole images out
+                    bank.image_index = np.repeat(np.arange(len(images)), counts)[bank.image_index]
             else:
                 sampler.begin_chunks()
-                bank = self._chunked_bank(images, chunk, first_image=0)
+                bank = self._chunked_bank(images, chunk, first_image=0, first_tile=None if counts is None else 0)
             detector.fit(bank)
         return self
+
+    def _tile_counts(self, images: list) -> np.ndarray | None:
+        """Tiles of every image for a tiled transformer (read from the images' sizes), else None."""
+        features = self.steps[0][1]
+        if not _is_tiled(features):
+            return None
+        return np.array([features.tile_layout(image).n_tiles for image in images], dtype=np.int64)
 
     @available_if(_check_chunkable)
     @_fit_context(prefer_skip_nested_validation=False)
@@ -202,8 +219,15 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             n_images=sampler.n_images_seen_, radius=sampler.coverage_radius_, radii=_bank_radii(sampler),
         )
         with torch_threads(self.n_jobs):
-            chunk = self._fit_chunk(len(images))
-            detector.fit(self._chunked_bank(images, chunk, sampler.n_images_seen_, held=[current]))
+            counts = self._tile_counts(images)
+            if counts is None:
+                chunk = self._fit_chunk(len(images))
+                bank = self._chunked_bank(images, chunk, sampler.n_images_seen_, held=[current])
+            else:  # the coreset numbers tiles, the bank's image index numbers images
+                chunk = self._fit_chunk(int(counts.sum()))
+                first_image = int(detector.bank_image_index_.max()) + 1
+                bank = self._chunked_bank(images, chunk, first_image, held=[current], first_tile=sampler.n_images_seen_)
+            detector.fit(bank)
         return self
 
     def _chunkable(self) -> bool:
@@ -246,21 +270,35 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         if chunk < n_images or self.scheduler is not None:
             check_disk(union_rows * n_dims * 4, tempfile.gettempdir(), what)
 
-    def _chunked_bank(self, images: list, chunk: int, first_image: int, held=()):
+    def _chunked_bank(self, images: list, chunk: int, first_image: int, held=(), first_tile: int | None = None):
         """The chunk coresets of `images` (in this process or on Dask) merged with `held` into a bank.
 
         The union of the chunk coresets is collected as they arrive in a
         :class:`~skpatchcore._union.SpilledUnion` (full rows on disk), whose
-        folder is removed when the merge is done or the fit fails.
+        folder is removed when the merge is done or the fit fails. With a
+        tiled transformer, `chunk` counts tiles, the coreset numbers the
+        tiles from `first_tile` on, and every part's ``image_index`` is
+        turned into its tiles' image numbers (from `first_image` on).
         """
         features, sampler = self.steps[0][1], self.steps[1][1]
         height, width, _ = features.feature_shape_
-        n_rows_total = sum(part.n_rows for part in held) + len(images) * height * width
+        counts = self._tile_counts(images)
+        n_inputs = len(images) if counts is None else int(counts.sum())
+        n_rows_total = sum(part.n_rows for part in held) + n_inputs * height * width
         with SpilledUnion(sampler, n_rows_total, held) as union:
             if self.scheduler is not None:
                 from .distributed import chunk_coresets
 
-                chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union)
+                if counts is not None:  # tasks take whole images: as many as the tile budget allows
+                    chunk = max(1, chunk // max(1, int(counts.max(initial=1))))
+                chunk_coresets(self.scheduler, features, sampler, images, chunk, first_image, self.n_jobs, union,
+                               first_tile=first_tile)
+            elif counts is not None:
+                start = first_tile
+                for tile_image, _, tile_features in features.iter_tiles(images, chunk):
+                    for part in sampler.chunk_coresets(tile_features, start):
+                        union.add(number_by_image(part, tile_image, start, first_image))
+                    start += len(tile_features)
             else:
                 for start in range(0, len(images), chunk):
                     for part in sampler.chunk_coresets(features.transform(images[start:start + chunk]),
@@ -286,6 +324,33 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         map_height, map_width = first.input_size_
         per_image = height * width * (4 * n_dims + 12 * detector.n_neighbors + 4) + 8 * map_height * map_width
         return images_per_chunk(per_image, 1 << 62, self.working_memory)
+
+    def _tiled_score_chunks(self, images: list) -> tuple[int, int]:
+        """Images per scoring chunk and tiles per feature chunk of a tiled model.
+
+        The maps of a chunk's images (at their own size) and one image's
+        pixels come first out of ``working_memory``; the tiles' features and
+        search results get the rest.
+        """
+        first, detector = self._features_and_detector()
+        layouts = [first.tile_layout(image) for image in images]
+        # The stitching canvas becomes the map in place; a tile_scale != 1 resizes it into a second array.
+        largest = max((int(np.prod(layout.padded_size))
+                       + (int(np.prod(layout.image_size)) if layout.scaled_size != layout.image_size else 0)
+                       for layout in layouts), default=1)
+        budget = resolve_working_memory(self.working_memory)
+        map_chunk = images_per_chunk(4 * largest, max(1, len(images)), budget / 2)
+        pixels = 3 * max((int(np.prod(layout.scaled_size)) for layout in layouts), default=1)
+        left = budget - (map_chunk * 4 * largest + pixels) / 2**20
+        height, width, n_dims = first.feature_shape_
+        per_tile = height * width * (4 * n_dims + 12 * detector.n_neighbors + 4)
+        if left * 2**20 < per_tile:
+            raise ValueError(
+                f"working_memory={budget:g} MiB cannot hold the map and pixels of the largest image "
+                f"({layouts[int(np.argmax([np.prod(layout.image_size) for layout in layouts]))].image_size}) "
+                f"and one tile's features; raise working_memory or score without maps."
+            )
+        return map_chunk, images_per_chunk(per_tile, 1 << 62, left)
 
     def iter_score_and_maps(self, X, original_size: bool = False, maps: bool = True):
         """Score images chunk by chunk: yield ``(indices, score_samples, maps)``.
@@ -320,7 +385,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
                 "cover the whole original image."
             )
         images = as_image_list(X)
-        chunk = self._score_chunk()
+        chunk = self._score_chunk() if not _is_tiled(first) else self._tiled_score_chunks(images)[0]
         if self.scheduler is not None:
             from .distributed import score_chunks
 
@@ -344,7 +409,10 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
             ``False``: maps at the backbone input size (after resize and crop),
             as the official code evaluates them. ``True``: each map is
             resized (bilinear) to its image's original size; only meaningful
-            without a centre crop (``crop_size=None``).
+            without a centre crop (``crop_size=None``). A tiled model
+            (``tile_size`` set) stitches every map at its image's own size
+            either way; ``False`` then stacks them, which needs images of
+            one size.
 
         Returns
         -------
@@ -509,6 +577,8 @@ def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, origina
     maps : ndarray, list of ndarray or None
     """
     first, detector = model._features_and_detector()
+    if _is_tiled(first):
+        return score_tiles(model, images, with_maps, original_size)
     with torch_threads(model.n_jobs):
         features = images
         for _, _, transformer in model._iter(with_final=False):
@@ -520,6 +590,58 @@ def score_chunk(model: PatchCorePipeline, images: list, with_maps: bool, origina
         upright = getattr(first, "exif_transpose", True)
         maps = [resize_map(m, image_size(image, upright)) for m, image in zip(maps, images)]
     return scores, maps
+
+
+def score_tiles(model: PatchCorePipeline, images: list, with_maps: bool, original_size: bool = True):
+    """Scores (and stitched maps) of images seen by a tiled transformer.
+
+    Every tile is scored as an untiled image would be; an image's score is
+    that of its tile holding its most anomalous patch (the paper's max over
+    patches, eq. 6, over all its tiles; with ``reweight``, eq. 7 on that
+    patch), and its map is stitched from its tiles' patch scores at its own
+    size (:class:`~skpatchcore.tiling.MapStitcher`). Tiles are scored a
+    chunk at a time, so memory holds one chunk's features, the pixels of one
+    image and the maps of `images` (see ``_tiled_score_chunks``).
+
+    Returns
+    -------
+    score_samples : ndarray of shape (n_images,)
+    maps : list of ndarray, ndarray of shape (n_images, H, W), or None
+        A list when ``original_size``; else stacked, which needs images of
+        one size.
+    """
+    first, detector = model._features_and_detector()
+    middle = [step for _, _, step in model._iter(with_final=False)][1:]
+    n_images = len(images)
+    if with_maps and not original_size and len({image_size(image, first.exif_transpose) for image in images}) > 1:
+        raise ValueError("A tiled model's maps are at each image's own size and these images differ in size: "
+                         "pass original_size=True to get a list of maps.")
+    anomaly, best_patch = np.full(n_images, -np.inf), np.full(n_images, -np.inf)
+    stitchers, maps = {}, [None] * n_images
+    with torch_threads(model.n_jobs):
+        _, tile_chunk = model._tiled_score_chunks(images)
+        for tile_image, origins, features in first.iter_tiles(images, tile_chunk):
+            for step in middle:
+                features = step.transform(features)
+            scores, grids = detector.score_and_patch_scores(features)
+            patch_max = grids.reshape(len(grids), -1).max(axis=1)
+            for index in np.unique(tile_image):
+                mine = np.flatnonzero(tile_image == index)
+                top = mine[np.argmax(patch_max[mine])]
+                if patch_max[top] > best_patch[index]:
+                    best_patch[index], anomaly[index] = patch_max[top], -scores[top]
+                if with_maps:
+                    if index not in stitchers:
+                        stitchers[index] = MapStitcher(first.tile_layout(images[index]), detector.map_sigma)
+                    stitchers[index].add(grids[mine], origins[mine])
+            for index in [i for i in stitchers if i < tile_image[-1]]:  # every tile of these is in
+                maps[index] = stitchers.pop(index).result()
+        for index in list(stitchers):
+            maps[index] = stitchers.pop(index).result()
+    if not with_maps:
+        return -anomaly, None
+    return -anomaly, (maps if original_size else np.stack(maps))
+
 
 
 def _bank_radii(sampler: CoresetSampler) -> np.ndarray | None:
@@ -630,3 +752,8 @@ def make_patchcore(
         n_jobs=n_jobs,
         scheduler=scheduler,
     )
+
+
+def _is_tiled(features) -> bool:
+    """Whether a feature step cuts images into tiles (a ``PatchFeatureTransformer`` with ``tile_size`` set)."""
+    return getattr(features, "tile_size", None) is not None

@@ -20,6 +20,13 @@ its area) and blended into it so that no hard edge gives it away:
   replaced by noise of the image's own contrast;
 * ``"crack"``: a thin, jagged, dark polyline.
 
+With ``defect_size`` the defects have a physical size instead: a side (or,
+for cracks, a length) of ``defect_size`` pixels of the image as given,
+whatever its size. That is how a user who knows that defects are, say, 0.5
+mm on a 60 um/pixel camera (about 8 pixels) asks whether a model sees them,
+and how :func:`~skpatchcore.model_selection.synthetic_defect_scorer` chooses
+whether to cut large images into tiles, and how large (``docs/large_images.rst``).
+
 A fifth kind is offered but not in the default mix (:data:`ALL_DEFECT_KINDS`):
 
 * ``"uneven"``: a large (10% to 30% of the area), diffuse region made
@@ -55,6 +62,7 @@ def add_synthetic_defects(
     kinds: Sequence[str] = DEFECT_KINDS,
     defect_fraction: float = 0.5,
     random_state: int | np.random.Generator | None = 0,
+    defect_size: float | tuple[float, float] | None = None,
 ) -> Bunch:
     """Paint one synthetic defect onto a fraction of normal images.
 
@@ -72,6 +80,11 @@ def add_synthetic_defects(
         least one image stays normal).
     random_state : int, numpy Generator or None, default=0
         The same seed and images give the same defects.
+    defect_size : float, (float, float) or None, default=None
+        None: every defect covers 0.3% to 4% of its image (10% to 30% for
+        ``"uneven"``). A number or a ``(low, high)`` range: the defect's side
+        (a crack's length) in pixels of the image as given, drawn uniformly
+        in the range, whatever the image's size (see the module docstring).
 
     Returns
     -------
@@ -97,6 +110,7 @@ def add_synthetic_defects(
     from .io.images import as_image_list, rgb_uint8
 
     check_defect_options(kinds, defect_fraction)
+    size = check_defect_size(defect_size)
     arrays = [rgb_uint8(image) for image in as_image_list(images)]
     n_images = len(arrays)
     if n_images < 2:
@@ -112,7 +126,7 @@ def add_synthetic_defects(
     for position, index in enumerate(defective):
         kind = kinds[position % len(kinds)]
         donor = arrays[(index + 1 + rng.integers(n_images - 1)) % n_images]
-        result[index], masks[index] = _paint(arrays[index], kind, rng, donor)
+        result[index], masks[index] = _paint(arrays[index], kind, rng, donor, size)
         names[index] = kind
     return Bunch(images=result, labels=labels, masks=masks, kinds=names)
 
@@ -125,20 +139,42 @@ def check_defect_options(kinds: Sequence[str], defect_fraction: float) -> None:
         raise ValueError(f"defect_fraction must be in (0, 1), got {defect_fraction!r}.")
 
 
-def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.ndarray):
-    """One defect of `kind` on `image`: the new uint8 image and its mask."""
+def check_defect_size(defect_size) -> tuple[float, float] | None:
+    """``defect_size`` as a ``(low, high)`` range of pixels, or None; refuses anything else by name."""
+    if defect_size is None:
+        return None
+    values = np.atleast_1d(np.asarray(defect_size, dtype=float)) if not isinstance(defect_size, str) else None
+    if values is None or values.shape not in ((1,), (2,)) or not np.all(np.isfinite(values)) \
+            or values.min() < 1 or values[0] > values[-1]:
+        raise ValueError(f"defect_size must be None, a number of pixels >= 1 or a (low, high) range of them, "
+                         f"got {defect_size!r}.")
+    return float(values[0]), float(values[-1])
+
+
+def _paint(image: np.ndarray, kind: str, rng: np.random.Generator, donor: np.ndarray,
+           size: tuple[float, float] | None = None):
+    """One defect of `kind` on `image`: the new uint8 image and its mask.
+
+    `size`: the defect's side (a crack's length) in pixels, as a range; None
+    for the default sizes relative to the image.
+    """
     height, width = image.shape[:2]
     values = image.astype(np.float64)
+    if size is None:
+        low, high = (UNEVEN_MIN_AREA, UNEVEN_MAX_AREA) if kind == "uneven" else (MIN_AREA, MAX_AREA)
+        side = None
+    else:
+        side = float(rng.uniform(*size))
+        low = high = min(0.25, side * side / (height * width))  # at most a quarter of the image
+    feather = _feather(height, width, kind) if side is None else max(0.5, side / (4 if kind == "uneven" else 15))
     if kind == "cutpaste":
-        alpha, changed = _cutpaste(values, rng, donor)
+        alpha, changed = _cutpaste(values, rng, donor, low, high, feather)
     else:
         if kind == "crack":
-            region = _crack(rng, height, width)
-        elif kind == "uneven":
-            region = _blob(rng, height, width, UNEVEN_MIN_AREA, UNEVEN_MAX_AREA)
+            region = _crack(rng, height, width, side)
         else:
-            region = _blob(rng, height, width)
-        alpha = ndimage.gaussian_filter(region.astype(np.float64), _feather(height, width, kind))
+            region = _blob(rng, height, width, low, high)
+        alpha = ndimage.gaussian_filter(region.astype(np.float64), 0.3 if kind == "crack" else feather)
         changed = _changed_pixels(values, kind, rng, region)
     blended = values * (1 - alpha[..., None]) + changed * alpha[..., None]
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8), alpha >= 0.5
@@ -173,11 +209,15 @@ def _blob(rng: np.random.Generator, height: int, width: int, low: float = MIN_AR
     return np.hypot(dy, dx) <= wobble
 
 
-def _crack(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A jagged polyline about 1% of the shorter side wide (at least 1 pixel)."""
+def _crack(rng: np.random.Generator, height: int, width: int, length: float | None = None) -> np.ndarray:
+    """A jagged polyline about 1% of the shorter side wide (at least 1 pixel).
+
+    With `length` (pixels): segments of about a fifth of it, as wide as a
+    thirtieth of it (at least 1 pixel), so that the crack scales with it.
+    """
     side = min(height, width)
-    half_width = max(0.5, side / 200)
-    step = side * rng.uniform(0.04, 0.08)
+    half_width = max(0.5, side / 200 if length is None else length / 60)
+    step = side * rng.uniform(0.04, 0.08) if length is None else length * rng.uniform(0.12, 0.25)
     point = rng.uniform([0.2 * height, 0.2 * width], [0.8 * height, 0.8 * width])
     heading = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
@@ -213,13 +253,14 @@ def _changed_pixels(values: np.ndarray, kind: str, rng: np.random.Generator, reg
     return values * rng.uniform(0.3, 0.6)  # crack: dark
 
 
-def _cutpaste(values: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
+def _cutpaste(values: np.ndarray, rng: np.random.Generator, donor: np.ndarray, low: float = MIN_AREA,
+              high: float = MAX_AREA, feather: float | None = None):
     """Alpha of a feathered rectangle and the donor's patch placed under it."""
     from PIL import Image
 
     height, width = values.shape[:2]
     donor = np.asarray(Image.fromarray(donor).resize((width, height), Image.BILINEAR), dtype=np.float64)
-    side = _area_side(rng, height, width)
+    side = _area_side(rng, height, width, low, high)
     aspect = rng.uniform(0.5, 2.0)
     limit = min(height, width) // 2
     patch_h = int(np.clip(round(side * np.sqrt(aspect)), 2, limit))
@@ -233,7 +274,8 @@ def _cutpaste(values: np.ndarray, rng: np.random.Generator, donor: np.ndarray):
     region[target_y:target_y + patch_h, target_x:target_x + patch_w] = True
     changed = values.copy()
     changed[region] = patch.reshape(-1, 3)
-    alpha = ndimage.gaussian_filter(region.astype(np.float64), _feather(height, width, "cutpaste"))
+    alpha = ndimage.gaussian_filter(region.astype(np.float64),
+                                    _feather(height, width, "cutpaste") if feather is None else feather)
     return alpha, changed
 
 

@@ -290,3 +290,18 @@ def test_cli_fit_and_score_on_the_cluster(cluster, image_files, tmp_path, capsys
                      "--scheduler", "tcp://127.0.0.1:9"]) == 1
     assert "Cannot reach a Dask scheduler" in capsys.readouterr().err
     assert not (tmp_path / "never.skpc").exists()
+
+
+def test_tiled_fit_and_scoring_on_the_cluster(cluster, synthetic, image_files):
+    model = small_model(tile_size=48, scheduler=cluster.scheduler_address).fit(synthetic.train_images)
+    n_train = len(synthetic.train_images)
+    detector = model[-1]
+    assert model[1].n_images_seen_ == 4 * n_train  # the coreset counts 2 x 2 tiles per 96 px image
+    assert np.unique(detector.bank_image_index_).tolist() == list(range(n_train))  # the bank counts images
+    assert detector.calibration_scores_.shape == (n_train,)
+    remote_scores, remote_maps = model.score_and_maps(image_files)
+    local = copy.copy(model).set_params(scheduler=None)
+    local_scores, local_maps = local.score_and_maps(image_files)
+    np.testing.assert_allclose(remote_scores, local_scores, rtol=1e-6)
+    np.testing.assert_allclose(remote_maps, local_maps, rtol=1e-5, atol=1e-6)
+    assert remote_maps.shape[1:] == (96, 96)

@@ -39,6 +39,7 @@ _non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 _ratio = _checked(float, lambda value: 0.0 < value <= 1.0, "a number in (0, 1]")
 _mebibytes = _checked(float, lambda value: value > 0, "a positive number of MiB")
 _scale = _checked(float, lambda value: 0.0 < value < float("inf"), "a positive number")
+_fraction = _checked(float, lambda value: 0.0 <= value < 1.0, "a fraction in [0, 1)")
 _n_jobs = _checked(int, lambda value: value != 0, "a non-zero integer")
 
 
@@ -113,6 +114,22 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
         help="input scales whose patch features are concatenated, the first 1 (the model's own size): "
         "--scales 1 0.7 adds a 0.7x view of each image, at about 1.5x the backbone cost and twice the "
         "feature size (default: 1)",
+    )
+    geometry.add_argument(
+        "--tile-size", type=_positive_int, default=None, metavar="PIXELS",
+        help="cut every image into PIXELS x PIXELS tiles at its native resolution (after --tile-scale), "
+        "each one backbone input, instead of resizing the whole image: small defects in large images "
+        "stay visible; --resize and --crop-size are then not used; 'score' and 'evaluate' read the "
+        "tiling from the model (default: whole images)",
+    )
+    geometry.add_argument(
+        "--tile-overlap", type=_fraction, default=0.0, metavar="FRACTION",
+        help="fraction of a tile shared with each neighbour, in [0, 1); overlapping maps are blended "
+        "(default: 0)",
+    )
+    geometry.add_argument(
+        "--tile-scale", type=_scale, default=1.0, metavar="FACTOR",
+        help="resize images by FACTOR before cutting tiles (default: 1, native resolution)",
     )
     geometry.add_argument(
         "--no-exif-transpose", dest="exif_transpose", action="store_false",

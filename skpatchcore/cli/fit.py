@@ -64,6 +64,9 @@ def run_fit(args: argparse.Namespace) -> int:
         crop_size=crop_size,
         interpolation=args.interpolation or "auto",
         scales=tuple(args.scales),
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+        tile_scale=args.tile_scale,
         exif_transpose=args.exif_transpose,
         batch_size=args.batch_size,
         progress=progress_enabled(args),
@@ -137,6 +140,10 @@ def fit_summary(model, n_images: int, seconds: float) -> str:
         f"resize {features.resize_}, no crop" if features.crop_size_ is None
         else f"resize {features.resize_}, centre crop {features.crop_size_}"
     )
+    if getattr(features, "tile_size", None) is not None:
+        geometry = (f"tiles of {features.tile_size} px, overlap {features.tile_overlap:g}, "
+                    f"image scale {features.tile_scale:g}")
+        n_patches = coreset.n_rows_seen_ if coreset is not None else n_patches  # every tile's patches
     ratio = f" (sampling ratio {coreset.sampling_ratio:g})" if coreset is not None else ""
     backbone = features.backbone if isinstance(features.backbone, str) else type(features.backbone).__name__
     return "\n".join([

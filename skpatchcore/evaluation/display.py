@@ -345,8 +345,10 @@ class AnomalyRocDisplay:
         if masks is None:
             scores, maps = estimator.score_samples(X), None
         else:
-            scores, maps = estimator.score_and_maps(X)
-            masks = [preprocess_mask(mask, first.resize_, first.crop_size_) for mask in masks]
+            tiled = getattr(first, "tile_size", None) is not None  # maps and masks at the images' own sizes
+            scores, maps = estimator.score_and_maps(X, original_size=tiled)
+            if not tiled:
+                masks = [preprocess_mask(mask, first.resize_, first.crop_size_) for mask in masks]
         return cls.from_predictions(y, -np.asarray(scores), masks=masks, maps=maps, name=name, ax=ax, **kwargs)
 
     @classmethod

@@ -233,8 +233,10 @@ def masks_at_map_geometry(
 
     Returns
     -------
-    masks : ndarray of shape (n_masks, H, W), bool
-        ``(H, W)`` is ``features.input_size_``.
+    masks : ndarray of shape (n_masks, H, W), bool, or list of ndarray
+        ``(H, W)`` is ``features.input_size_``. For a tiled transformer
+        (``tile_size`` set), whose maps are at each image's own size, a
+        list of the masks as they are (bool).
 
     Raises
     ------
@@ -247,10 +249,15 @@ def masks_at_map_geometry(
     if images is not None and len(images) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(images)} images.")
     height, width = features.input_size_
-    result = np.zeros((len(masks), height, width), dtype=bool)
+    tiled = getattr(features, "tile_size", None) is not None
+    result = [None] * len(masks) if tiled else np.zeros((len(masks), height, width), dtype=bool)
     upright = getattr(features, "exif_transpose", True)
     for i, mask in enumerate(masks):
         if mask is None:
+            if tiled:
+                if images is None:
+                    raise ValueError("A tiled model's masks are at their images' sizes: pass the images too.")
+                result[i] = np.zeros(image_size(images[i], upright), dtype=bool)
             continue
         array = mask_to_bool(np.asarray(mask)) if isinstance(mask, np.ndarray) else read_mask(mask)
         if images is not None and array.shape != image_size(images[i], upright):
@@ -261,7 +268,7 @@ def masks_at_map_geometry(
                 f"{'x'.join(map(str, image_size(images[i], upright)))} (height x width); "
                 "a mask must have its image's size."
             )
-        result[i] = preprocess_mask(array, features.resize_, features.crop_size_)
+        result[i] = array if tiled else preprocess_mask(array, features.resize_, features.crop_size_)
     return result
 
 
@@ -335,11 +342,12 @@ def _score_test_set(model, test: Bunch, fpr_limit: float, progress: bool, fail_f
     if fail_fast:
         check_readable(images)
     height, width = features.input_size_
-    maps = np.empty((len(images), height, width), dtype=np.float32)
+    tiled = getattr(features, "tile_size", None) is not None  # maps at each image's own size
+    maps = [None] * len(images) if tiled else np.empty((len(images), height, width), dtype=np.float32)
     scores = np.empty(len(images), dtype=np.float64)
     errors: list[str | None] = [None] * len(images)
     start_time = time.perf_counter()
-    for chunk in iter_scored(model, images, False, progress, fail_fast=fail_fast):
+    for chunk in iter_scored(model, images, tiled, progress, fail_fast=fail_fast):
         stop = chunk.start + len(chunk.paths)
         maps[chunk.start:stop] = chunk.maps
         scores[chunk.start:stop] = chunk.scores
@@ -351,8 +359,9 @@ def _score_test_set(model, test: Bunch, fpr_limit: float, progress: bool, fail_f
     masks = masks_at_map_geometry(features, [test.test_masks[i] for i in keep], [images[i] for i in keep])
     types = np.asarray(list(test.test_defect_types), dtype=object)[keep]
     metrics = {"category": test.category, "n_test_images": len(images)}
-    metrics.update(_metrics(labels[keep], -scores[keep], types, masks, maps[keep], offset, fpr_limit))
-    metrics["map_size"] = list(features.input_size_)
+    kept_maps = [maps[i] for i in keep] if tiled else maps[keep]
+    metrics.update(_metrics(labels[keep], -scores[keep], types, masks, kept_maps, offset, fpr_limit))
+    metrics["map_size"] = "original" if tiled else list(features.input_size_)
     metrics["seconds"] = round(seconds, 3)
     metrics["n_unreadable"] = len(images) - int(keep.size)
     metrics["unreadable"] = [{"path": _name(image), "error": error}
@@ -447,4 +456,4 @@ def _write_results(staging: Path, model, scored: _Scored, plots: bool, heatmaps:
     if plots:
         keep = scored.keep
         write_plots(staging, features, [images[i] for i in keep], scored.labels[keep], -scored.scores[keep],
-                    scored.masks, scored.maps[keep], low, high)
+                    scored.masks, [scored.maps[i] for i in keep], low, high)

@@ -100,7 +100,7 @@ def write_plots(output: Path, features, images, labels, anomaly, masks, maps, vm
     from .figures import plot_examples, plot_roc_curves
 
     if 0 < labels.sum() < labels.size:
-        with_pixels = bool(masks.any()) and not masks.all()
+        with_pixels = any(mask.any() for mask in masks) and not all(mask.all() for mask in masks)
         figure = plot_roc_curves(
             labels, anomaly, masks if with_pixels else None, maps if with_pixels else None
         )

@@ -464,6 +464,45 @@ def preprocess_image_geometries(
     return tensors
 
 
+def tile_pixels(
+    image: ImageLike, size: tuple[int, int], interpolation: str, exif_transpose: bool = True
+) -> np.ndarray:
+    """An image's pixels at ``size = (height, width)``, to cut tiles from.
+
+    The image is decoded once (upright, for files) and resized with
+    `interpolation` only when its size differs from `size`; its pixel values
+    are not normalised yet (each tile is, by :func:`preprocess_image_geometries`),
+    so an 8-bit image stays 1 byte per value however large it is.
+
+    Returns
+    -------
+    pixels : ndarray of shape (height, width, 3) or (height, width)
+        uint8 for 8-bit images, else float32 in [0, 1] (see :func:`scale_to_unit`).
+    """
+    size = (int(size[0]), int(size[1]))
+    if isinstance(image, np.ndarray):
+        array = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        array = array[..., :3] if array.ndim == 3 else array
+        if array.shape[:2] == size:
+            return array if array.dtype == np.uint8 else scale_to_unit(array)
+        channels = _to_pil_channels(array, exif_transpose=False)
+    else:
+        pixels = read_pixels(os.fspath(image), exif_transpose)
+        if isinstance(pixels, np.ndarray):
+            if pixels.shape[:2] == size:
+                return pixels
+            channels = [Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")]
+        else:
+            channels = [pixels]
+    resample = _RESAMPLING[interpolation]
+    done: dict[int, Image.Image] = {}  # a greyscale plane repeated three times is resized once
+    resized = [done.setdefault(id(channel), channel.resize((size[1], size[0]), resample)) if id(channel) not in done
+               else done[id(channel)] for channel in channels]
+    if len(resized) == 1:
+        return np.asarray(resized[0])
+    return np.stack([np.asarray(plane, dtype=np.float32) for plane in resized], axis=-1)
+
+
 def preprocess_mask(mask, resize: int, crop_size: int | None) -> np.ndarray:
     """Bring a ground-truth mask to the geometry of :func:`preprocess_image`.
 
@@ -574,7 +613,11 @@ def model_view(features, image: ImageLike) -> np.ndarray:
     -------
     view : ndarray of shape (H, W, 3), float32
         Resized (and cropped) RGB with the normalisation undone, in [0, 1].
+        A tiled transformer (``tile_size`` set) sees the whole image at its
+        own size: the image itself.
     """
+    if getattr(features, "tile_size", None) is not None:
+        return rgb_uint8(image).astype(np.float32) / 255.0
     array = preprocess_image(
         image, features.resize_, features.crop_size_, features.interpolation_, features.mean_, features.std_,
         features.exif_transpose,

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
-from .versioning import MODEL_FORMAT_VERSION, CorruptModelError, IncompatibleModelError
+from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 from ..fitted_state import check_fitted_state
 from ..input_files import file_problem
 
@@ -402,7 +402,7 @@ def load(path: str | os.PathLike):
             f"{str(path)!r} holds an invalid model description: its model format is {model_format!r:.40} "
             f"(a {type(model_format).__name__}), not an integer."
         )
-    if model_format != MODEL_FORMAT_VERSION:
+    if model_format not in READABLE_MODEL_FORMATS:
         raise IncompatibleModelError(
             f"{str(path)!r} was saved by skpatchcore {written_by} (model format {model_format}); this "
             f"version reads model format {MODEL_FORMAT_VERSION}. Refit the model, or load it with "

