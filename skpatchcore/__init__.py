@@ -1,31 +1,45 @@
-"""PatchCore industrial anomaly detection as scikit-learn estimators."""
+"""PatchCore industrial anomaly detection as scikit-learn estimators.
+
+The public names below are imported on first use (PEP 562), so that
+``import skpatchcore.onnx_runtime`` (and ``skpatchcore score --onnx``)
+runs without importing torch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from ._persistence import CorruptModelError, IncompatibleModelError  # noqa: E402
-from .coreset import CoresetSampler  # noqa: E402
-from .detector import PatchCoreDetector  # noqa: E402
-from .display import AnomalyMapDisplay, AnomalyRocDisplay  # noqa: E402
-from .features import PatchFeatureTransformer  # noqa: E402
-from .model_selection import NormalOnlyKFold, anomaly_auroc_scorer, synthetic_defect_scorer  # noqa: E402
-from .pipeline import PatchCorePipeline, make_patchcore  # noqa: E402
-from .persistence import load, save  # noqa: E402
-from .results import results_frame  # noqa: E402
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "AnomalyMapDisplay": ".display",
+    "AnomalyRocDisplay": ".display",
+    "CoresetSampler": ".coreset",
+    "CorruptModelError": "._persistence",
+    "IncompatibleModelError": "._persistence",
+    "NormalOnlyKFold": ".model_selection",
+    "OnnxPatchCore": ".onnx_runtime",
+    "PatchCoreDetector": ".detector",
+    "PatchCorePipeline": ".pipeline",
+    "PatchFeatureTransformer": ".features",
+    "anomaly_auroc_scorer": ".model_selection",
+    "export_onnx": ".onnx_export",
+    "load": ".persistence",
+    "make_patchcore": ".pipeline",
+    "results_frame": ".results",
+    "save": ".persistence",
+    "synthetic_defect_scorer": ".model_selection",
+}
 
-__all__ = [
-    "AnomalyMapDisplay",
-    "AnomalyRocDisplay",
-    "CoresetSampler",
-    "CorruptModelError",
-    "IncompatibleModelError",
-    "NormalOnlyKFold",
-    "PatchCoreDetector",
-    "PatchCorePipeline",
-    "PatchFeatureTransformer",
-    "anomaly_auroc_scorer",
-    "load",
-    "make_patchcore",
-    "results_frame",
-    "save",
-    "synthetic_defect_scorer",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
