@@ -7,7 +7,9 @@ message where the image could not be read.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import types
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -87,11 +89,15 @@ def iter_scored_onnx(
     time; the readable ones of each batch are scored together and the
     unreadable ones reported in ``errors`` (or, with `fail_fast`, raised).
     """
-    from tqdm import tqdm
-
     from .onnx_runtime import resize_map
 
-    with tqdm(total=len(images), desc="Scoring", unit="img", disable=not progress, file=sys.stderr) as bar:
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), desc="Scoring", unit="img", file=sys.stderr)
+    else:  # the minimal runtime (onnxruntime, numpy, Pillow) has no tqdm
+        bar = contextlib.nullcontext(types.SimpleNamespace(update=lambda n: None))
+    with bar as bar:
         for start in range(0, len(images), runtime.batch_size):
             paths = list(images[start:start + runtime.batch_size])
             inputs, errors = [], []

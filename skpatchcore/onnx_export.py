@@ -35,6 +35,7 @@ detector; :func:`export_onnx` refuses them with a message that says so.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -91,7 +92,10 @@ class PatchCoreGraph(nn.Module):
 
     def __init__(self, features: PatchFeatureTransformer, detector: PatchCoreDetector, block_rows: int):
         super().__init__()
-        self.backbone = features.backbone_.to("cpu").eval()
+        backbone = features.backbone_
+        if any(tensor.device.type != "cpu" for tensor in [*backbone.parameters(), *backbone.buffers()]):
+            backbone = copy.deepcopy(backbone).to("cpu")  # the fitted model keeps its device
+        self.backbone = backbone.eval()
         self.aggregation = features.aggregation_
         self.patch_size = features.patch_size
         self.pretrain_embed_dim = features.pretrain_embed_dim
@@ -102,8 +106,10 @@ class PatchCoreGraph(nn.Module):
         self.n_blocks = -(-len(bank) // block_rows)
         for block in range(self.n_blocks):
             rows = torch.from_numpy(bank[block * block_rows:(block + 1) * block_rows].copy())
-            self.register_buffer(f"bank_{block}", rows)
-            self.register_buffer(f"bank_squared_{block}", (rows * rows).sum(dim=1))
+            # Stored transposed, (n_dims, rows): the product needs no Transpose, whose constant folding
+            # would store the bank a second time.
+            self.register_buffer(f"bank_t_{block}", rows.T.contiguous())
+            self.register_buffer(f"bank_squared_{block}", (rows * rows).sum(dim=1)[None, :])
         self.block_rows = block_rows
         height, width, _ = features.feature_shape_
         rows_map, columns_map = _map_matrices((height, width), features.input_size_, detector.map_sigma)
@@ -113,7 +119,13 @@ class PatchCoreGraph(nn.Module):
             self.register_buffer("support", torch.from_numpy(_reweight_support(detector)))
 
     def _block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"bank_{index}"), getattr(self, f"bank_squared_{index}")
+        """Block `index` of the bank, transposed ``(n_dims, rows)``, and its rows' squared norms ``(1, rows)``."""
+        return getattr(self, f"bank_t_{index}"), getattr(self, f"bank_squared_{index}")
+
+    @staticmethod
+    def _gather_rows(block_t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows ``positions`` (any shape) of a transposed block, shape ``(*positions.shape, n_dims)``."""
+        return block_t[:, positions].movedim(0, -1)
 
     def _aggregate(self, layer_maps: list[torch.Tensor]) -> torch.Tensor:
         if self.aggregation == "concat":
@@ -125,12 +137,12 @@ class PatchCoreGraph(nn.Module):
         queries_squared = (queries * queries).sum(dim=1, keepdim=True)
         best_distances = best_indices = None
         for index in range(self.n_blocks):
-            rows, rows_squared = self._block(index)
-            squared = queries_squared - 2.0 * (queries @ rows.T) + rows_squared[None, :]
-            k = min(self.n_neighbors, rows.shape[0])
+            block_t, rows_squared = self._block(index)
+            squared = queries_squared - 2.0 * (queries @ block_t) + rows_squared
+            k = min(self.n_neighbors, block_t.shape[1])
             positions = torch.topk(squared, k, dim=1, largest=False, sorted=True).indices
             # Direct distances of the chosen rows (the expanded formula loses precision for close pairs).
-            distances = torch.linalg.vector_norm(queries[:, None, :] - rows[positions], dim=2)
+            distances = torch.linalg.vector_norm(queries[:, None, :] - self._gather_rows(block_t, positions), dim=2)
             positions = positions + index * self.block_rows
             if best_distances is None:
                 best_distances, best_indices = distances, positions
@@ -147,10 +159,11 @@ class PatchCoreGraph(nn.Module):
         """Bank rows at arbitrary `indices` (any shape), gathered block by block."""
         gathered = None
         for index in range(self.n_blocks):
-            rows, _ = self._block(index)
+            block_t, _ = self._block(index)
+            n_rows = block_t.shape[1]
             local = indices - index * self.block_rows
-            inside = (local >= 0) & (local < rows.shape[0])
-            picked = rows[local.clamp(0, rows.shape[0] - 1)]
+            inside = (local >= 0) & (local < n_rows)
+            picked = self._gather_rows(block_t, local.clamp(0, n_rows - 1))
             picked = torch.where(inside[..., None], picked, torch.zeros_like(picked))
             gathered = picked if gathered is None else gathered + picked
         return gathered
@@ -235,8 +248,9 @@ def _check_exportable(model) -> tuple[PatchFeatureTransformer, PatchCoreDetector
             f"export_onnx does not export models with several input scales yet (scales={features.scales!r}); "
             "refit with scales=(1.0,) or score with the Python model."
         )
-    if detector.bank_image_index_ is None and detector.n_features_in_ != features.feature_shape_[2]:
-        raise ValueError("The detector's bank does not hold the features' patch vectors.")
+    if detector.memory_bank_.shape[1] != features.feature_shape_[2]:
+        raise ValueError(f"The detector's bank has {detector.memory_bank_.shape[1]} columns; the features have "
+                         f"{features.feature_shape_[2]} dimensions per patch. Refit the pipeline.")
     return features, detector
 
 
