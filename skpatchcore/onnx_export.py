@@ -36,6 +36,7 @@ detector; :func:`export_onnx` refuses them with a message that says so.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import warnings
@@ -63,12 +64,19 @@ METADATA_KEYS = (
     "resize", "crop_size", "interpolation", "mean", "std", "exif_transpose", "n_neighbors", "reweight",
     "reweight_neighbors", "map_sigma", "n_bank", "block_rows", "backbone", "layers",
 )
-#: PatchFeatureTransformer parameters whose every value the export handles; any other
-#: parameter (e.g. tiling, added later) must keep its default, else the export refuses.
-_EXPORTED_FEATURE_PARAMS = {
-    "backbone", "layers", "weights", "resize", "crop_size", "interpolation", "mean", "std", "recipe",
-    "patch_size", "pretrain_embed_dim", "target_embed_dim", "aggregation", "device", "batch_size",
-    "n_jobs", "progress", "random_state", "exif_transpose", "scales",
+#: Parameters whose every value the export handles (``scales``: checked apart), per class; any
+#: other parameter (tiling, say, added later) must keep its default, else the export refuses.
+_EXPORTED_PARAMS = {
+    "PatchCorePipeline": {"steps", "transform_input", "memory", "verbose", "working_memory", "n_jobs", "scheduler"},
+    "PatchFeatureTransformer": {
+        "backbone", "layers", "weights", "resize", "crop_size", "interpolation", "mean", "std", "recipe",
+        "patch_size", "pretrain_embed_dim", "target_embed_dim", "aggregation", "device", "batch_size",
+        "n_jobs", "progress", "random_state", "exif_transpose", "scales",
+    },
+    "PatchCoreDetector": {
+        "n_neighbors", "algorithm", "reweight", "reweight_neighbors", "map_sigma", "contamination", "device",
+        "working_memory", "n_jobs", "random_state",
+    },
 }
 
 
@@ -232,17 +240,9 @@ def _check_exportable(model) -> tuple[PatchFeatureTransformer, PatchCoreDetector
         )
     if not hasattr(features, "backbone_") or not hasattr(detector, "memory_bank_"):
         raise ValueError("export_onnx needs a fitted model; call fit first.")
-    params = features.get_params(deep=False)
-    defaults = type(features)().get_params(deep=False)
-    unknown = {name: value for name, value in params.items()
-               if name not in _EXPORTED_FEATURE_PARAMS and value != defaults.get(name)}
-    if unknown:
-        tiled = any("til" in name for name in unknown)
-        raise ValueError(
-            f"export_onnx does not export {'tiled models' if tiled else 'this model'} yet: "
-            f"PatchFeatureTransformer parameters {unknown} are not part of the exported graph. "
-            "Score such models with the Python model (skpatchcore score MODEL.skpc)."
-        )
+    for estimator, kind in ((model, PatchCorePipeline), (features, PatchFeatureTransformer),
+                            (detector, PatchCoreDetector)):
+        _check_known_params(estimator, kind)
     if len(features.scales) != 1:
         raise ValueError(
             f"export_onnx does not export models with several input scales yet (scales={features.scales!r}); "
@@ -252,6 +252,21 @@ def _check_exportable(model) -> tuple[PatchFeatureTransformer, PatchCoreDetector
         raise ValueError(f"The detector's bank has {detector.memory_bank_.shape[1]} columns; the features have "
                          f"{features.feature_shape_[2]} dimensions per patch. Refit the pipeline.")
     return features, detector
+
+
+def _check_known_params(estimator, kind: type) -> None:
+    """Refuse parameters the export does not know (e.g. tiling) unless they keep their defaults."""
+    known = _EXPORTED_PARAMS[kind.__name__]
+    signature = inspect.signature(type(estimator).__init__).parameters
+    unknown = {name: value for name, value in estimator.get_params(deep=False).items()
+               if name not in known and not (name in signature and value == signature[name].default)}
+    if unknown:
+        tiled = any("til" in name for name in unknown)
+        raise ValueError(
+            f"export_onnx does not export {'tiled models' if tiled else 'this model'} yet: the "
+            f"{type(estimator).__name__} parameters {unknown} are not part of the exported graph. "
+            "Score such models with the Python model (skpatchcore score MODEL.skpc)."
+        )
 
 
 def _metadata(features: PatchFeatureTransformer, detector: PatchCoreDetector, block_rows: int) -> dict[str, str]:
