@@ -243,13 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score", parents=common, help="score images with a fitted model",
+        usage=f"{PROG} score MODEL.skpc IMAGES_OR_DIRS... -o OUT [options]\n"
+              f"       {PROG} score --onnx MODEL.onnx IMAGES_OR_DIRS... -o OUT [options]",
         description="Write OUT/scores.csv (path, anomaly_score, decision, prediction, error) and one "
         "heatmap overlay per image in OUT/heatmaps/. decision < 0 means anomalous. Unreadable images get "
         f"an error row and the command exits with status {EXIT_PARTIAL}. Earlier results in OUT are "
         "replaced only when the new ones are complete.",
     )
     score.add_argument(
-        "inputs", nargs="+", metavar="MODEL IMAGES_OR_DIRS",
+        "inputs", nargs="+", metavar="MODEL.skpc IMAGES_OR_DIRS",
         help="the model file written by 'fit' (.skpc; omitted with --onnx), then image files or folders "
         "(searched recursively)",
     )
