@@ -54,7 +54,7 @@ from .features import PatchFeatureTransformer, aggregate_concat, aggregate_offic
 from .onnx_runtime import ONNX_FORMAT
 from .pipeline import PatchCorePipeline
 
-__all__ = ["DEFAULT_BLOCK_ROWS", "ONNX_FORMAT", "METADATA_KEYS", "export_onnx"]
+__all__ = ["DEFAULT_BLOCK_ROWS", "METADATA_KEYS", "ONNX_FORMAT", "PatchCoreGraph", "export_onnx"]
 
 #: Bank rows per block of the nearest-neighbour search (one matrix product each).
 DEFAULT_BLOCK_ROWS = 4096

@@ -205,3 +205,25 @@ def test_runtime_refuses_foreign_files_and_wrong_input(exported, tmp_path, capsy
     assert main(["score", "--onnx", str(exported[1]), str(tmp_path), "-o", str(tmp_path / "o"), "--device",
                  "cpu"]) == 2
     assert "--device cannot be used with --onnx" in capsys.readouterr().err
+
+
+def test_package_imports_lazily_and_keeps_its_names():
+    """``import skpatchcore`` does not import torch; public names and submodules still resolve."""
+    code = """
+import sys
+import skpatchcore
+assert "torch" not in sys.modules
+namespace = {}
+exec("from skpatchcore import *", namespace)
+assert set(skpatchcore.__all__) <= set(namespace) and "export_onnx" in namespace
+assert skpatchcore.metrics.image_auroc([0, 1], [0.1, 0.9]) == 1.0
+assert skpatchcore.detector.conformal_pvalues is skpatchcore.conformal.conformal_pvalues
+try:
+    skpatchcore.no_such_name
+except AttributeError as error:
+    assert "no_such_name" in str(error)
+else:
+    raise AssertionError("no AttributeError")
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
