@@ -143,7 +143,8 @@ def warm(model, runtime, images: list, runs: int) -> None:
             times[name].append(1000 * (time.perf_counter() - start) / len(images))
     print(f"\nWarm scoring, score_and_maps of {len(images)} images ({runs} runs interleaved, median ms/image):")
     for name, values in times.items():
-        print(f"  {name:12s} {statistics.median(values):8.1f} ms/image   (runs: {', '.join(f'{v:.1f}' for v in values)})")
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"  {name:12s} {statistics.median(values):8.1f} ms/image   (runs: {runs})")
 
 
 def main() -> None:
@@ -165,8 +166,9 @@ def main() -> None:
         skpatchcore.save(model, model_file)
         start = time.perf_counter()
         export_onnx(model, onnx_file)
-        print(f"Exported in {time.perf_counter() - start:.1f} s: model.skpc {model_file.stat().st_size / 2**20:.1f} MiB, "
-              f"model.onnx {onnx_file.stat().st_size / 2**20:.1f} MiB")
+        sizes = [path.stat().st_size / 2**20 for path in (model_file, onnx_file)]
+        print(f"Exported in {time.perf_counter() - start:.1f} s: model.skpc {sizes[0]:.1f} MiB, "
+              f"model.onnx {sizes[1]:.1f} MiB")
         runtime = OnnxPatchCore(onnx_file, n_threads=args.threads)
         images = list(test[:args.n_test])
         scores, maps = model.score_and_maps(images)
@@ -179,7 +181,8 @@ def main() -> None:
     print("\nInstalled size (the packages and everything they require):")
     for names in (["onnxruntime", "numpy", "pillow"], ["torch", "torchvision"]):
         size, closure = installed_size(names)
-        print(f"  {' + '.join(names):28s} {size / 2**20:8.1f} MiB   ({len(closure)} distributions: {', '.join(closure)})")
+        listing = ", ".join(closure)
+        print(f"  {' + '.join(names):28s} {size / 2**20:8.1f} MiB   ({len(closure)} distributions: {listing})")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ from .pipeline import PatchCorePipeline
 
 __all__ = ["DEFAULT_BLOCK_ROWS", "METADATA_KEYS", "ONNX_FORMAT", "PatchCoreGraph", "export_onnx"]
 
+#: Largest bank + backbone size exported: one ONNX file holds at most 2 GiB (protobuf), with some room.
+MAX_FILE_BYTES = int(1.9 * 2**30)
 #: Bank rows per block of the nearest-neighbour search (one matrix product each).
 DEFAULT_BLOCK_ROWS = 4096
 #: The ``metadata_props`` keys written by :func:`export_onnx` (values are JSON).
@@ -332,7 +334,8 @@ def export_onnx(model, path: str | os.PathLike, *, block_rows: int = DEFAULT_BLO
     Raises
     ------
     ValueError
-        If the model cannot be exported (several scales, tiling, other steps).
+        If the model cannot be exported (several scales, tiling, other steps, or a bank and
+        backbone above :data:`MAX_FILE_BYTES`, since one ONNX file holds at most 2 GiB).
     ImportError
         If the ``onnx`` package is missing (``pip install skpatchcore[onnx]``).
     """
@@ -344,6 +347,14 @@ def export_onnx(model, path: str | os.PathLike, *, block_rows: int = DEFAULT_BLO
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}.")
     features, detector = _check_exportable(model)
     block_rows = max(int(block_rows), detector.n_neighbors + 1)
+    weights = features.backbone_.state_dict().values()
+    stored = detector.memory_bank_.nbytes + sum(tensor.numel() * tensor.element_size() for tensor in weights)
+    if stored > MAX_FILE_BYTES:
+        raise ValueError(
+            f"The bank and backbone take {stored / 2**30:.2f} GiB; a single ONNX file holds at most 2 GiB "
+            "(protobuf's limit), and export with external data files is not supported yet. Fit with a "
+            "smaller sampling_ratio, or score with the Python model."
+        )
     graph = PatchCoreGraph(features, detector, block_rows).eval()
     side_h, side_w = features.input_size_
     example = torch.zeros(2, 3, side_h, side_w)

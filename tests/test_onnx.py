@@ -166,7 +166,13 @@ def test_metadata_holds_the_preprocessing_and_threshold(exported):
     assert json.loads(props["block_rows"]) == 16
 
 
-def test_export_refuses_what_it_cannot_export(synthetic, tmp_path):
+def test_export_refuses_what_it_cannot_export(synthetic, tmp_path, monkeypatch):
+    from skpatchcore import onnx_export
+
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "MAX_FILE_BYTES", 1000)
+        with pytest.raises(ValueError, match="at most 2 GiB"):
+            export_onnx(small_model().fit(synthetic.train_images[:4]), tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="several input scales"):
         export_onnx(small_model(scales=(1.0, 0.7)).fit(synthetic.train_images[:4]), tmp_path / "m.onnx")
 
