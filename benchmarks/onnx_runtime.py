@@ -13,6 +13,9 @@ warm    ms per image of ``PatchCorePipeline.score_and_maps`` against
         ``--threads`` threads, runs interleaved, median.
 size    installed size of onnxruntime + numpy + Pillow against torch + torchvision,
         each with the packages they require (from the installed distributions' RECORD files).
+memory  peak RSS (VmHWM, Linux) of a fresh ``score --onnx`` process scoring 8 images against a
+        ``--large-bank``-row random bank, for each ``--block-rows``: bounded by the block,
+        not by the bank (the model's detector is refitted on random rows for this).
 
 ::
 
@@ -147,6 +150,49 @@ def warm(model, runtime, images: list, runs: int) -> None:
         print(f"  {name:12s} {statistics.median(values):8.1f} ms/image   (runs: {runs})")
 
 
+def large_bank_memory(model, images: list, n_rows: int, block_sizes: list[int], threads: int) -> None:
+    """Peak RSS of a fresh ``score --onnx`` process over 8 images with an `n_rows`-row random bank.
+
+    The model's detector is refitted on random rows with the bank's scale (public API:
+    ``PatchCoreDetector.fit`` on 2-D rows); only memory is measured, not accuracy.
+    """
+    from PIL import Image
+
+    from skpatchcore import PatchCoreDetector, export_onnx
+
+    bank = model.steps[-1][1].memory_bank_
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((n_rows, bank.shape[1])) * bank.std(axis=0) + bank.mean(axis=0)).astype(np.float32)
+    model.steps[-1] = ("detector", PatchCoreDetector(algorithm="exact", random_state=0).fit(rows))
+    height, width, _ = model.steps[0][1].feature_shape_
+    queries = 8 * height * width
+    print(f"\nLarge bank: {n_rows} random rows x {bank.shape[1]} dims ({rows.nbytes / 2**20:.0f} MiB); a full "
+          f"query x bank distance matrix for 8 images would take {queries * n_rows * 4 / 2**30:.2f} GiB")
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, image in enumerate(images[:8]):
+            if isinstance(image, (str, os.PathLike)):
+                paths.append(str(image))
+            else:
+                paths.append(str(Path(folder) / f"{i}.png"))
+                Image.fromarray(image).save(paths[-1])
+        for block_rows in block_sizes:
+            onnx_file = Path(folder) / f"bank_{block_rows}.onnx"
+            export_onnx(model, onnx_file, block_rows=block_rows)
+            # VmHWM, the process's own peak (ru_maxrss would carry this parent's peak across exec).
+            code = ("import sys; from skpatchcore.cli import main; status = main(sys.argv[1:]); "
+                    "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0]); "
+                    "sys.exit(status)")
+            start = time.perf_counter()
+            result = subprocess.run(
+                [sys.executable, "-c", code, "score", "--onnx", str(onnx_file), *paths, "-o",
+                 str(Path(folder) / "out"), "--no-images", "-q", "--n-jobs", str(threads)],
+                check=True, cwd=REPO, capture_output=True, text=True)
+            peak = int(result.stdout.split()[-1]) / 1024  # KiB
+            print(f"  block_rows={block_rows:6d}: peak RSS {peak:7.0f} MiB, {time.perf_counter() - start:.1f} s "
+                  f"(largest search temporary {queries * block_rows * 4 / 2**20:.0f} MiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
@@ -155,6 +201,10 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    parser.add_argument("--large-bank", type=int, default=200_000, metavar="ROWS",
+                        help="rows of the random bank of the memory section (0: skip it)")
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[1024, 4096, 16384],
+                        help="block sizes of the memory section")
     args = parser.parse_args()
 
     import skpatchcore
@@ -178,6 +228,8 @@ def main() -> None:
               f"{np.max(np.abs(onnx_maps - maps)):.2e} (maps up to {maps.max():.3g})")
         cold_start(model_file, onnx_file, images[0], args.runs, args.threads)
         warm(model, runtime, images, args.runs)
+        if args.large_bank:
+            large_bank_memory(model, images, args.large_bank, args.block_rows, args.threads)
     print("\nInstalled size (the packages and everything they require):")
     for names in (["onnxruntime", "numpy", "pillow"], ["torch", "torchvision"]):
         size, closure = installed_size(names)
