@@ -30,13 +30,15 @@ def resize_map(anomaly_map, size: tuple[int, int], antialias: bool = False) -> n
     ValueError
         If `anomaly_map` is not 2-D.
     """
-    import torch
-    import torch.nn.functional as F
-
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if amap.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {amap.shape}.")
     size = (int(size[0]), int(size[1]))
+    if amap.shape == size:  # without importing torch (the ONNX runtime's heatmaps)
+        return amap.copy()
+    import torch
+    import torch.nn.functional as F
+
     with torch.inference_mode():
         tensor = torch.from_numpy(np.ascontiguousarray(amap))[None, None]
         resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=antialias)

@@ -1,13 +1,15 @@
 """Scoring a list of images chunk by chunk, reporting unreadable images instead of stopping.
 
-Used by :mod:`skpatchcore.evaluation` and the ``score`` command: every input
+Used by :mod:`skpatchcore.evaluation` and the ``score`` command (also with ``--onnx``): every input
 position comes back once, in order, with NaN / None gaps and an error
 message where the image could not be read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import types
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -76,6 +78,47 @@ def iter_scored(
             for chunk in _score_readable(model, rest, errors, original_size):
                 yield chunk._replace(start=done + chunk.start)
                 bar.update(len(chunk.paths))
+
+
+def iter_scored_onnx(
+    runtime, images: Sequence[str], original_size: bool, progress: bool, fail_fast: bool = True
+) -> Iterator[ScoredChunk]:
+    """:func:`iter_scored` for an :class:`~skpatchcore.onnx_runtime.OnnxPatchCore` (no torch).
+
+    Images are read and preprocessed one by one, ``runtime.batch_size`` at a
+    time; the readable ones of each batch are scored together and the
+    unreadable ones reported in ``errors`` (or, with `fail_fast`, raised).
+    """
+    from .onnx_runtime import resize_map
+
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(images), desc="Scoring", unit="img", file=sys.stderr)
+    else:  # the minimal runtime (onnxruntime, numpy, Pillow) has no tqdm
+        bar = contextlib.nullcontext(types.SimpleNamespace(update=lambda n: None))
+    with bar as bar:
+        for start in range(0, len(images), runtime.batch_size):
+            paths = list(images[start:start + runtime.batch_size])
+            inputs, errors = [], []
+            for path in paths:
+                try:
+                    inputs.append(runtime.preprocess(path))
+                    errors.append(None)
+                except (UnreadableImageError, FileNotFoundError) as error:
+                    if fail_fast:
+                        raise
+                    errors.append(" ".join(str(error).split()))
+            readable = [i for i, error in enumerate(errors) if error is None]
+            scores = np.full(len(paths), np.nan)
+            maps: list = [None] * len(paths)
+            if readable:
+                anomaly, grids = runtime.run(np.stack(inputs))
+                scores[readable] = -anomaly
+                for i, grid in zip(readable, grids):
+                    maps[i] = resize_map(grid, image_size(paths[i], runtime.exif_transpose)) if original_size else grid
+            yield ScoredChunk(start, paths, scores, maps, errors)
+            bar.update(len(paths))
 
 
 def _read_error(features, path: str) -> str | None:

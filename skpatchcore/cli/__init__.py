@@ -4,6 +4,8 @@
 
     skpatchcore fit TRAIN_DIR -o model.skpc [--backbone ... --weights ...]
     skpatchcore score model.skpc IMAGES_OR_DIRS... -o OUT/ [--no-images] [--fail-fast]
+    skpatchcore score --onnx model.onnx IMAGES_OR_DIRS... -o OUT/   (no torch: onnxruntime)
+    skpatchcore export model.skpc -o model.onnx
     skpatchcore evaluate model.skpc CATEGORY_DIR [-o OUT/] [--plots] [--heatmaps] [--fail-fast]
     skpatchcore demo [-o OUT/] [--quick]
 

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 from .._version import __version__
 from ._common import EXIT_PARTIAL, PROG
-from .demo import DEMO_BACKBONE, DEMO_LAYERS, DEMO_WEIGHTS_FILE, run_demo
-from .evaluate import run_evaluate
-from .fit import run_fit
-from .score import run_score
+from .demo import DEMO_BACKBONE, DEMO_LAYERS, DEMO_WEIGHTS_FILE
+
+
+def _handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A command's handler, imported when the command runs.
+
+    Only the command that runs imports its modules: ``score --onnx`` and
+    ``export`` must not pay for (or, for ``score --onnx``, need) torch.
+    """
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module, __package__), function)(args)
+
+    return run
 
 
 # --------------------------------------------------------------------------
@@ -246,24 +256,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(fit)
     _add_run_options(fit)
-    fit.set_defaults(handler=run_fit)
+    fit.set_defaults(handler=_handler(".fit", "run_fit"))
 
     score = commands.add_parser(
         "score", parents=common, help="score images with a fitted model",
+        usage=f"{PROG} score MODEL.skpc IMAGES_OR_DIRS... -o OUT [options]\n"
+              f"       {PROG} score --onnx MODEL.onnx IMAGES_OR_DIRS... -o OUT [options]",
         description="Write OUT/scores.csv (path, anomaly_score, decision, prediction, error) and one "
         "heatmap overlay per image in OUT/heatmaps/. decision < 0 means anomalous. Unreadable images get "
         f"an error row and the command exits with status {EXIT_PARTIAL}. Earlier results in OUT are "
         "replaced only when the new ones are complete.",
     )
-    score.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit' (.skpc)")
     score.add_argument(
-        "inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files or folders (searched recursively)"
+        "inputs", nargs="+", metavar="MODEL.skpc IMAGES_OR_DIRS",
+        help="the model file written by 'fit' (.skpc; omitted with --onnx), then image files or folders "
+        "(searched recursively)",
     )
     score.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="output folder")
     score.add_argument("--no-images", action="store_true", help="write scores.csv only, no heatmap PNGs")
+    score.add_argument(
+        "--onnx", type=Path, default=None, metavar="MODEL.onnx",
+        help="score with a model written by 'export' instead: onnxruntime, numpy and Pillow, without "
+        "torch (--n-jobs sets onnxruntime's threads; --device, --working-memory, --scheduler and "
+        "--allow-pickle do not apply)",
+    )
     _add_scoring_options(score)
     _add_run_options(score)
-    score.set_defaults(handler=run_score)
+
+    def check_score(args: argparse.Namespace) -> None:
+        if args.onnx is None:
+            if len(args.inputs) < 2:
+                score.error("give the model file and at least one image or folder: score MODEL IMAGES -o OUT "
+                            "(or score --onnx MODEL.onnx IMAGES -o OUT)")
+            args.model, args.inputs = Path(args.inputs[0]), args.inputs[1:]
+            return
+        args.model = None
+        ignored = [flag for flag, value in (("--device", args.device), ("--working-memory", args.working_memory),
+                                            ("--scheduler", args.scheduler), ("--allow-pickle", args.allow_pickle))
+                   if value]
+        if ignored:
+            score.error(f"{', '.join(ignored)} cannot be used with --onnx (the ONNX runtime scores on its own)")
+
+    score.set_defaults(handler=_handler(".score", "run_score"), usage_check=check_score)
+
+    export = commands.add_parser(
+        "export", parents=common, help="write a fitted model as an ONNX graph",
+        description="Write MODEL (.skpc) as one ONNX graph from preprocessed images to the image anomaly "
+        "score and the anomaly map, with the preprocessing, threshold and calibration scores in its "
+        "metadata; score it with 'score --onnx' (onnxruntime, numpy and Pillow, no torch). Needs the "
+        "onnx package (skpatchcore[onnx]). Models with several input scales and tiled models do not "
+        "export yet.",
+    )
+    export.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit' (.skpc)")
+    export.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.onnx", help="ONNX file to write")
+    export.add_argument(
+        "--block-rows", type=_positive_int, default=4096, metavar="N",
+        help="memory-bank rows per block of the nearest-neighbour search in the graph: its largest "
+        "temporary holds patches x N distances per image (default: %(default)s)",
+    )
+    export.add_argument(
+        "--allow-pickle", action="store_true",
+        help="also read a pickle / joblib model file (runs any code it contains: only files you trust)",
+    )
+    export.set_defaults(handler=_handler(".export", "run_export"))
 
     evaluate = commands.add_parser(
         "evaluate", parents=common, help="measure a model on an MVTec-layout test set",
@@ -290,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         if (args.plots or args.heatmaps) and args.output is None:
             evaluate.error("--plots and --heatmaps need an output folder: -o OUT")
 
-    evaluate.set_defaults(handler=run_evaluate, usage_check=check_evaluate)
+    evaluate.set_defaults(handler=_handler(".evaluate", "run_evaluate"), usage_check=check_evaluate)
 
     demo = commands.add_parser(
         "demo", parents=common, help="generate a defect dataset, fit, evaluate (offline)",
@@ -310,5 +365,5 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny dataset and a random-weight resnet18: runs in seconds (a smoke test, meaningless metrics)",
     )
     _add_model_options(demo, demo=True)
-    demo.set_defaults(handler=run_demo)
+    demo.set_defaults(handler=_handler(".demo", "run_demo"))
     return parser

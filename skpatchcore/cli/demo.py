@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..evaluation.protocol import format_metrics
 from ._common import (
     PROG,
     RESNET_LAYERS,
@@ -33,7 +32,6 @@ from ._common import (
     progress_enabled,
     warn,
 )
-from .fit import fit_summary
 
 if TYPE_CHECKING:
     from ..pipeline import PatchCorePipeline
@@ -218,6 +216,8 @@ DemoBackbone = tuple[str, tuple[str, ...], object, str, bool]
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``skpatchcore demo`` with parsed arguments; returns the exit status."""
+    from ..evaluation.protocol import format_metrics
+    from .fit import fit_summary
     from ..io.datasets import load_mvtec
 
     total_start = time.perf_counter()

@@ -1,5 +1,9 @@
 """``skpatchcore score``: scores.csv and heatmap overlays for images.
 
+With ``--onnx model.onnx`` the images are scored by the exported graph
+(:mod:`skpatchcore.onnx_runtime`: onnxruntime, numpy and Pillow, no torch),
+into the same ``scores.csv``.
+
 Unreadable images do not stop a run: they get a row with an ``error`` cell,
 are counted at the end and make the exit status :data:`EXIT_PARTIAL`
 (``--fail-fast`` stops at the first one instead). The results are written
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_write
 from ..evaluation.report import colour_range, prediction_cells, save_heatmap, text_cell, unique_names
-from .._scoring import check_readable, iter_scored
+from .._scoring import check_readable, iter_scored, iter_scored_onnx
 from ..result_folder import staged_result_folder
 from ._common import (
     EXIT_PARTIAL,
@@ -41,10 +45,19 @@ N_LISTED_FAILURES = 10
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """Run ``skpatchcore score`` with parsed arguments; returns the exit status."""
+    """Run ``skpatchcore score`` with parsed arguments; returns the exit status.
+
+    With ``--onnx`` the images are scored by
+    :class:`~skpatchcore.onnx_runtime.OnnxPatchCore`, without importing torch.
+    """
     apply_pixel_limit(args)
-    model = load_model(args.model, args.device, args.allow_pickle)
-    apply_run_options(model, args)
+    if args.onnx is not None:
+        model = load_onnx_model(args.onnx, args.n_jobs, args.batch_size)
+        features = model
+    else:
+        model = load_model(args.model, args.device, args.allow_pickle)
+        apply_run_options(model, args)
+        features = model.steps[0][1]
     images = collect_images(args.inputs)
     if args.fail_fast:
         check_readable(images)
@@ -57,8 +70,7 @@ def run_score(args: argparse.Namespace) -> int:
         except ImportError as error:
             raise CommandError(f"{error} Or pass --no-images.") from error
     output = Path(args.output)
-    features = model.steps[0][1]
-    offset = float(model.steps[-1][1].offset_)
+    offset = float(model.offset_ if args.onnx is not None else model.steps[-1][1].offset_)
     vmin, vmax = colour_range(model, args.vmin, args.vmax)
     names = unique_names(images)
     n_anomalous = 0
@@ -68,7 +80,8 @@ def run_score(args: argparse.Namespace) -> int:
         with atomic_write(staging / "scores.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(SCORE_COLUMNS)
-            scored = iter_scored(
+            scorer = iter_scored_onnx if args.onnx is not None else iter_scored
+            scored = scorer(
                 model, images, original_size=features.crop_size_ is None,
                 progress=progress_enabled(args), fail_fast=args.fail_fast,
             )
@@ -90,6 +103,20 @@ def run_score(args: argparse.Namespace) -> int:
     info(args, f"Wrote {output / 'scores.csv'}"
                + (f" and {n_scored} heatmaps in {output / 'heatmaps'}" if write_images else ""))
     return report_failures(failures, len(images), output / "scores.csv")
+
+
+def load_onnx_model(path, n_jobs: int | None, batch_size: int | None):
+    """Open an exported model for ``score --onnx`` (``--n-jobs``: onnxruntime threads)."""
+    from ..onnx_runtime import OnnxPatchCore
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"ONNX model file not found: {str(path)!r}")
+    threads = None if n_jobs is None or n_jobs < 0 else n_jobs
+    try:
+        return OnnxPatchCore(path, n_threads=threads, batch_size=batch_size or 8)
+    except ImportError as error:
+        raise CommandError(str(error)) from error
 
 
 def report_failures(failures: Sequence[tuple[str, str]], n_images: int, listing: Path | None) -> int:

@@ -7,8 +7,18 @@
 - :mod:`skpatchcore.evaluation.report` -- the result files of ``score`` and ``evaluate``;
 - :mod:`skpatchcore.evaluation.figures` -- heatmap overlays, triptychs and ROC figures;
 - :mod:`skpatchcore.evaluation.display` -- scikit-learn style display objects.
+
+The functions of :mod:`~skpatchcore.evaluation.protocol` are importable from
+here too; they are loaded on first use, so that the result files of
+``score --onnx`` (:mod:`~skpatchcore.evaluation.report`) need no scikit-learn.
 """
 
-from .protocol import evaluate, evaluate_model, format_metrics, masks_at_map_geometry
+import importlib
 
 __all__ = ["evaluate", "evaluate_model", "format_metrics", "masks_at_map_geometry"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return getattr(importlib.import_module(".protocol", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

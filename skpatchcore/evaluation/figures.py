@@ -22,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.metrics import roc_curve
 
 from ..io.atomic import atomic_path
 from .._maps import resize_map
 from ..io.images import ImageLike, rgb_uint8
-from .metrics import pixel_scores_and_labels, image_auroc, pixel_auroc
 
 __all__ = [
     "blend_overlay",
@@ -239,6 +237,8 @@ def plot_examples(
 
 def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score, thinned for drawing."""
+    from sklearn.metrics import roc_curve  # here: heatmaps (save_overlay_png) need no scikit-learn
+
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     if fpr.size > MAX_ROC_POINTS:
         keep = np.unique(np.linspace(0, fpr.size - 1, MAX_ROC_POINTS).astype(np.int64))
@@ -265,6 +265,8 @@ def plot_roc_curves(labels, scores, masks=None, maps=None):
     figure : matplotlib.figure.Figure
         One panel per level, AUROC in the legends.
     """
+    from .metrics import pixel_scores_and_labels, image_auroc, pixel_auroc
+
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     auroc = image_auroc(labels, scores)

@@ -61,7 +61,8 @@ def colour_range(model, vmin: float | None, vmax: float | None) -> tuple[float, 
     calibration images, so normal regions stay in the blue half of the
     colour map and only patches above the threshold turn yellow to red.
     """
-    threshold = float(-model.steps[-1][1].offset_)
+    detector = model.steps[-1][1] if hasattr(model, "steps") else model  # a pipeline, or an OnnxPatchCore
+    threshold = float(-detector.offset_)
     low = 0.0 if vmin is None else float(vmin)
     high = max(2.0 * threshold, low + 1e-6) if vmax is None else float(vmax)
     return low, high
