@@ -28,6 +28,11 @@ the file's ``metadata_props`` (:data:`METADATA_KEYS`), from which
 :class:`skpatchcore.onnx_runtime.OnnxPatchCore` preprocesses with Pillow and
 numpy exactly as the Python model does, without torch.
 
+The graph is traced with torch's TorchScript exporter (``torch.onnx.export(...,
+dynamo=False)``), deprecated since torch 2.9 but still shipped; the newer
+``torch.export``-based exporter (which needs ``onnxscript``) has not been
+tried with these models yet.
+
 Not exported yet: models with more than one input scale (``scales``), tiled
 models, and pipelines with steps other than features -> (coreset) ->
 detector; :func:`export_onnx` refuses them with a message that says so.
@@ -367,6 +372,9 @@ def export_onnx(model, path: str | os.PathLike, *, block_rows: int = DEFAULT_BLO
             warnings.filterwarnings("ignore", message=".*duplicated values in 'index'", category=UserWarning)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            # Deliberately the TorchScript exporter (dynamo=False): see the module docstring.
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript",
+                                    category=DeprecationWarning)
             torch.onnx.export(
                 graph, (example,), str(temporary), dynamo=False, opset_version=opset_version,
                 input_names=["images"], output_names=["anomaly_score", "anomaly_map"],
