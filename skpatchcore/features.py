@@ -475,6 +475,34 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         """The backbone input of one image (its first scale)."""
         return self._preprocess_views(image)[0]
 
+    def preprocess(self, X) -> np.ndarray:
+        """The backbone input of every image: resized, cropped and normalised.
+
+        What :meth:`transform` feeds the network (at the first of
+        ``scales``), for inspecting the model's view of an image or timing
+        the backbone alone.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, H, W, 3) or (n_images, H, W), or list
+            Images as :meth:`transform` takes them.
+
+        Returns
+        -------
+        inputs : ndarray of shape (n_images, 3, height, width), float32
+            Channels first; ``(height, width)`` is ``input_size_``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchFeatureTransformer
+        >>> transformer = PatchFeatureTransformer("resnet18", weights=None, resize=64, crop_size=None).fit()
+        >>> transformer.preprocess(np.zeros((2, 100, 80, 3), dtype=np.uint8)).shape
+        (2, 3, 64, 64)
+        """
+        check_is_fitted(self, "backbone_")
+        return np.stack([self._preprocess(image) for image in as_image_list(X)])
+
     def _preprocess_views(self, image) -> list[np.ndarray]:
         """The backbone inputs of one image, one per scale (the file read once)."""
         return preprocess_image_geometries(
