@@ -34,22 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import LITE0_224, LITE0_WEIGHTS, MTD, peak_rss_gb, save_figure
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 CACHE = Path("/tmp/skpatchcore-scaling")
-LITE0 = dict(
-    backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=224, crop_size=None,
-    interpolation="bicubic", random_state=0,
-    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # the official code's recipe (reference rows):
-    aggregation="mean_pool",                                 # ImageNet scaling, mean-pooled embedding
-)
-
-
-def peak_rss_gb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1e6
+#: The reference rows' set-up: the official code's embedding and input scaling.
+LITE0 = dict(LITE0_224, recipe="official", random_state=0)
 
 
 def training_images(n_images: int, mtd: Path) -> list[str]:
@@ -108,7 +97,8 @@ def lite0_model(args, sampling_ratio: float, **params):
     return make_patchcore(weights=str(args.weights), sampling_ratio=sampling_ratio, **LITE0, **params)
 
 
-def evaluate(model, mtd: Path) -> dict:
+def test_set_metrics(model, mtd: Path) -> dict:
+    """Image and pixel AUROC and scoring time on the MTD test set."""
     from skpatchcore.datasets import load_mvtec
     from skpatchcore.evaluation import evaluate
 
@@ -127,7 +117,7 @@ def job_fit(args) -> dict:
     result = {"n_images": len(images), "budget": args.budget, "fit_s": time.perf_counter() - start,
               "bank": int(model[-1].memory_bank_.shape[0]), "peak_rss_gb": peak_rss_gb()}
     if args.evaluate:
-        result.update(evaluate(model, args.mtd))
+        result.update(test_set_metrics(model, args.mtd))
     return result
 
 
@@ -152,7 +142,7 @@ def job_fit_dask(args) -> dict:
     result = {"n_images": len(images), "workers": args.workers, "budget": args.budget,
               "chunk_ratio": model[1].chunk_ratio(), "fit_s": fit_s, "bank": int(model[-1].memory_bank_.shape[0]),
               **steps}
-    result.update(evaluate(model, args.mtd))
+    result.update(test_set_metrics(model, args.mtd))
     return result
 
 
@@ -164,7 +154,7 @@ def job_partial(args) -> dict:
     for first in range(0, 760, 190):
         model.partial_fit(images[first:first + 190 if first < 570 else 762])
     result = {"calls": 4, "fit_s": time.perf_counter() - start, "bank": int(model[-1].memory_bank_.shape[0])}
-    result.update(evaluate(model, args.mtd))
+    result.update(test_set_metrics(model, args.mtd))
     return result
 
 
@@ -232,7 +222,8 @@ def section_rss(args) -> list[dict]:
         training_images(n_images, args.mtd)  # write the variants before timing
         for mode, budget in (("budget", args.budget), ("in memory", 1e6)):
             if mode == "in memory" and n_images * 3.3e-3 > args.in_memory_limit_gb:
-                print(f"{n_images:>7}{mode:>12}{'':>8}{'':>8}{'(features ' + str(round(n_images * 3.2e-3)) + ' GB)':>13}")
+                note = f"(features {round(n_images * 3.2e-3)} GB)"
+                print(f"{n_images:>7}{mode:>12}{'':>8}{'':>8}{note:>13}")
                 continue
             result = run_job(args, "fit", n_images=n_images, budget=budget, ratio=0.01)
             result["mode"] = mode
@@ -307,16 +298,14 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    temporary.replace(path)
+    save_figure(figure, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["rss", "fit10", "partial", "score"])
-    parser.add_argument("--mtd", type=Path, default=SHARED / "data" / "mtd")
-    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth")
+    parser.add_argument("--mtd", type=Path, default=MTD)
+    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS)
     parser.add_argument("--budget", type=float, default=1024, help="MiB, the rss section's budget")
     parser.add_argument("--score-budget", type=float, default=256,
                         help="MiB, the score section's budget (200 images then span several chunks)")
@@ -336,7 +325,7 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=None)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--evaluate", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.job:
         print(json.dumps(JOBS[args.job](args)))
         return
