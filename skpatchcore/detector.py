@@ -30,7 +30,7 @@ from .search import (
 #: calls below this many multiply-adds (queries x bank rows x dims) search
 #: exactly; larger ones use the bfloat16 shortlist where this CPU multiplies
 #: bfloat16 at least 1.5x faster than float32, and pynndescent where it does
-#: not or where the bank has at least 50,000 rows (docs/benchmarks.md).
+#: not or where the bank has at least 50,000 rows (docs/archive/benchmarks-notebook.md).
 AUTO_SMALL_WORK = 1e9
 #: Banks below this many multiply-adds per query (rows x dims) are always
 #: searched exactly: an index would cost more to build (and, for pynndescent,
@@ -483,7 +483,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         (n_images, n_patches), ``distances`` and ``indices`` (one row per
         patch) are updated in place. After the bfloat16 shortlist, the exact
         search is the shortlist's own, pruned with its PCA lower bound (much
-        cheaper than brute force, see docs/benchmarks.md).
+        cheaper than brute force, see docs/archive/benchmarks-notebook.md).
         """
         n_images, n_patches = flat.shape
         pending = np.arange(n_images)

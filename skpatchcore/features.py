@@ -109,7 +109,7 @@ def aggregate_official(
     upsampling on positions, deeper layers are upsampled after pooling, on
     their share of the ``target_embed_dim`` outputs. Same numbers as the
     literal steps up to float rounding (tested), several times faster
-    (``docs/benchmarks.md``).
+    (``docs/archive/benchmarks-notebook.md``).
 
     Parameters
     ----------
@@ -387,7 +387,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         self.resize_, self.crop_size_, self.interpolation_ = self._geometry(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
+        # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/archive/benchmarks-notebook.md).
         model = model.to(memory_format=torch.channels_last)
         side = self.crop_size_ or self.resize_
         self.input_size_ = (side, side)
