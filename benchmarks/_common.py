@@ -8,6 +8,7 @@ README); nothing is downloaded.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,15 @@ LITE0_224 = dict(
     backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=224, crop_size=None,
     interpolation="bicubic",
 )
+
+
+def mtd_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--root`` (the MTD folder) and ``--weights`` (Lite0's ImageNet weights)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=MTD, help="MTD in MVTec AD layout (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS,
+                        help="EfficientNet-Lite0 ImageNet state dict (default: %(default)s)")
+    return parser
 
 
 def require(*paths: Path) -> None:

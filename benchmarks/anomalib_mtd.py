@@ -26,7 +26,6 @@ coreset time and time per pick, fit time, predict time per image, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import LITE0_WEIGHTS, MTD, peak_rss_gb, require, write_json_lines
+from _common import mtd_parser, peak_rss_gb, require, write_json_lines
 from PIL import Image
 
 from skpatchcore.datasets import load_mvtec
@@ -73,19 +72,17 @@ def build_model(weights: Path, sampling_neighbors: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=MTD)
-    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS)
+    parser = mtd_parser(__doc__)
     parser.add_argument("--sampling-ratio", type=float, default=0.01)
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
-    require(args.data, args.weights)
+    require(args.root, args.weights)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     torch.manual_seed(0)
-    data = load_mvtec(args.data)
+    data = load_mvtec(args.root)
     model = build_model(args.weights, args.num_neighbors)
 
     start = time.perf_counter()

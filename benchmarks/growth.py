@@ -11,11 +11,10 @@ setting the coreset and the detector are fitted and 50 test images scored::
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-from _common import LITE0_224, LITE0_WEIGHTS, MTD, print_header, print_row, require, save_figure, timed
+from _common import LITE0_224, mtd_parser, print_header, print_row, require, save_figure, timed
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore.datasets import load_mvtec
@@ -62,9 +61,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=MTD)
-    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS)
+    parser = mtd_parser(__doc__)
     parser.add_argument("--recipe", choices=["official", "recommended"], default="official")
     parser.add_argument("--images", type=int, nargs="+", default=[50, 100, 200, 400, 762])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1])

@@ -19,14 +19,13 @@ wrn50  WideResNet-50 (torchvision, random weights: only size and time matter),
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import LITE0_224, LITE0_WEIGHTS, MTD, print_header, print_row, require
+from _common import LITE0_224, mtd_parser, print_header, print_row, require
 
 LOAD_SCRIPT = """
 import sys, time
@@ -56,9 +55,7 @@ def cold_start(path: Path, kind: str, image: str) -> tuple[list[float], str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=MTD)
-    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS)
+    parser = mtd_parser(__doc__)
     parser.add_argument("--n-lite0", type=int, default=762)
     parser.add_argument("--n-wrn50", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)

@@ -22,12 +22,11 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import LITE0_WEIGHTS, MTD, print_header, print_row, require, write_json_lines
+from _common import mtd_parser, print_header, print_row, require, write_json_lines
 from scipy.stats import spearmanr
 
 from skpatchcore import CoresetSampler, NormalOnlyKFold, PatchCoreDetector, PatchCorePipeline, PatchFeatureTransformer
@@ -95,7 +94,7 @@ def load_data(args):
         return list(data.train_images), list(data.test_images), data.test_labels, list(data.test_masks)
     from skpatchcore.datasets import load_mvtec
 
-    require(args.root, Path(args.weights))
+    require(args.root, args.weights)
     data = load_mvtec(args.root)
     return data.train_images, data.test_images, data.test_labels, data.test_masks
 
@@ -116,10 +115,8 @@ def image_and_pixel_auroc(model, train, test, labels, masks) -> tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = mtd_parser(__doc__)
     parser.add_argument("--data", choices=["mtd", "demo"], default="mtd")
-    parser.add_argument("--root", type=Path, default=MTD)
-    parser.add_argument("--weights", default=str(LITE0_WEIGHTS))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON lines here")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", default=list(DEFECT_KINDS), choices=ALL_DEFECT_KINDS,
                         help="synthetic defect kinds to paint (default: the scorer's default mix)")
     args = parser.parse_args(argv)
-    configs = mtd_configs(args.weights) if args.data == "mtd" else demo_configs()
+    configs = mtd_configs(str(args.weights)) if args.data == "mtd" else demo_configs()
     if args.only:
         unknown = set(args.only) - {config["name"] for config in configs}
         if unknown:

@@ -30,12 +30,9 @@ Model files and cold starts are timed by ``model_files.py``, fit memory by
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import torch
-from _common import LITE0_224, LITE0_WEIGHTS, MTD, print_header, print_row, require, timed
+from _common import LITE0_224, mtd_parser, print_header, print_row, require, timed
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchCorePipeline, PatchFeatureTransformer
 from skpatchcore.backbones import extract_layers
@@ -150,9 +147,7 @@ def predict_section(image_paths: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=MTD)
-    parser.add_argument("--weights", type=Path, default=LITE0_WEIGHTS)
+    parser = mtd_parser(__doc__)
     parser.add_argument("--recipe", choices=["official", "recommended"], default="official",
                         help="EfficientNet-Lite0 feature recipe of the search and crossover sections")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=["search", "predict"])
