@@ -1,4 +1,4 @@
-"""anomalib's PatchCore on MTD, the peer row of docs/benchmarks.md.
+"""anomalib's PatchCore on MTD, the peer row of the results page (docs/results.md).
 
 Runs anomalib's own ``PatchcoreModel`` (its torch model, as its Lightning
 module drives it: training batches fill the embedding store, one call of
@@ -11,6 +11,8 @@ anomalib's defaults otherwise (``num_neighbors=9`` for its score
 re-weighting). Masks are brought to 224 x 224 as skpatchcore's evaluation does
 (nearest neighbour), and the metrics are skpatchcore's, so the numbers compare
 with ``benchmarks/evaluate_mvtec.py`` and ``benchmarks/model_selection.py``.
+The input pipeline below (``load_batch``) is the reference's own, not
+skpatchcore's.
 
 anomalib is not a dependency of skpatchcore: run this with an interpreter that
 has it (``pip install anomalib==2.7.0`` in a virtual environment created with
@@ -24,22 +26,20 @@ coreset time and time per pick, fit time, predict time per image, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import mtd_parser, peak_rss_gb, require, write_json_lines
 from PIL import Image
 
 from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD, preprocess_mask
 from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 
-ROOT = Path(__file__).resolve().parents[1]
 SIDE = 224
 
 
@@ -71,20 +71,19 @@ def build_model(weights: Path, sampling_neighbors: int):
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mtd"))
-    parser.add_argument("--weights", default=str(ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
+def main(argv: list[str] | None = None) -> None:
+    parser = mtd_parser(__doc__)
     parser.add_argument("--sampling-ratio", type=float, default=0.01)
     parser.add_argument("--num-neighbors", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", help="append the JSON line to this file too")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, help="also write the JSON line to this file")
+    args = parser.parse_args(argv)
+    require(args.root, args.weights)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     torch.manual_seed(0)
-    data = load_mvtec(args.data)
-    model = build_model(Path(args.weights), args.num_neighbors)
+    data = load_mvtec(args.root)
+    model = build_model(args.weights, args.num_neighbors)
 
     start = time.perf_counter()
     model.train()
@@ -123,14 +122,12 @@ def main() -> None:
         n_patches=int(n_patches), coreset_size=int(n_picks),
         coreset_s=round(coreset_s, 1), ms_per_pick=round(1000 * coreset_s / n_picks, 1),
         fit_s=round(fit_s, 1), predict_ms_per_image=round(1000 * predict_s / len(scores), 1),
-        peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        peak_rss_gb=round(peak_rss_gb(), 2),
         threads=torch.get_num_threads(),
     )
-    line = json.dumps(row)
-    print(line)
+    print(json.dumps(row))
     if args.output:
-        with open(args.output, "a") as handle:
-            handle.write(line + "\n")
+        write_json_lines(args.output, [row])
 
 
 if __name__ == "__main__":

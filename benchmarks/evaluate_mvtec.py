@@ -12,8 +12,9 @@ Fit and scoring go through :class:`~skpatchcore.PatchCorePipeline` in chunks of
 ``--working-memory`` MiB; a budget that holds all the training features
 (8192 MiB for MTD's 762 images with Lite0) fits with one greedy pass.
 
-``ROOT`` is either one category folder (holding ``train/``) or a folder of
-categories (pick them with ``--categories``).
+``ROOT`` is either one category folder (holding ``train/``, e.g.
+``../shared/data/mtd`` or ``../shared/data/deeppcb``) or a folder of categories
+(pick them with ``--categories``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import peak_rss_gb, print_header, print_row, require
 
 from skpatchcore import make_patchcore
-from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
 from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process (VmHWM; Linux), in GB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1e6
+from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def subsample(items: list, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -101,7 +97,7 @@ def run_category(path: Path, args, ratio: float) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("--categories", nargs="*", default=None)
@@ -135,7 +131,8 @@ def main() -> None:
                         help="MiB (default: scikit-learn's working_memory; a large value fits in one pass)")
     parser.add_argument("--chunk-sampling-ratio", type=float, default=None)
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require(args.root)
     if args.weights.lower() == "none":
         args.weights = None
     if (args.root / "train").is_dir():
@@ -143,20 +140,14 @@ def main() -> None:
     else:
         names = args.categories or sorted(p.name for p in args.root.iterdir() if (p / "train").is_dir())
         paths = [args.root / name for name in names]
-    header = (
-        f"{'category':<12}{'ratio':>6}{'train':>6}{'test':>6}{'bank':>8}{'imgAUROC':>9}{'pixAUROC':>9}"
-        f"{'AUPRO':>7}{'fit s':>8}{'pred ms/img':>12}{'RSS GB':>7}"
-    )
-    print(header, flush=True)
+    print_header("category", "ratio", "train", "test", "bank rows", "image AUROC", "pixel AUROC", "AUPRO",
+                 "fit s", "predict ms/image", "peak RSS GB")
     for path in paths:
         for ratio in args.sampling_ratio:
             r = run_category(path, args, ratio)
-            print(
-                f"{r['category']:<12}{r['ratio']:>6g}{r['n_train']:>6}{r['n_test']:>6}{r['bank']:>8}"
-                f"{r['image_auroc']:>9.4f}{r['pixel_auroc']:>9.4f}{r['aupro']:>7.3f}{r['fit_s']:>8.1f}"
-                f"{r['predict_ms']:>12.1f}{r['peak_rss_gb']:>7.2f}",
-                flush=True,
-            )
+            print_row(r["category"], r["ratio"], r["n_train"], r["n_test"], r["bank"], round(r["image_auroc"], 4),
+                      round(r["pixel_auroc"], 4), round(r["aupro"], 3), round(r["fit_s"], 1),
+                      round(r["predict_ms"], 1), round(r["peak_rss_gb"], 2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """How fit and predict time grow with the training set and the coreset ratio.
 
 On Magnetic Tile Defects (EfficientNet-Lite0 blocks.2+blocks.4, 224 px square
-bicubic): features of all training images are computed once (their time is
+bicubic, ``--recipe``, default the official code's embedding and input scaling
+as in the reference rows): features of all training images are computed once (their time is
 linear in the number of images and is charged per image), then for each
 setting the coreset and the detector are fitted and 50 test images scored::
 
@@ -10,30 +11,20 @@ setting the coreset and the detector are fitted and 50 test images scored::
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import LITE0_224, mtd_parser, print_header, print_row, require, save_figure, timed
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore.io.datasets import load_mvtec
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 def run(train, test, seconds_per_image: float, n_images: int, ratio: float) -> dict:
-    features = train[:n_images]
-    start = time.perf_counter()
-    bank = CoresetSampler(ratio, random_state=0).fit_transform(features)
-    coreset_s = time.perf_counter() - start
-    start = time.perf_counter()
-    detector = PatchCoreDetector(random_state=0).fit(bank)
-    detector_s = time.perf_counter() - start
+    bank, coreset_s = timed(CoresetSampler(ratio, random_state=0).fit_transform, train[:n_images])
+    detector, detector_s = timed(PatchCoreDetector(random_state=0).fit, bank)
     detector.score_and_maps(test[:2], 224)
-    start = time.perf_counter()
-    detector.score_and_maps(test, 224)
-    predict_s = time.perf_counter() - start
+    _, predict_s = timed(detector.score_and_maps, test, 224)
     features_s = seconds_per_image * n_images
     return dict(
         n_images=n_images, ratio=ratio, bank=len(bank), features_s=features_s, coreset_s=coreset_s,
@@ -52,10 +43,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for ratio in sorted({r["ratio"] for r in rows}):
         series = [r for r in rows if r["ratio"] == ratio and r["sweep"] == "images"]
         if series:
-            left.plot([r["n_images"] for r in series], [r["fit_s"] for r in series], "o-", label=f"fit, ratio {ratio:g}")
-            left.plot([r["n_images"] for r in series], [r["coreset_s"] for r in series], "x--",
-                      label=f"coreset part, ratio {ratio:g}")
-            middle.plot([r["n_images"] for r in series], [r["predict_ms"] for r in series], "o-", label=f"ratio {ratio:g}")
+            images = [r["n_images"] for r in series]
+            left.plot(images, [r["fit_s"] for r in series], "o-", label=f"fit, ratio {ratio:g}")
+            left.plot(images, [r["coreset_s"] for r in series], "x--", label=f"coreset part, ratio {ratio:g}")
+            middle.plot(images, [r["predict_ms"] for r in series], "o-", label=f"ratio {ratio:g}")
     left.set(xlabel="training images", ylabel="seconds", title="Fit time")
     middle.set(xlabel="training images", ylabel="ms per image", title="Predict time (features + search + map)")
     sweep = [r for r in rows if r["sweep"] == "ratio"]
@@ -66,41 +57,36 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
-    parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
+def main(argv: list[str] | None = None) -> None:
+    parser = mtd_parser(__doc__)
+    parser.add_argument("--recipe", choices=["official", "recommended"], default="official")
     parser.add_argument("--images", type=int, nargs="+", default=[50, 100, 200, 400, 762])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument("--ratio-sweep", type=float, nargs="+", default=[0.01, 0.1, 0.25])
     parser.add_argument("--ratio-sweep-images", type=int, default=200)
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require(args.root, args.weights)
     data = load_mvtec(args.root)
-    transformer = PatchFeatureTransformer(
-        "timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights=args.weights,
-        resize=224, crop_size=None, interpolation="bicubic",
-    ).fit()
-    start = time.perf_counter()
-    train = transformer.transform(data.train_images)
-    seconds_per_image = (time.perf_counter() - start) / len(data.train_images)
+    transformer = PatchFeatureTransformer(**LITE0_224, weights=str(args.weights), recipe=args.recipe).fit()
+    train, seconds = timed(transformer.transform, data.train_images)
+    seconds_per_image = seconds / len(data.train_images)
     rng = np.random.default_rng(0)
     test = transformer.transform([data.test_images[i] for i in rng.choice(len(data.test_images), 50, replace=False)])
     print(f"features: {1000 * seconds_per_image:.1f} ms per image", flush=True)
-    print(f"{'sweep':<7}{'images':>7}{'ratio':>7}{'bank':>8}{'features s':>11}{'coreset s':>10}{'detector s':>11}"
-          f"{'fit s':>8}{'predict ms/img':>15}", flush=True)
+    print_header("sweep", "training images", "ratio", "bank rows", "features s", "coreset s", "detector s",
+                 "fit s", "predict ms/image")
     rows = []
     settings = [("images", n, r) for r in args.ratios for n in args.images]
     settings += [("ratio", args.ratio_sweep_images, r) for r in args.ratio_sweep]
     for sweep, n_images, ratio in settings:
         row = dict(run(train, test, seconds_per_image, min(n_images, len(train)), ratio), sweep=sweep)
         rows.append(row)
-        print(f"{sweep:<7}{row['n_images']:>7}{ratio:>7g}{row['bank']:>8}{row['features_s']:>11.1f}"
-              f"{row['coreset_s']:>10.1f}{row['detector_s']:>11.1f}{row['fit_s']:>8.1f}{row['predict_ms']:>15.1f}",
-              flush=True)
+        print_row(sweep, row["n_images"], ratio, row["bank"], *(round(row[key], 1) for key in (
+            "features_s", "coreset_s", "detector_s", "fit_s", "predict_ms")))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}")

@@ -7,39 +7,41 @@ gets the defects of :func:`skpatchcore.synthetic.add_synthetic_defects` on
 half its images, as ``synthetic_defect_scorer`` does). Prints both, and the
 Spearman rank correlation between them over the configurations.
 
-Features are extracted once per feature configuration and shared by the
-configurations that differ only in the coreset or the detector; the scores
-are those the pipeline would give (same transformer, sampler and detector).
+Every configuration is a :class:`~skpatchcore.PatchCorePipeline` fitted in one
+greedy pass (a working memory that holds all training features) and scored
+with :func:`skpatchcore.evaluation.evaluate`, on the real test set and on each
+fold's synthetic defects; features are computed afresh for every
+configuration and fold.
 
 Examples::
 
-    python benchmarks/model_selection.py --data mtd     # ../shared/data/mtd with Lite0, ~70 min on 1 core
+    python benchmarks/model_selection.py --data mtd     # ../shared/data/mtd with Lite0 (4 fits per configuration)
     python benchmarks/model_selection.py --data demo    # the demo generator, random-weight ResNet-18
     python benchmarks/model_selection.py --only concat "concat, map sigma 8" --kinds intensity uneven
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import mtd_parser, print_header, print_row, require, write_json_lines
 from scipy.stats import spearmanr
 
-from skpatchcore import CoresetSampler, NormalOnlyKFold, PatchCoreDetector, PatchFeatureTransformer
-from skpatchcore.evaluation import masks_at_map_geometry
+from skpatchcore import CoresetSampler, NormalOnlyKFold, PatchCoreDetector, PatchCorePipeline, PatchFeatureTransformer
+from skpatchcore.evaluation import evaluate
 from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
-from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 from skpatchcore.synthetic import ALL_DEFECT_KINDS, DEFECT_KINDS, add_synthetic_defects
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+#: MiB: the training features of every configuration fit in one greedy pass.
+ONE_PASS = 16384
 
 
 def mtd_configs(weights: str) -> list[dict]:
-    """Configurations over aggregation, layers, input size and scales, normalisation, k, reweighting, coreset ratio, map smoothing."""
+    """Configurations over aggregation, layers, input size and scales, normalisation, k, reweighting,
+    coreset ratio and map smoothing."""
     lite0 = dict(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=("blocks.2", "blocks.4"),
                  resize=224, crop_size=None, interpolation="bicubic", aggregation="concat")
     return [
@@ -92,91 +94,71 @@ def load_data(args):
         return list(data.train_images), list(data.test_images), data.test_labels, list(data.test_masks)
     from skpatchcore.io.datasets import load_mvtec
 
+    require(args.root, args.weights)
     data = load_mvtec(args.root)
     return data.train_images, data.test_images, data.test_labels, data.test_masks
 
 
-def extract(transformer, images, batch: int = 32) -> np.ndarray:
-    return np.concatenate([transformer.transform(images[s:s + batch]) for s in range(0, len(images), batch)])
+def build_model(config: dict) -> PatchCorePipeline:
+    """The configuration's pipeline, every step seeded with 0."""
+    return PatchCorePipeline([
+        ("features", PatchFeatureTransformer(**config["features"])),
+        ("coreset", CoresetSampler(random_state=0, **{"sampling_ratio": 0.01, **config.get("coreset", {})})),
+        ("detector", PatchCoreDetector(random_state=0, **config.get("detector", {}))),
+    ], working_memory=ONE_PASS)
 
 
-def fit_and_score(config, train_features, test_features, transformer, masks, labels, seed) -> tuple[float, float]:
-    sampler = CoresetSampler(random_state=seed, **{"sampling_ratio": 0.01, **config.get("coreset", {})})
-    detector = PatchCoreDetector(random_state=seed, **config.get("detector", {}))
-    detector.fit(sampler.fit_transform(train_features))
-    scores, maps = [], []
-    for start in range(0, len(test_features), 64):
-        chunk_scores, chunk_maps = detector.score_and_maps(test_features[start:start + 64], transformer.input_size_)
-        scores.append(chunk_scores)
-        maps.append(chunk_maps)
-    scores, maps = np.concatenate(scores), np.concatenate(maps)
-    return image_auroc(labels, -scores), pixel_auroc(masks_at_map_geometry(transformer, masks), maps)
+def image_and_pixel_auroc(model, train, test, labels, masks) -> tuple[float, float]:
+    """Fit on `train`, then image and pixel AUROC on the labelled `test` images."""
+    metrics, _ = evaluate(model.fit(train), images=test, labels=labels, masks=masks)
+    return metrics["image_auroc"], metrics["pixel_auroc"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = mtd_parser(__doc__)
     parser.add_argument("--data", choices=["mtd", "demo"], default="mtd")
-    parser.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "mtd")
-    parser.add_argument("--weights", default=str(ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON lines here")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run only the configurations with these exact names")
     parser.add_argument("--kinds", nargs="+", default=list(DEFECT_KINDS), choices=ALL_DEFECT_KINDS,
                         help="synthetic defect kinds to paint (default: the scorer's default mix)")
-    args = parser.parse_args()
-    train, test, labels, masks = load_data(args)
-    configs = mtd_configs(args.weights) if args.data == "mtd" else demo_configs()
+    args = parser.parse_args(argv)
+    configs = mtd_configs(str(args.weights)) if args.data == "mtd" else demo_configs()
     if args.only:
         unknown = set(args.only) - {config["name"] for config in configs}
         if unknown:
             raise SystemExit(f"--only: no configuration named {sorted(unknown)}")
         configs = [config for config in configs if config["name"] in args.only]
+    train, test, labels, masks = load_data(args)
     folds = list(NormalOnlyKFold(args.folds, shuffle=True, random_state=0).split(train))
-    rows, cache = [], {}
-    print(f"{'configuration':<42}{'real image':>11}{'real pixel':>11}{'syn image':>10}{'syn pixel':>10}"
-          f"{'syn mean':>9}{'s':>6}", flush=True)
+    # The same synthetic defects for every configuration: fold i's held-out images, painted with seed i.
+    synthetic = [add_synthetic_defects([train[i] for i in test_index], kinds=args.kinds, random_state=fold)
+                 for fold, (_, test_index) in enumerate(folds)]
+    rows = []
+    print_header("configuration", "real image", "real pixel", "synthetic image", "synthetic pixel",
+                 "synthetic mean", "s")
     for config in configs:
         start = time.perf_counter()
-        key = json.dumps(config["features"], sort_keys=True, default=str)
-        if key not in cache:
-            cache.clear()  # one feature configuration in memory at a time (configs are grouped)
-            transformer = PatchFeatureTransformer(**config["features"]).fit()
-            synthetic = [add_synthetic_defects([train[i] for i in test_index], kinds=args.kinds,
-                                                random_state=fold)
-                         for fold, (_, test_index) in enumerate(folds)]
-            cache[key] = dict(
-                transformer=transformer, train=extract(transformer, train), test=extract(transformer, test),
-                synthetic=[(extract(transformer, data.images), data) for data in synthetic],
-            )
-        cached = cache[key]
-        transformer = cached["transformer"]
-        real_image, real_pixel = fit_and_score(config, cached["train"], cached["test"], transformer, masks, labels, 0)
-        synthetic_image, synthetic_pixel = [], []
-        for fold, (train_index, _) in enumerate(folds):
-            features, data = cached["synthetic"][fold]
-            image, pixel = fit_and_score(config, cached["train"][train_index], features, transformer, data.masks,
-                                         data.labels, 0)
-            synthetic_image.append(image)
-            synthetic_pixel.append(pixel)
+        real_image, real_pixel = image_and_pixel_auroc(build_model(config), train, test, labels, masks)
+        per_fold = [image_and_pixel_auroc(build_model(config), [train[i] for i in train_index], list(data.images),
+                                          data.labels, list(data.masks))
+                    for (train_index, _), data in zip(folds, synthetic)]
+        synthetic_image, synthetic_pixel = (float(value) for value in np.mean(per_fold, axis=0))
         row = dict(name=config["name"], real_image=real_image, real_pixel=real_pixel,
-                   synthetic_image=float(np.mean(synthetic_image)), synthetic_pixel=float(np.mean(synthetic_pixel)))
-        row["synthetic_mean"] = (row["synthetic_image"] + row["synthetic_pixel"]) / 2
-        row["real_mean"] = (real_image + real_pixel) / 2
+                   synthetic_image=synthetic_image, synthetic_pixel=synthetic_pixel,
+                   synthetic_mean=(synthetic_image + synthetic_pixel) / 2, real_mean=(real_image + real_pixel) / 2)
         rows.append(row)
-        print(f"{row['name']:<42}{real_image:>11.3f}{real_pixel:>11.3f}{row['synthetic_image']:>10.3f}"
-              f"{row['synthetic_pixel']:>10.3f}{row['synthetic_mean']:>9.3f}{time.perf_counter() - start:>6.0f}",
-              flush=True)
-        if args.output:
-            with open(args.output, "a") as out:
-                out.write(json.dumps(row) + "\n")
+        print_row(row["name"], real_image, real_pixel, synthetic_image, synthetic_pixel, row["synthetic_mean"],
+                  round(time.perf_counter() - start), digits=3)
+    if args.output:
+        write_json_lines(args.output, rows)
     print("\nSpearman rank correlation over", len(rows), "configurations (synthetic vs real):")
+    print_header("synthetic \\ real", "image", "pixel", "mean")
     for synthetic_key in ("synthetic_image", "synthetic_pixel", "synthetic_mean"):
-        cells = []
-        for real_key in ("real_image", "real_pixel", "real_mean"):
-            rho = spearmanr([r[synthetic_key] for r in rows], [r[real_key] for r in rows]).statistic
-            cells.append(f"{real_key} {rho:+.2f}")
-        print(f"  {synthetic_key:<16}" + "   ".join(cells))
+        rhos = [spearmanr([r[synthetic_key] for r in rows], [r[real_key] for r in rows]).statistic
+                for real_key in ("real_image", "real_pixel", "real_mean")]
+        print_row(synthetic_key.removeprefix("synthetic_"), *(f"{rho:+.2f}" for rho in rhos))
     best_real = max(rows, key=lambda r: r["real_mean"])["name"]
     best_synthetic = max(rows, key=lambda r: r["synthetic_mean"])["name"]
     print(f"best by real defects: {best_real}; best by synthetic defects: {best_synthetic}")

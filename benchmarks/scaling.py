@@ -27,29 +27,17 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import LITE0_224, mtd_parser, peak_rss_gb, require, save_figure
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 CACHE = Path("/tmp/skpatchcore-scaling")
-LITE0 = dict(
-    backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), resize=224, crop_size=None,
-    interpolation="bicubic", random_state=0,
-    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # the official code's recipe (reference rows):
-    aggregation="mean_pool",                                 # ImageNet scaling, mean-pooled embedding
-)
-
-
-def peak_rss_gb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1e6
+#: The reference rows' set-up: the official code's embedding and input scaling.
+LITE0 = dict(LITE0_224, recipe="official", random_state=0)
 
 
 def training_images(n_images: int, mtd: Path) -> list[str]:
@@ -108,7 +96,8 @@ def lite0_model(args, sampling_ratio: float, **params):
     return make_patchcore(weights=str(args.weights), sampling_ratio=sampling_ratio, **LITE0, **params)
 
 
-def evaluate(model, mtd: Path) -> dict:
+def test_set_metrics(model, mtd: Path) -> dict:
+    """Image and pixel AUROC and scoring time on the MTD test set."""
     from skpatchcore.io.datasets import load_mvtec
     from skpatchcore.evaluation import evaluate
 
@@ -120,14 +109,14 @@ def evaluate(model, mtd: Path) -> dict:
 # ------------------------------------------------------------ subprocess jobs
 def job_fit(args) -> dict:
     """Fit on n images with a budget (None: everything in memory), report time and peak RSS."""
-    images = training_images(args.n_images, args.mtd)
+    images = training_images(args.n_images, args.root)
     model = lite0_model(args, args.ratio, working_memory=args.budget, n_jobs=args.n_jobs)
     start = time.perf_counter()
     model.fit(images)
     result = {"n_images": len(images), "budget": args.budget, "fit_s": time.perf_counter() - start,
               "bank": int(model[-1].memory_bank_.shape[0]), "peak_rss_gb": peak_rss_gb()}
     if args.evaluate:
-        result.update(evaluate(model, args.mtd))
+        result.update(test_set_metrics(model, args.root))
     return result
 
 
@@ -135,7 +124,7 @@ def job_fit_dask(args) -> dict:
     """Fit on a LocalCluster of n_workers x 1 thread; evaluate in this process."""
     from distributed import LocalCluster
 
-    images = training_images(args.n_images, args.mtd)
+    images = training_images(args.n_images, args.root)
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=None, silence_logs=40) as cluster:
         model = lite0_model(args, args.ratio, working_memory=args.budget, scheduler=cluster.scheduler_address)
@@ -152,19 +141,19 @@ def job_fit_dask(args) -> dict:
     result = {"n_images": len(images), "workers": args.workers, "budget": args.budget,
               "chunk_ratio": model[1].chunk_ratio(), "fit_s": fit_s, "bank": int(model[-1].memory_bank_.shape[0]),
               **steps}
-    result.update(evaluate(model, args.mtd))
+    result.update(test_set_metrics(model, args.root))
     return result
 
 
 def job_partial(args) -> dict:
     """Four partial_fit calls of 190 images (the 762 in order), then evaluate."""
-    images = training_images(762, args.mtd)
+    images = training_images(762, args.root)
     model = lite0_model(args, args.ratio)
     start = time.perf_counter()
     for first in range(0, 760, 190):
         model.partial_fit(images[first:first + 190 if first < 570 else 762])
     result = {"calls": 4, "fit_s": time.perf_counter() - start, "bank": int(model[-1].memory_bank_.shape[0])}
-    result.update(evaluate(model, args.mtd))
+    result.update(test_set_metrics(model, args.root))
     return result
 
 
@@ -174,14 +163,14 @@ def job_score(args) -> dict:
 
     model = joblib.load(args.model)
     if args.n_images:
-        images = (sorted(str(p) for p in (args.mtd / "test").rglob("*.jpg")) * 10)[:args.n_images]
+        images = (sorted(str(p) for p in (args.root / "test").rglob("*.jpg")) * 10)[:args.n_images]
         model.set_params(working_memory=args.budget)
         rss_before = peak_rss_gb()
         start = time.perf_counter()
         model.score_samples(images)
         return {"n_images": len(images), "seconds": time.perf_counter() - start,
                 "peak_rss_gb": peak_rss_gb(), "rss_before_gb": rss_before}
-    images = sorted(str(p) for p in (args.mtd / "test").rglob("*.jpg"))
+    images = sorted(str(p) for p in (args.root / "test").rglob("*.jpg"))
     if args.workers == 0:
         model.set_params(n_jobs=args.n_jobs)
         model.score_samples(images[:8])
@@ -210,7 +199,7 @@ JOBS = {"fit": job_fit, "fit-dask": job_fit_dask, "partial": job_partial, "score
 
 
 def run_job(args, job: str, **options) -> dict:
-    command = [sys.executable, __file__, "--job", job, "--mtd", str(args.mtd), "--weights", str(args.weights)]
+    command = [sys.executable, __file__, "--job", job, "--root", str(args.root), "--weights", str(args.weights)]
     for key, value in options.items():
         if value is None or value is False:
             continue
@@ -229,10 +218,11 @@ def section_rss(args) -> list[dict]:
     print(f"{'images':>7}{'mode':>12}{'fit s':>8}{'bank':>8}{'peak RSS GB':>13}", flush=True)
     rows = []
     for n_images in args.sizes:
-        training_images(n_images, args.mtd)  # write the variants before timing
+        training_images(n_images, args.root)  # write the variants before timing
         for mode, budget in (("budget", args.budget), ("in memory", 1e6)):
             if mode == "in memory" and n_images * 3.3e-3 > args.in_memory_limit_gb:
-                print(f"{n_images:>7}{mode:>12}{'':>8}{'':>8}{'(features ' + str(round(n_images * 3.2e-3)) + ' GB)':>13}")
+                note = f"(features {round(n_images * 3.2e-3)} GB)"
+                print(f"{n_images:>7}{mode:>12}{'':>8}{'':>8}{note:>13}")
                 continue
             result = run_job(args, "fit", n_images=n_images, budget=budget, ratio=0.01)
             result["mode"] = mode
@@ -276,7 +266,7 @@ def section_score(args) -> None:
     model_file = CACHE / "lite0-1pct.joblib"
     if not model_file.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        model = lite0_model(args, 0.01).fit(training_images(762, args.mtd))
+        model = lite0_model(args, 0.01).fit(training_images(762, args.root))
         joblib.dump(model, model_file)
     print("\nScoring the 582 MTD test images (Lite0, 1% bank)", flush=True)
     for workers, threads in ((0, 2), (0, 1), (1, 2), (2, 1)):
@@ -307,16 +297,12 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    temporary.replace(path)
+    save_figure(figure, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = mtd_parser(__doc__)
     parser.add_argument("--sections", nargs="+", default=["rss", "fit10", "partial", "score"])
-    parser.add_argument("--mtd", type=Path, default=SHARED / "data" / "mtd")
-    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth")
     parser.add_argument("--budget", type=float, default=1024, help="MiB, the rss section's budget")
     parser.add_argument("--score-budget", type=float, default=256,
                         help="MiB, the score section's budget (200 images then span several chunks)")
@@ -336,12 +322,11 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=None)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--evaluate", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.job:
         print(json.dumps(JOBS[args.job](args)))
         return
-    if not args.mtd.is_dir() or not args.weights.is_file():
-        raise SystemExit(f"needs {args.mtd} and {args.weights} (see ../shared/README.md)")
+    require(args.root, args.weights)
     rows = section_rss(args) if "rss" in args.sections else []
     if "fit10" in args.sections:
         section_fit10(args)

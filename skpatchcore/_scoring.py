@@ -124,7 +124,7 @@ def iter_scored_onnx(
 def _read_error(features, path: str) -> str | None:
     """Why `path` cannot be turned into backbone input, or None if it can."""
     try:
-        features._preprocess(path)
+        features.preprocess([path])
     except (UnreadableImageError, FileNotFoundError) as error:
         return " ".join(str(error).split())
     return None

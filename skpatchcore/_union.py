@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 #: Rows per block of the effective-radius pass: queries x earlier rows at a time, a
-#: 2 MiB block of distances that stays in cache (docs/benchmarks.md).
+#: 2 MiB block of distances that stays in cache (docs/archive/benchmarks-notebook.md).
 QUERY_BLOCK = 1024
 EARLIER_BLOCK = 512
 #: Largest union (rows) whose effective radii are computed against one another:

@@ -135,7 +135,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         if that is larger (0.04 for 1%, 0.15 for 10%). A union only as
         large as the final ratio spends picks on every chunk's own common
         patterns and covers rare normal patterns worse (lower AUROC, see
-        docs/benchmarks.md); a larger one lets the merge choose, at a cost
+        docs/archive/benchmarks-notebook.md); a larger one lets the merge choose, at a cost
         that grows with its size. Each chunk's greedy order runs to 1.5
         times this fraction of its rows.
     merge_method : {"radius", "greedy"}, default="radius"

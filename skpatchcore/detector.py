@@ -30,11 +30,11 @@ from .search import (
     nndescent_kneighbors,
 )
 
-#: ``algorithm="auto"`` on a CPU (see :meth:`PatchCoreDetector._choose_algorithm`):
+#: ``algorithm="auto"`` on a CPU (see :meth:`PatchCoreDetector.search_algorithm`):
 #: calls below this many multiply-adds (queries x bank rows x dims) search
 #: exactly; larger ones use the bfloat16 shortlist where this CPU multiplies
 #: bfloat16 at least 1.5x faster than float32, and pynndescent where it does
-#: not or where the bank has at least 50,000 rows (docs/benchmarks.md).
+#: not or where the bank has at least 50,000 rows (docs/archive/benchmarks-notebook.md).
 AUTO_SMALL_WORK = 1e9
 #: Banks below this many multiply-adds per query (rows x dims) are always
 #: searched exactly: an index would cost more to build (and, for pynndescent,
@@ -369,16 +369,38 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         self._nndescent = None
         self._bank_neighbors = None
 
-    def _choose_algorithm(self, n_queries: int) -> str:
-        """The search used for a call: the ``algorithm`` parameter, or the auto rule.
+    def search_algorithm(self, n_queries: int) -> str:
+        """The nearest-neighbour search that a call with `n_queries` rows uses.
 
-        ``"auto"``: exact on a GPU, for small calls (< 1e9 multiply-adds) and
-        small banks (< 1e6 multiply-adds per query, rows x dims); otherwise
-        pynndescent for banks of >= 50,000 rows, the bfloat16 shortlist where
-        bfloat16 products are >= 1.5x faster than float32, and pynndescent
-        where they are not (CPUs without AVX512-BF16 or AMX, where exact
-        float32 search is the slower one).
+        The ``algorithm`` parameter, or for ``"auto"`` the rule: exact on a
+        GPU, for small calls (< 1e9 multiply-adds) and small banks (< 1e6
+        multiply-adds per query, rows x dims); otherwise pynndescent for
+        banks of >= 50,000 rows, the bfloat16 shortlist where bfloat16
+        products are >= 1.5x faster than float32, and pynndescent where they
+        are not (CPUs without AVX512-BF16 or AMX, where exact float32 search
+        is the slower one).
+
+        Parameters
+        ----------
+        n_queries : int
+            Rows (patches) searched in one call; a call on image features
+            searches ``n_images * h * w`` rows.
+
+        Returns
+        -------
+        algorithm : {"exact", "bf16", "pynndescent"}
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> detector = PatchCoreDetector(device="cpu").fit(np.random.rand(100, 8).astype(np.float32))
+        >>> detector.search_algorithm(784)
+        'exact'
         """
+        check_is_fitted(self, "memory_bank_")
+        if isinstance(n_queries, bool) or not isinstance(n_queries, numbers.Integral) or n_queries < 0:
+            raise ValueError(f"n_queries must be a non-negative int, got {n_queries!r}.")
         if self.algorithm != "auto":
             return self.algorithm
         n_bank, n_dims = self.memory_bank_.shape
@@ -390,7 +412,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "pynndescent"
 
     def _kneighbors(self, queries: np.ndarray, k: int, algorithm: str | None = None):
-        algorithm = algorithm or self._choose_algorithm(len(queries))
+        algorithm = algorithm or self.search_algorithm(len(queries))
         if algorithm == "bf16":
             if self._shortlist is None:
                 self._shortlist = BFloat16Shortlist(self.memory_bank_)
@@ -471,7 +493,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
 
     def _score_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
-        algorithm = self._choose_algorithm(len(rows))
+        algorithm = self.search_algorithm(len(rows))
         distances, indices = self._kneighbors(rows, self.n_neighbors, algorithm)
         patch_scores = distances.mean(axis=1)
         if image_index is None:
@@ -502,7 +524,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         (n_images, n_patches), ``distances`` and ``indices`` (one row per
         patch) are updated in place. After the bfloat16 shortlist, the exact
         search is the shortlist's own, pruned with its PCA lower bound (much
-        cheaper than brute force, see docs/benchmarks.md).
+        cheaper than brute force, see docs/archive/benchmarks-notebook.md).
         """
         n_images, n_patches = flat.shape
         pending = np.arange(n_images)

@@ -139,7 +139,7 @@ def _reuse_large_blocks(environ=os.environ, load_libc=lambda: ctypes.CDLL(None))
     they give freed memory back to the system. Setting that option also
     freezes glibc's mmap threshold at 128 KiB: every activation buffer of a
     forward pass is then a fresh ``mmap`` whose pages fault in one by one,
-    and CPU inference runs much slower (docs/benchmarks.md). Raising
+    and CPU inference runs much slower (docs/archive/benchmarks-notebook.md). Raising
     the mmap threshold back to where glibc would move it by itself restores
     the speed and keeps Dask's trimming. Nothing changes where the variable
     is not set, where ``MALLOC_MMAP_THRESHOLD_`` is set, or without glibc.

@@ -122,7 +122,7 @@ def aggregate_official(
     upsampling on positions, deeper layers are upsampled after pooling, on
     their share of the ``target_embed_dim`` outputs. Same numbers as the
     literal steps up to float rounding (tested), several times faster
-    (``docs/benchmarks.md``).
+    (``docs/archive/benchmarks-notebook.md``).
 
     Parameters
     ----------
@@ -453,7 +453,7 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
             self.resize_, self.crop_size_ = int(self.tile_size), None
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/benchmarks.md).
+        # NHWC convolutions: faster on CPU (oneDNN) for ResNets and EfficientNets (docs/archive/benchmarks-notebook.md).
         model = model.to(memory_format=torch.channels_last)
         side = self.crop_size_ or self.resize_
         self.input_size_ = (side, side)
@@ -540,6 +540,34 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
     def _preprocess(self, image) -> np.ndarray:
         """The backbone input of one image (its first scale)."""
         return self._preprocess_views(image)[0]
+
+    def preprocess(self, X) -> np.ndarray:
+        """The backbone input of every image: resized, cropped and normalised.
+
+        What :meth:`transform` feeds the network (at the first of
+        ``scales``), for inspecting the model's view of an image or timing
+        the backbone alone.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, H, W, 3) or (n_images, H, W), or list
+            Images as :meth:`transform` takes them.
+
+        Returns
+        -------
+        inputs : ndarray of shape (n_images, 3, height, width), float32
+            Channels first; ``(height, width)`` is ``input_size_``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchFeatureTransformer
+        >>> transformer = PatchFeatureTransformer("resnet18", weights=None, resize=64, crop_size=None).fit()
+        >>> transformer.preprocess(np.zeros((2, 100, 80, 3), dtype=np.uint8)).shape
+        (2, 3, 64, 64)
+        """
+        check_is_fitted(self, "backbone_")
+        return np.stack([self._preprocess(image) for image in as_image_list(X)])
 
     def _preprocess_views(self, image) -> list[np.ndarray]:
         """The backbone inputs of one image, one per scale (the file read once)."""

@@ -13,7 +13,7 @@ Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
   computed exactly.
 * pynndescent (``"pynndescent"``): an approximate neighbour graph.
 
-Timings and recall of the three are in ``docs/benchmarks.md``.
+Timings and recall of the three are in ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ CHUNK_ENTRIES = 1 << 24
 
 #: Largest number of gathered bank entries (float32) held at once when
 #: recomputing chosen distances: 2 MB, to stay in cache (the subtraction
-#: runs several times slower on chunks that do not fit; docs/benchmarks.md).
+#: runs several times slower on chunks that do not fit; docs/archive/benchmarks-notebook.md).
 GATHER_ENTRIES = 1 << 19
 
 #: The shortlist's principal axes come from at most about this many evenly
-#: spaced bank rows, which builds it faster on large banks (docs/benchmarks.md).
+#: spaced bank rows, which builds it faster on large banks (docs/archive/benchmarks-notebook.md).
 PCA_SAMPLE_ROWS = 4096
 
 
@@ -153,7 +153,7 @@ class BFloat16Shortlist:
     under-estimates the nearest-neighbour distance. On real patch features
     it returns the exact nearest neighbour for almost every patch, several
     times faster than float32 brute force (recall and timings in
-    ``docs/benchmarks.md``).
+    ``docs/archive/benchmarks-notebook.md``).
     :meth:`exact_kneighbors` makes the answer exact for chosen queries.
 
     Parameters
@@ -239,7 +239,7 @@ class BFloat16Shortlist:
         (``|p|^2 - 2 p.b + |b|^2``), loosened by ``2**-10 (|p|^2 + |b|^2)``,
         far more than that product's rounding error. For the highest-scoring
         patch of an image only a handful of bank rows remain
-        (``docs/benchmarks.md``).
+        (``docs/archive/benchmarks-notebook.md``).
 
         Parameters
         ----------
@@ -294,7 +294,7 @@ def bfloat16_speedup() -> float:
 
     Measured once per process on a short 1-GFLOP product: CPUs with
     AVX512-BF16 or AMX give several times, others often less than one
-    (``docs/benchmarks.md``).
+    (``docs/archive/benchmarks-notebook.md``).
     """
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)

@@ -258,17 +258,22 @@ def test_auto_rule(rng, monkeypatch):
     import skpatchcore.detector as detector_module
 
     detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(3000, 512)).astype(np.float32))
-    assert detector._choose_algorithm(10) == "exact"  # small call
+    assert detector.search_algorithm(10) == "exact"  # small call
     monkeypatch.setattr(detector_module, "bfloat16_speedup", lambda: 3.0)
-    assert detector._choose_algorithm(10_000) == "bf16"
+    assert detector.search_algorithm(10_000) == "bf16"
     monkeypatch.setattr(detector_module, "bfloat16_speedup", lambda: 0.5)
-    assert detector._choose_algorithm(10_000) == "pynndescent"  # exact float32 is slower there
+    assert detector.search_algorithm(10_000) == "pynndescent"  # exact float32 is slower there
     monkeypatch.setattr(detector_module, "AUTO_NNDESCENT_BANK_ROWS", 2000)
-    assert detector._choose_algorithm(10_000) == "pynndescent"
-    assert PatchCoreDetector(algorithm="bf16").fit(rng.normal(size=(50, 4)))._choose_algorithm(1) == "bf16"
+    assert detector.search_algorithm(10_000) == "pynndescent"
+    assert PatchCoreDetector(algorithm="bf16").fit(rng.normal(size=(50, 4))).search_algorithm(1) == "bf16"
     # A small bank (the demo's: 1,200 rows x 152 dims) is searched exactly however many queries come.
     small = PatchCoreDetector(device="cpu").fit(rng.normal(size=(1200, 152)).astype(np.float32))
-    assert small._choose_algorithm(1_000_000) == "exact"
+    assert small.search_algorithm(1_000_000) == "exact"
+    for bad in (True, -1, 2.5):
+        with pytest.raises(ValueError, match="n_queries must be a non-negative int"):
+            small.search_algorithm(bad)
+    with pytest.raises(NotFittedError):
+        PatchCoreDetector().search_algorithm(1)
 
 
 @pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])

@@ -66,11 +66,34 @@ def test_sphinx_build_has_no_warnings(built_docs):
     assert (built_docs / "_static" / "demo_heatmap.png").is_file()
 
 
-def test_benchmarks_page_is_rendered_markdown(built_docs):
-    page = (built_docs / "benchmarks.html").read_text(encoding="utf-8")
-    assert "<table" in page, "benchmarks.md's tables are rendered as HTML tables"
-    assert "| bank rows |" not in page, "benchmarks.md is not shown as raw Markdown"
+def test_results_page_is_rendered_markdown(built_docs):
+    page = (built_docs / "results.html").read_text(encoding="utf-8")
+    assert "<table" in page, "results.md's tables are rendered as HTML tables"
+    assert "| training images |" not in page, "results.md is not shown as raw Markdown"
     assert (built_docs / "_images" / "growth.png").is_file()
+    assert "archive/benchmarks-notebook.html" in page, "the results page links to the archived notebook"
+    notebook = (built_docs / "archive" / "benchmarks-notebook.html").read_text(encoding="utf-8")
+    assert "<table" in notebook and "results.html" in notebook
+
+
+def test_user_documentation_names_no_issue_numbers():
+    pages = [ROOT / "README.md", *DOCS.rglob("*.rst"), *DOCS.rglob("*.md")]
+    pages = [page for page in pages if "_build" not in page.parts and "auto_examples" not in page.parts]
+    hits = [f"{page.relative_to(ROOT)}: {match.group(0)}" for page in pages
+            for match in re.finditer(r"\bissues? #?\d+", page.read_text(encoding="utf-8"), re.IGNORECASE)]
+    assert not hits, hits
+
+
+def test_results_page_sections_and_commands():
+    """Organised by question; every command it quotes names a benchmark script that exists."""
+    text = (DOCS / "results.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    for question in ("Accuracy", "Speed", "Memory", "Scaling", "Large images (tiling)", "Model files", "Deployment"):
+        assert question in headings
+    scripts = set(re.findall(r"benchmarks/(\w+)\.py", text))
+    assert scripts, "the results page quotes its commands"
+    missing = sorted(name for name in scripts if not (ROOT / "benchmarks" / f"{name}.py").is_file())
+    assert not missing, f"docs/results.md quotes missing benchmark scripts: {missing}"
 
 
 def test_gallery_examples_run_and_render(built_docs):

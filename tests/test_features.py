@@ -168,6 +168,23 @@ def test_traced_extractor_matches_the_hooked_network(rng):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_preprocess_is_what_the_backbone_sees(rng):
+    images = rng.integers(0, 256, (2, 80, 100, 3), dtype=np.uint8)
+    transformer = small_transformer(aggregation="concat", resize=72, crop_size=64).fit()
+    inputs = transformer.preprocess(images)
+    assert inputs.shape == (2, 3, *transformer.input_size_) == (2, 3, 64, 64)
+    assert inputs.dtype == np.float32
+    with torch.inference_mode():
+        layer_maps = transformer.backbone_(torch.from_numpy(inputs).contiguous(memory_format=torch.channels_last))
+        expected = aggregate_concat(layer_maps, transformer.patch_size).numpy()
+    np.testing.assert_allclose(transformer.transform(images), expected, rtol=1e-5, atol=1e-5)
+    white = np.full((1, 30, 30, 3), 255, dtype=np.uint8)
+    grey = small_transformer(mean=(0.5,) * 3, std=(0.5,) * 3).fit()
+    np.testing.assert_allclose(grey.preprocess(white), 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
+    with pytest.raises(NotFittedError):
+        small_transformer().preprocess(white)
+
+
 def test_input_forms_give_the_same_features(tmp_path, rng):
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     path = tmp_path / "part.png"
