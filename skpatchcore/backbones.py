@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -258,12 +259,21 @@ def extract_layers(model: nn.Module, images: torch.Tensor, layers: Sequence[str]
     -------
     outputs : list of Tensor
         One ``(batch, channels, h, w)`` tensor per layer, in ``layers`` order.
+
+    Notes
+    -----
+    Safe to call from several threads on one model: the hooks this call
+    registers ignore forward passes run by other threads.
     """
     outputs: dict[str, torch.Tensor] = {}
     wanted = set(layers)
+    caller = threading.get_ident()
 
     def make_hook(name):
         def hook(module, inputs, output):
+            # Hooks sit on the shared network: another thread's forward pass fires them too.
+            if threading.get_ident() != caller:
+                return
             outputs[name] = output
             if wanted.issubset(outputs):
                 raise _AllLayersCaptured

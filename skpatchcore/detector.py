@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from numbers import Real
 
 import numpy as np
@@ -22,13 +23,7 @@ from ._param_constraints import DEVICE, N_JOBS, WORKING_MEMORY, NumberInterval, 
 from .io.versioning import VersionedStateMixin
 from ._validation import PatchRows, validate_features
 from .conformal import conformal_pvalues
-from .search import (
-    BFloat16Shortlist,
-    bfloat16_speedup,
-    brute_force_kneighbors,
-    build_nndescent,
-    nndescent_kneighbors,
-)
+from .search import BankSearch, bfloat16_speedup
 
 #: ``algorithm="auto"`` on a CPU (see :meth:`PatchCoreDetector.search_algorithm`):
 #: calls below this many multiply-adds (queries x bank rows x dims) search
@@ -51,6 +46,8 @@ CALIBRATION_GROUPS = 64
 CALIBRATION_ROWS = 2048
 #: Standard deviation of the Gaussian smoothing of anomaly maps, in pixels.
 MAP_SIGMA = 4.0
+#: Guards the swap of a detector's bank and its search structures (:meth:`PatchCoreDetector._bank_search`).
+_BANK_LOCK = threading.Lock()
 
 
 def _no_fit_predict(estimator) -> bool:
@@ -83,6 +80,12 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     same for ``n_neighbors=1`` (same image AUROC); anomaly maps differ
     slightly, since the Gaussian smoothing averages distances rather than
     squared distances.
+
+    A fitted detector can be scored from several threads at once (the
+    search structures are built once, under a lock, on first use); a
+    ``partial_fit`` or ``fit`` running meanwhile replaces the bank in one
+    step, and each scoring call searches either the old bank or the new one
+    (``docs/serving.rst``).
 
     Parameters
     ----------
@@ -286,20 +289,25 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
                 f"got {rows.shape[0]} sample(s)."
             )
         bank = np.array if copy else np.ascontiguousarray  # the latter copies only what it must
-        self.memory_bank_ = bank(rows, dtype=np.float32)
-        self.bank_image_index_ = None if image_index is None else np.asarray(image_index, dtype=np.int64)
-        self._reset_caches()
-        self.calibration_scores_ = self._calibration_scores(self.bank_image_index_)
+        search = BankSearch(bank(rows, dtype=np.float32))
+        image_index = None if image_index is None else np.asarray(image_index, dtype=np.int64)
+        calibration = self._calibration_scores(search, image_index)
         if self.contamination == "auto":
-            threshold = float(self.calibration_scores_.max())
+            threshold = float(calibration.max())
         else:
-            threshold = float(np.quantile(self.calibration_scores_, 1.0 - self.contamination))
+            threshold = float(np.quantile(calibration, 1.0 - self.contamination))
+        # Everything is computed before it is published: scoring in other threads sees the old bank or the new.
+        with _BANK_LOCK:
+            self._search = search
+            self.memory_bank_ = search.bank
+        self.bank_image_index_ = image_index
+        self.calibration_scores_ = calibration
         self.offset_ = -threshold
 
-    def _calibration_scores(self, image_index: np.ndarray | None) -> np.ndarray:
-        """Scores of training images (rows) against the bank without themselves."""
+    def _calibration_scores(self, search: BankSearch, image_index: np.ndarray | None) -> np.ndarray:
+        """Scores of training images (rows) against ``search.bank`` without themselves."""
         rng = check_random_state(self.random_state)
-        n_bank = self.memory_bank_.shape[0]
+        n_bank = search.bank.shape[0]
         groups = np.arange(n_bank) if image_index is None else np.asarray(image_index)
         unique = np.unique(groups)
         limit = CALIBRATION_ROWS if image_index is None else CALIBRATION_GROUPS
@@ -311,20 +319,21 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         if unique.size > limit:
             unique = np.sort(rng.choice(unique, limit, replace=False))
         chosen = np.flatnonzero(np.isin(groups, unique))
-        distances, nearest = self._neighbors_in_other_groups(chosen, groups)
+        distances, nearest = self._neighbors_in_other_groups(search, chosen, groups)
         row_scores = distances.sum(axis=1) / self.n_neighbors
         if self.reweight:
-            queries = self.memory_bank_[chosen]
+            queries = search.bank[chosen]
         group_ids = np.searchsorted(unique, groups[chosen])
         scores = np.full(unique.size, -np.inf)
         np.maximum.at(scores, group_ids, row_scores)
         if self.reweight:
             order = np.lexsort((-row_scores, group_ids))
             top = order[np.r_[True, group_ids[order][1:] != group_ids[order][:-1]]]
-            scores = scores * self._reweight_factors(queries[top], nearest[top])
+            scores = scores * self._reweight_factors(search, queries[top], nearest[top])
         return scores.astype(np.float64)
 
-    def _neighbors_in_other_groups(self, chosen: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _neighbors_in_other_groups(self, search: BankSearch, chosen: np.ndarray,
+                                   groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distances of bank rows `chosen` to their `n_neighbors` nearest rows of other groups, and the nearest.
 
         Exact search (``algorithm`` "auto" or "exact") skips the query's own
@@ -334,19 +343,17 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         searches look for ``n_neighbors`` plus the largest group's size and
         drop the query's own group.
         """
-        queries = self.memory_bank_[chosen]
+        queries = search.bank[chosen]
         if self.algorithm in ("auto", "exact"):
-            bank, bank_squared = self._exact_bank()
-            distances, indices = brute_force_kneighbors(
-                queries, bank, self.n_neighbors, bank.device, bank_squared=bank_squared,
-                groups=(groups[chosen], groups),
+            distances, indices = search.exact_kneighbors(
+                queries, self.n_neighbors, resolve_device(self.device), groups=(groups[chosen], groups)
             )
             if not np.all(np.isfinite(distances)):
                 raise ValueError(f"Too few bank rows outside each training image for n_neighbors={self.n_neighbors}.")
             return distances, indices[:, 0]
         largest_group = int(np.max(np.unique(groups[chosen], return_counts=True)[1]))
         k = min(len(groups), self.n_neighbors + largest_group)
-        distances, indices = self._kneighbors(queries, k)
+        distances, indices = self._kneighbors(search, queries, k)
         other = groups[indices] != groups[chosen][:, None]
         keep = other & (np.cumsum(other, axis=1) <= self.n_neighbors)  # the first n_neighbors of other groups
         if np.any(keep.sum(axis=1) < self.n_neighbors):
@@ -355,19 +362,16 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         return distances[keep].reshape(len(chosen), self.n_neighbors), nearest
 
     # -------------------------------------------------------------- search
-    def _exact_bank(self):
-        """The bank and its squared row norms as tensors on the search device (cached)."""
-        device = resolve_device(self.device)
-        if self._device_bank is None or self._device_bank[0].device != device:
-            bank = torch.from_numpy(self.memory_bank_).to(device)  # no copy on the CPU
-            self._device_bank = (bank, (bank * bank).sum(dim=1))
-        return self._device_bank
-
-    def _reset_caches(self) -> None:
-        self._device_bank = None
-        self._shortlist = None
-        self._nndescent = None
-        self._bank_neighbors = None
+    def _bank_search(self) -> BankSearch:
+        """The fitted bank with its search structures, built on first use (one object per bank)."""
+        check_is_fitted(self, "memory_bank_")
+        search = self.__dict__.get("_search")
+        if search is None or search.bank is not self.memory_bank_:
+            with _BANK_LOCK:  # a loaded or unpickled detector: one BankSearch, whichever thread comes first
+                search = self.__dict__.get("_search")
+                if search is None or search.bank is not self.memory_bank_:
+                    search = self._search = BankSearch(self.memory_bank_)
+        return search
 
     def search_algorithm(self, n_queries: int) -> str:
         """The nearest-neighbour search that a call with `n_queries` rows uses.
@@ -398,12 +402,15 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         >>> detector.search_algorithm(784)
         'exact'
         """
-        check_is_fitted(self, "memory_bank_")
+        return self._choose_algorithm(n_queries, self._bank_search())
+
+    def _choose_algorithm(self, n_queries: int, search: BankSearch) -> str:
+        """:meth:`search_algorithm` for the bank of `search` (a bank not yet published, during fit)."""
         if isinstance(n_queries, bool) or not isinstance(n_queries, numbers.Integral) or n_queries < 0:
             raise ValueError(f"n_queries must be a non-negative int, got {n_queries!r}.")
         if self.algorithm != "auto":
             return self.algorithm
-        n_bank, n_dims = self.memory_bank_.shape
+        n_bank, n_dims = search.bank.shape
         if (resolve_device(self.device).type == "cuda" or n_queries * n_bank * n_dims < AUTO_SMALL_WORK
                 or n_bank * n_dims < AUTO_SMALL_BANK_WORK):
             return "exact"
@@ -411,18 +418,13 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             return "pynndescent"
         return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "pynndescent"
 
-    def _kneighbors(self, queries: np.ndarray, k: int, algorithm: str | None = None):
-        algorithm = algorithm or self.search_algorithm(len(queries))
+    def _kneighbors(self, search: BankSearch, queries: np.ndarray, k: int, algorithm: str | None = None):
+        algorithm = algorithm or self._choose_algorithm(len(queries), search)
         if algorithm == "bf16":
-            if self._shortlist is None:
-                self._shortlist = BFloat16Shortlist(self.memory_bank_)
-            return self._shortlist.kneighbors(queries, k)
+            return search.shortlist().kneighbors(queries, k)
         if algorithm == "pynndescent":
-            if self._nndescent is None:
-                self._nndescent = build_nndescent(self.memory_bank_, self.random_state, self.n_jobs)
-            return nndescent_kneighbors(self._nndescent, queries, k)
-        bank, bank_squared = self._exact_bank()
-        return brute_force_kneighbors(queries, bank, k, bank.device, bank_squared=bank_squared)
+            return search.nndescent_kneighbors(queries, k, self.random_state, self.n_jobs)
+        return search.exact_kneighbors(queries, k, resolve_device(self.device))
 
     def kneighbors(self, X, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank rows of every row or patch.
@@ -440,10 +442,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         indices : ndarray of shape (n_rows_or_patches, n_neighbors)
             Row indices into ``memory_bank_``.
         """
-        check_is_fitted(self, "memory_bank_")
+        search = self._bank_search()
         if n_neighbors is None:
             n_neighbors = self.n_neighbors
-        n_bank = self.memory_bank_.shape[0]
+        n_bank = search.bank.shape[0]
         if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) or not (
             1 <= n_neighbors <= n_bank
         ):
@@ -452,30 +454,30 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
                 f"got {n_neighbors!r}."
             )
         rows, _ = validate_features(self, X, reset=False)
-        return self._kneighbors(rows, int(n_neighbors))
+        return self._kneighbors(search, rows, int(n_neighbors))
 
     # ------------------------------------------------------------- scoring
-    def _reweight_factors(self, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    def _reweight_factors(self, search: BankSearch, queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
         """Eq. 7: ``1 - softmax`` weight of the nearest bank row among its neighbours."""
-        b = min(self.reweight_neighbors, self.memory_bank_.shape[0])
-        if self._bank_neighbors is None or self._bank_neighbors.shape[1] != b:
-            _, self._bank_neighbors = self._kneighbors(self.memory_bank_, b)
-        support = self._bank_neighbors[nearest]
+        bank = search.bank
+        b = min(self.reweight_neighbors, bank.shape[0])
+        bank_neighbors = search.structure(("bank_neighbors", b), lambda: self._kneighbors(search, bank, b)[1])
+        support = bank_neighbors[nearest]
         # The nearest row comes first among its own neighbours (distance 0).
         support = np.concatenate([nearest[:, None], support[:, 1:]], axis=1)
         distances = np.linalg.norm(
-            self.memory_bank_[support].astype(np.float64) - queries[:, None, :].astype(np.float64), axis=2
+            bank[support].astype(np.float64) - queries[:, None, :].astype(np.float64), axis=2
         )
         shifted = np.exp(distances - distances.max(axis=1, keepdims=True))
         return 1.0 - shifted[:, 0] / shifted.sum(axis=1)
 
     def _score(self, X) -> tuple[np.ndarray, np.ndarray | None]:
         """Anomaly scores (positive) per sample, and patch-score grids for 4-D input."""
-        check_is_fitted(self, "memory_bank_")
+        search = self._bank_search()  # one bank for the whole call, even if partial_fit replaces it meanwhile
         if isinstance(X, np.ndarray) and X.ndim == 4:
-            scores, grids = zip(*(self._score_rows(chunk) for chunk in self._image_chunks(X, 0)))
+            scores, grids = zip(*(self._score_rows(search, chunk) for chunk in self._image_chunks(X, 0)))
             return np.concatenate(scores), np.concatenate(grids)
-        return self._score_rows(X)
+        return self._score_rows(search, X)
 
     def _image_chunks(self, X, map_pixels: int):
         """4-D features in consecutive chunks of images that fit ``working_memory``.
@@ -491,29 +493,29 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         for start in range(0, n_images, step):
             yield X[start:start + step]
 
-    def _score_rows(self, X) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score_rows(self, search: BankSearch, X) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
-        algorithm = self.search_algorithm(len(rows))
-        distances, indices = self._kneighbors(rows, self.n_neighbors, algorithm)
+        algorithm = self._choose_algorithm(len(rows), search)
+        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm)
         patch_scores = distances.mean(axis=1)
         if image_index is None:
             scores = patch_scores.astype(np.float64)
             if self.reweight:
-                scores *= self._reweight_factors(rows, indices[:, 0])
+                scores *= self._reweight_factors(search, rows, indices[:, 0])
             return scores, None
         n_images, height, width = np.asarray(X).shape[:3]
         flat = patch_scores.reshape(n_images, height * width)
         if algorithm != "exact":
-            self._make_image_maxima_exact(rows, flat, distances, indices, algorithm)
+            self._make_image_maxima_exact(search, rows, flat, distances, indices, algorithm)
         top = np.argmax(flat, axis=1)
         scores = flat[np.arange(n_images), top].astype(np.float64)
         if self.reweight:
             top_rows = np.arange(n_images) * height * width + top
-            scores *= self._reweight_factors(rows[top_rows], indices[top_rows, 0])
+            scores *= self._reweight_factors(search, rows[top_rows], indices[top_rows, 0])
         return scores, flat.reshape(n_images, height, width)
 
-    def _make_image_maxima_exact(self, rows: np.ndarray, flat: np.ndarray, distances: np.ndarray,
-                                 indices: np.ndarray, algorithm: str) -> None:
+    def _make_image_maxima_exact(self, search: BankSearch, rows: np.ndarray, flat: np.ndarray,
+                                 distances: np.ndarray, indices: np.ndarray, algorithm: str) -> None:
         """Give every image exactly the largest patch score that exact search gives.
 
         An approximate search returns true distances to *some* bank rows, so
@@ -534,9 +536,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             chosen = order[:, :n_checked]
             positions = (pending[:, None] * n_patches + chosen).ravel()
             if algorithm == "bf16":
-                exact = self._shortlist.exact_kneighbors(rows[positions], self.n_neighbors, distances[positions, -1])
+                exact = search.shortlist().exact_kneighbors(rows[positions], self.n_neighbors,
+                                                            distances[positions, -1])
             else:
-                exact = self._kneighbors(rows[positions], self.n_neighbors, "exact")
+                exact = self._kneighbors(search, rows[positions], self.n_neighbors, "exact")
             distances[positions], indices[positions] = exact
             flat[pending[:, None], chosen] = exact[0].mean(axis=1).reshape(chosen.shape)
             if n_checked == n_patches:
@@ -732,24 +735,19 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             Higher means more anomalous.
         """
         _check_four_d(X)
-        check_is_fitted(self, "memory_bank_")
+        search = self._bank_search()
         size = _map_size(output_size)
         scores, maps = [], []
         for chunk in self._image_chunks(X, size[0] * size[1]):
-            chunk_scores, grids = self._score_rows(chunk)
+            chunk_scores, grids = self._score_rows(search, chunk)
             scores.append(-chunk_scores)
             maps.append(upsample_patch_scores(grids, size, self.map_sigma))
         return np.concatenate(scores), np.concatenate(maps)
 
     def __getstate__(self):
         state = super().__getstate__()
-        for cache in ("_device_bank", "_shortlist", "_nndescent", "_bank_neighbors"):
-            state.pop(cache, None)
+        state.pop("_search", None)  # search structures are rebuilt on first use
         return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._reset_caches()  # search structures are rebuilt on first use
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -13,13 +13,18 @@ Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
   computed exactly.
 * pynndescent (``"pynndescent"``): an approximate neighbour graph.
 
+:class:`BankSearch` holds one bank and the structures these searches build
+from it, so that one fitted detector can be searched from many threads.
+
 Timings and recall of the three are in ``docs/results.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -288,14 +293,85 @@ class BFloat16Shortlist:
         return padded[:, :n_neighbors].numpy(), positions.gather(1, order)[:, :n_neighbors].numpy()
 
 
-@functools.lru_cache(maxsize=1)
+class BankSearch:
+    """A memory bank and the search structures built from it, shared safely by threads.
+
+    Each structure (the bank as a tensor on a device, a
+    :class:`BFloat16Shortlist`, a pynndescent index, the bank rows' own
+    neighbours) is built once, on first use, by the first call that needs
+    it, under a lock: a call in another thread that needs the same
+    structure waits for it instead of building a second one, and never sees
+    a half-built one. Built structures are not changed afterwards, so
+    searches with them run concurrently; the exception is pynndescent's
+    query, which writes into scratch arrays held by its index, so queries of
+    one index run one at a time (:meth:`nndescent_kneighbors`).
+
+    A new bank gets a new ``BankSearch``: a detector that refits or grows
+    its bank replaces the object, and calls that took the old one finish
+    with the old bank.
+
+    Parameters
+    ----------
+    bank : ndarray of shape (n_bank, n_dims), float32
+        Not copied; must not be modified afterwards.
+    """
+
+    def __init__(self, bank: np.ndarray):
+        self.bank = bank
+        self._built: dict = {}
+        self._lock = threading.RLock()  # re-entrant: a structure may be built from another one
+        self._nndescent_query = threading.Lock()
+
+    def structure(self, key, build: Callable[[], object]):
+        """The structure stored under `key`, built with ``build()`` by the first caller."""
+        try:
+            return self._built[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = build()
+            return self._built[key]
+
+    def exact_kneighbors(self, queries: np.ndarray, n_neighbors: int, device: torch.device,
+                         groups: tuple[np.ndarray, np.ndarray] | None = None):
+        """:func:`brute_force_kneighbors` against the bank held on `device` with its squared row norms."""
+        def build():
+            tensor = torch.from_numpy(self.bank).to(device)  # no copy on the CPU
+            return tensor, (tensor * tensor).sum(dim=1)
+
+        tensor, squared = self.structure(("exact", str(device)), build)
+        return brute_force_kneighbors(queries, tensor, n_neighbors, tensor.device, bank_squared=squared,
+                                      groups=groups)
+
+    def shortlist(self) -> BFloat16Shortlist:
+        """The bank's :class:`BFloat16Shortlist`."""
+        return self.structure("bf16", lambda: BFloat16Shortlist(self.bank))
+
+    def nndescent_kneighbors(self, queries: np.ndarray, n_neighbors: int, random_state=None,
+                             n_jobs: int | None = None):
+        """:func:`nndescent_kneighbors` with the bank's index (built with `random_state`, `n_jobs` on first use)."""
+        index = self.structure("pynndescent", lambda: build_nndescent(self.bank, random_state, n_jobs))
+        with self._nndescent_query:
+            return nndescent_kneighbors(index, queries, n_neighbors)
+
+
+_SPEEDUP_LOCK = threading.Lock()
+
+
 def bfloat16_speedup() -> float:
     """How many times faster this CPU multiplies bfloat16 than float32 matrices.
 
-    Measured once per process on a short 1-GFLOP product: CPUs with
-    AVX512-BF16 or AMX give several times, others often less than one
-    (``docs/archive/benchmarks-notebook.md``).
+    Measured once per process (the first caller measures, others wait for
+    that figure) on a short 1-GFLOP product: CPUs with AVX512-BF16 or AMX
+    give several times, others often less than one (``docs/archive/benchmarks-notebook.md``).
     """
+    with _SPEEDUP_LOCK:
+        return _measure_bfloat16_speedup()
+
+
+@functools.lru_cache(maxsize=1)
+def _measure_bfloat16_speedup() -> float:
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
     timings = {}

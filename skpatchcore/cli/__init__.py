@@ -8,6 +8,7 @@
     skpatchcore export model.skpc -o model.onnx
     skpatchcore evaluate model.skpc CATEGORY_DIR [-o OUT/] [--plots] [--heatmaps] [--fail-fast]
     skpatchcore demo [-o OUT/] [--quick]
+    skpatchcore serve model.skpc [--host 127.0.0.1 --port 8000 --workers N --threads N]
 
 Errors are reported as one line on stderr (``skpatchcore: error: ...``) with
 exit status 1; ``--verbose`` adds the traceback. Usage errors exit with 2.

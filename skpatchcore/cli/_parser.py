@@ -366,4 +366,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(demo, demo=True)
     demo.set_defaults(handler=_handler(".demo", "run_demo"))
+
+    serve = commands.add_parser(
+        "serve", parents=common, help="serve a model over HTTP (POST /score)",
+        description="Score uploaded images over HTTP (needs skpatchcore[serve]): POST /score with the images "
+        "as multipart field 'files' (repeated) answers JSON results in upload order; GET /health, GET /model; "
+        "API docs at /docs. Only the safe model format is loaded, never a pickle. The service has no "
+        "authentication and no TLS: keep it on 127.0.0.1 or behind a reverse proxy (docs/serving.rst).",
+    )
+    serve.add_argument("model", type=Path, metavar="MODEL", help="model file written by 'fit' (.skpc)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=_non_negative_int, default=8000, help="port (default: %(default)s; 0: any free port)"
+    )
+    serve.add_argument(
+        "--workers", type=_positive_int, default=None,
+        help="requests scored at the same time, one model shared by all (default: the cores, at most 4)",
+    )
+    serve.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="torch threads per scoring request (default: the cores divided among the workers)",
+    )
+    serve.add_argument(
+        "--max-images", type=_positive_int, default=32, help="images accepted per request (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-request-mb", type=_mebibytes, default=64.0, metavar="MIB",
+        help="largest request body accepted, in MiB (default: 64)",
+    )
+    serve.add_argument("--device", default=None, help="override the device stored in the model")
+    _add_image_limit_option(serve)
+    serve.set_defaults(handler=_handler(".serve", "run_serve"))
     return parser

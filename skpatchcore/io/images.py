@@ -33,6 +33,7 @@ file raises ``FileNotFoundError``.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,17 +201,26 @@ def _check_image_file(path: str) -> None:
 def _open_checked(path: str) -> Image.Image:
     """``Image.open`` with the decoding limit and errors that name the file."""
     _check_image_file(path)
+    return _open_limited(path, path)
+
+
+def _open_limited(source, name: str) -> Image.Image:
+    """``Image.open`` of a path or binary file object, refusing images above the decoding limit."""
     try:
-        image = Image.open(path)
+        image = Image.open(source)
     except Image.DecompressionBombError as error:
-        raise UnreadableImageError(_too_large(path, error)) from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UnreadableImageError(f"Cannot read image {path}: {error}") from error
+        raise UnreadableImageError(_too_large(name, error)) from error
+    except UnidentifiedImageError as error:
+        in_memory = not isinstance(source, (str, os.PathLike))  # PIL's message would name a BytesIO
+        detail = "not an image in a format PIL can decode (or truncated)" if in_memory else error
+        raise UnreadableImageError(f"Cannot read image {name}: {detail}") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImageError(f"Cannot read image {name}: {error}") from error
     width, height = image.size
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
         image.close()
-        raise UnreadableImageError(_too_large(path, f"{width} x {height} = {width * height} pixels"))
+        raise UnreadableImageError(_too_large(name, f"{width} x {height} = {width * height} pixels"))
     return image
 
 
@@ -255,19 +265,51 @@ def read_pixels(path: str, exif_transpose: bool = True) -> Image.Image | np.ndar
     FileNotFoundError
         If `path` does not exist.
     """
-    image = _open_checked(path)
+    return _decode(_open_checked(path), path, exif_transpose)
+
+
+def decode_pixels(data: bytes, name: str, exif_transpose: bool = True) -> Image.Image | np.ndarray:
+    """:func:`read_pixels` for the bytes of an image file held in memory (an upload).
+
+    The same decoding, limits and errors as for a file on disk.
+
+    Parameters
+    ----------
+    data : bytes
+        The content of an image file (PNG, JPEG, TIFF...).
+    name : str
+        How error messages name the image (e.g. the uploaded file name).
+    exif_transpose : bool, default=True
+        Turn the image upright by its EXIF orientation tag.
+
+    Returns
+    -------
+    image : PIL.Image.Image or ndarray
+        As :func:`read_pixels`.
+
+    Raises
+    ------
+    UnreadableImageError
+        If the bytes are not a decodable image (truncated, another format,
+        empty) or exceed the decoding limit ``PIL.Image.MAX_IMAGE_PIXELS``.
+    """
+    return _decode(_open_limited(io.BytesIO(data), name), name, exif_transpose)
+
+
+def _decode(image: Image.Image, name: str, exif_transpose: bool) -> Image.Image | np.ndarray:
+    """The pixels of an opened image (see :func:`read_pixels`), closing it."""
     try:
         with image:
             image = _upright(image, exif_transpose)
             if image.mode in HIGH_DEPTH_MODES:
-                return _high_depth_array(image, path)
+                return _high_depth_array(image, name)
             return image.convert("RGB")
     except UnreadableImageError:
         raise
     except Image.DecompressionBombError as error:
-        raise UnreadableImageError(_too_large(path, error)) from error
+        raise UnreadableImageError(_too_large(name, error)) from error
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
-        raise UnreadableImageError(f"Cannot read image {path}: {error}") from error
+        raise UnreadableImageError(f"Cannot read image {name}: {error}") from error
 
 
 def _high_depth_array(image: Image.Image, path: str) -> np.ndarray:
