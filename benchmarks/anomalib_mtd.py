@@ -36,9 +36,9 @@ import torch
 from _common import mtd_parser, peak_rss_gb, require, write_json_lines
 from PIL import Image
 
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD, preprocess_mask
-from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 
 SIDE = 224
 

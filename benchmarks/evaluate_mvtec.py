@@ -27,8 +27,8 @@ import numpy as np
 from _common import peak_rss_gb, print_header, print_row, require
 
 from skpatchcore import make_patchcore
-from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.io.images import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -98,8 +98,8 @@ def lite0_model(args, sampling_ratio: float, **params):
 
 def test_set_metrics(model, mtd: Path) -> dict:
     """Image and pixel AUROC and scoring time on the MTD test set."""
-    from skpatchcore.io.datasets import load_mvtec
     from skpatchcore.evaluation import evaluate
+    from skpatchcore.io.datasets import load_mvtec
 
     metrics, _ = evaluate(model, load_mvtec(mtd))
     return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],

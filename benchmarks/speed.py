@@ -36,10 +36,10 @@ from _common import LITE0_224, mtd_parser, print_header, print_row, require, tim
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, PatchCorePipeline, PatchFeatureTransformer
 from skpatchcore.backbones import extract_layers
-from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.detector import upsample_patch_scores
-from skpatchcore.io.images import read_image, rgb_uint8
 from skpatchcore.evaluation.metrics import image_auroc
+from skpatchcore.io.datasets import load_mvtec
+from skpatchcore.io.images import read_image, rgb_uint8
 from skpatchcore.search import (
     BFloat16Shortlist,
     bfloat16_speedup,

@@ -41,8 +41,8 @@ import numpy as np
 from sklearn.model_selection import cross_val_score
 
 from skpatchcore import NormalOnlyKFold, make_patchcore, synthetic_defect_scorer
-from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate_model
+from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.io.images import image_size
 
 ROOT = Path(__file__).resolve().parents[1]

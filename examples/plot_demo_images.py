@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from skpatchcore import make_patchcore
-from skpatchcore.synthetic import make_synthetic_defects
-from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 from skpatchcore.evaluation.figures import plot_triptych
+from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
+from skpatchcore.synthetic import make_synthetic_defects
 
 data = make_synthetic_defects(n_train=12, n_test_good=4, n_test_defect=6, image_size=96, random_state=0)
 print("train:", data.train_images.shape, " test:", data.test_images.shape)

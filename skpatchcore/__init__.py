@@ -8,7 +8,7 @@ runs without importing torch.
 import importlib
 
 from ._moved import install as _install_moved_modules
-from ._version import __version__
+from ._version import __version__ as __version__
 
 #: Public name -> the module that defines it.
 _EXPORTS = {

@@ -18,9 +18,7 @@ from tqdm.auto import tqdm
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
 from ._param_constraints import DEVICE, FRACTION, N_JOBS, positive_int
-from .io.versioning import VersionedStateMixin
 from ._random_seeds import derived_rng, draw_seeds
-from ._threads import effective_n_jobs
 from ._validation import PatchRows, pool_patches, validate_features
 from .coreset_strategy import (
     STRATEGIES,
@@ -30,6 +28,7 @@ from .coreset_strategy import (
     n_threads,
     resolve_strategy,
 )
+from .io.versioning import VersionedStateMixin
 
 #: ``chunk_sampling_ratio=None``: the chunk coresets together keep this many times
 #: ``sampling_ratio`` of all rows...

@@ -20,9 +20,9 @@ from ._budget import images_per_chunk
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
 from ._param_constraints import DEVICE, N_JOBS, WORKING_MEMORY, NumberInterval, positive_int
-from .io.versioning import VersionedStateMixin
 from ._validation import PatchRows, validate_features
 from .conformal import conformal_pvalues
+from .io.versioning import VersionedStateMixin
 from .search import BankSearch, bfloat16_speedup
 
 #: ``algorithm="auto"`` on a CPU (see :meth:`PatchCoreDetector.search_algorithm`):

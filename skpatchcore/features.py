@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
-from numbers import Real
 import os
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
 from ._param_constraints import DEVICE, N_JOBS, NumberInterval, positive_int
-from .io.versioning import VersionedStateMixin
 from ._random_seeds import int_seeds
 from ._threads import torch_threads
 from .backbones import (
@@ -42,7 +41,8 @@ from .io.images import (
     preprocess_image_geometries,
     tile_pixels,
 )
-from .tiling import TileLayout, check_tile_params, tile_layout
+from .io.versioning import VersionedStateMixin
+from .tiling import TileLayout, tile_layout
 
 AGGREGATIONS = ("mean_pool", "concat")
 RECIPES = ("recommended", "official")

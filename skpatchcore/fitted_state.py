@@ -39,7 +39,8 @@ class _Check:
         if not isinstance(value, np.ndarray):
             self.fail(attribute, f"is a {type(value).__name__}, not an array")
         if value.dtype.kind not in kinds or (dtype is not None and value.dtype != np.dtype(dtype)):
-            expected = np.dtype(dtype).name if dtype is not None else {"i": "integer", "iu": "integer", "f": "float"}.get(kinds, kinds)
+            kind_names = {"i": "integer", "iu": "integer", "f": "float"}
+            expected = np.dtype(dtype).name if dtype is not None else kind_names.get(kinds, kinds)
             self.fail(attribute, f"has dtype {value.dtype.name}; fit stores {expected}")
         if value.ndim != ndim:
             self.fail(attribute, f"has shape {value.shape}; fit stores a {ndim}-D array")

@@ -141,9 +141,9 @@ class SyntheticDefectScorer:
         self.defect_size = defect_size
 
     def __call__(self, estimator, X, y=None) -> float:
+        from .evaluation.metrics import image_auroc, pixel_auroc
         from .evaluation.protocol import masks_at_map_geometry
         from .io.images import as_image_list
-        from .evaluation.metrics import image_auroc, pixel_auroc
         from .synthetic import add_synthetic_defects
 
         images = as_image_list(X)

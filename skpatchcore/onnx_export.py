@@ -52,10 +52,10 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .io.atomic import atomic_path
 from .coreset import CoresetSampler
 from .detector import PatchCoreDetector, upsample_patch_scores
 from .features import PatchFeatureTransformer, aggregate_concat, aggregate_official
+from .io.atomic import atomic_path
 from .onnx_runtime import ONNX_FORMAT
 from .pipeline import PatchCorePipeline
 

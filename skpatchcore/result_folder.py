@@ -95,7 +95,9 @@ def _check_replaceable(target: Path, owned: Sequence[str]) -> None:
     if not target.is_dir():
         raise NotADirectoryError(f"output folder {str(target)!r} is a file; give a folder")
     allowed = RESULT_NAMES | set(owned)
-    foreign = sorted(entry.name for entry in target.iterdir() if entry.name not in allowed and not _leftover(entry.name))
+    foreign = sorted(
+        entry.name for entry in target.iterdir() if entry.name not in allowed and not _leftover(entry.name)
+    )
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(

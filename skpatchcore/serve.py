@@ -42,12 +42,12 @@ from typing import Annotated
 import numpy as np
 
 from . import __version__
-from .io.versioning import MODEL_FORMAT_VERSION
-from .evaluation.report import colour_range
 from ._threads import torch_threads
 from .detector import PatchCoreDetector
+from .evaluation.report import colour_range
 from .io.images import UnreadableImageError, decode_pixels
 from .io.model_file import FILE_FORMAT_VERSION, detect_format, load
+from .io.versioning import MODEL_FORMAT_VERSION
 from .pipeline import PatchCorePipeline
 
 __all__ = ["DEFAULT_MAX_IMAGES", "DEFAULT_MAX_REQUEST_BYTES", "ScoringService", "create_app", "default_workers",

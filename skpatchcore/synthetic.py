@@ -43,7 +43,6 @@ import numpy as np
 from scipy import ndimage
 from sklearn.utils import Bunch
 
-
 #: The defects of :func:`make_synthetic_defects`' test images, in turn.
 DEFECT_TYPES = ("scratch", "spot", "crack")
 

@@ -116,6 +116,8 @@ def load_lite_package_weights(model_name: str, path: str | os.PathLike | None = 
                 f"{target_key!r} has shape {tuple(reference.shape)}; not {name} weights."
             )
         if target_key.endswith("running_var") and not bool((tensor >= 0).all()):
-            raise ValueError(f"{path}: tensor {source_key!r} for {target_key!r} has negative values; not {name} weights.")
+            raise ValueError(
+                f"{path}: tensor {source_key!r} for {target_key!r} has negative values; not {name} weights."
+            )
         converted[target_key] = tensor
     return converted

@@ -18,13 +18,12 @@ from PIL import Image
 
 import skpatchcore
 from skpatchcore import PatchCoreDetector, cli
-from skpatchcore.cli import demo
-from skpatchcore.io import versioning
+from skpatchcore.cli import demo, main
 from skpatchcore.cli import demo as cli_demo
-from skpatchcore.cli import main
 from skpatchcore.cli._common import collect_images
 from skpatchcore.cli.score import SCORE_COLUMNS
 from skpatchcore.evaluation import masks_at_map_geometry
+from skpatchcore.io import versioning
 from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.pipeline import PatchCorePipeline
 

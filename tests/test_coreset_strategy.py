@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-from sklearn.utils._param_validation import InvalidParameterError
 import torch
+from sklearn.utils._param_validation import InvalidParameterError
 
-from skpatchcore import CoresetSampler, PatchCoreDetector
-from skpatchcore import coreset_strategy
+from skpatchcore import CoresetSampler, PatchCoreDetector, coreset_strategy
 from skpatchcore._greedy import _pick, greedy_reference
 from skpatchcore.coreset import _project
 from skpatchcore.coreset_strategy import chunk_bounds, resolve_strategy

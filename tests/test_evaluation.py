@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import skpatchcore
-from skpatchcore.io.datasets import load_mvtec
 from skpatchcore.evaluation import evaluate, evaluate_model, format_metrics, masks_at_map_geometry
+from skpatchcore.io.datasets import load_mvtec
 
 pd = pytest.importorskip("pandas")
 

@@ -22,7 +22,8 @@ FORMATS_AND_MODES = [
 ] + [("JPEG", mode) for mode in ("L", "RGB", "CMYK")] + [("BMP", mode) for mode in ("1", "L", "P", "RGB")] + [
     ("WEBP", "RGB"), ("GIF", "P"),
 ]
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("SKPC_EXAMPLES", 25)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("SKPC_EXAMPLES", 25)), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _encoded(format_name: str, mode: str, width: int, height: int, seed: int) -> bytes:

@@ -87,8 +87,9 @@ def test_the_version_is_written_once():
     pattern = re.compile(r"""^\s*(__version__|version)\s*=\s*["']\d""", re.M)
     places = [p for p in [*_package_files(), PACKAGE.parent / "pyproject.toml"] if pattern.search(p.read_text())]
     assert [p.name for p in places] == ["_version.py"]
-    import skpatchcore
     from importlib.metadata import version
+
+    import skpatchcore
 
     assert skpatchcore.__version__ == version("skpatchcore")
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from _helpers import REPO, small_model
 
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra (pip install 'skpatchcore[onnx]')")

@@ -7,12 +7,12 @@ import sys
 import joblib
 import numpy as np
 import pytest
-from _helpers import small_model
 from sklearn.model_selection import GridSearchCV
 
-from skpatchcore import NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer
-from skpatchcore import IncompatibleModelError
+from skpatchcore import IncompatibleModelError, NormalOnlyKFold, PatchCorePipeline, anomaly_auroc_scorer
 from skpatchcore.evaluation.metrics import aupro, image_auroc, pixel_auroc
+
+from _helpers import small_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from skpatchcore.evaluation.figures import (  # noqa: E402
 )
 
 
-
 def _png_size(path):
     with Image.open(path) as opened:
         return opened.size

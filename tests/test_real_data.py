@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 def test_mtd_subset_accuracy():
     pytest.importorskip("timm")
     from skpatchcore import make_patchcore
+    from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
     from skpatchcore.io.datasets import load_mvtec
     from skpatchcore.io.images import preprocess_mask
-    from skpatchcore.evaluation.metrics import image_auroc, pixel_auroc
 
     data = load_mvtec(MTD_ROOT)
     rng = np.random.default_rng(0)

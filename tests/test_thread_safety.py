@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from _helpers import small_model
 
 import skpatchcore
 from skpatchcore import PatchCoreDetector, PatchFeatureTransformer
 from skpatchcore.backbones import HookedLayers
 from skpatchcore.search import BFloat16Shortlist
+
+from _helpers import small_model
 
 N_THREADS = 8
 

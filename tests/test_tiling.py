@@ -7,8 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from sklearn.utils._param_validation import InvalidParameterError
 from PIL import Image
+from sklearn.utils._param_validation import InvalidParameterError
 
 import skpatchcore
 from skpatchcore import make_patchcore
@@ -314,8 +314,8 @@ LARGE_IMAGE_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     budget = float(sys.argv[1])
     rng = np.random.default_rng(0)
-    model = make_patchcore(backbone=Tiny(), layers=("conv1", "conv2"), weights=None, tile_size=512, aggregation="concat",
-                           sampling_ratio=0.1, random_state=0, working_memory=budget, n_jobs=1)
+    model = make_patchcore(backbone=Tiny(), layers=("conv1", "conv2"), weights=None, tile_size=512,
+                           aggregation="concat", sampling_ratio=0.1, random_state=0, working_memory=budget, n_jobs=1)
     model.fit([rng.integers(0, 255, (512, 512, 3), dtype=np.uint8) for _ in range(2)])
     image = np.full((6000, 8000, 3), 128, dtype=np.uint8)
     image[3000:3040, 5000:5040] = 255

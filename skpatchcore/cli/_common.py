@@ -137,9 +137,9 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         damaged, holds something other than a PatchCore pipeline, or was
         saved by an incompatible version.
     """
-    from ..io.versioning import CorruptModelError, IncompatibleModelError
     from ..input_files import file_problem
     from ..io.model_file import detect_format, load
+    from ..io.versioning import CorruptModelError, IncompatibleModelError
     from ..pipeline import PatchCorePipeline
 
     path = Path(path)

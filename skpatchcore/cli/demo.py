@@ -217,8 +217,8 @@ DemoBackbone = tuple[str, tuple[str, ...], object, str, bool]
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``skpatchcore demo`` with parsed arguments; returns the exit status."""
     from ..evaluation.protocol import format_metrics
-    from .fit import fit_summary
     from ..io.datasets import load_mvtec
+    from .fit import fit_summary
 
     total_start = time.perf_counter()
     output = Path(args.output)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..io.datasets import load_mvtec
 from ..evaluation.protocol import evaluate_model, format_metrics
+from ..io.datasets import load_mvtec
 from ._common import apply_pixel_limit, apply_run_options, info, load_model, progress_enabled
 from .score import report_failures
 

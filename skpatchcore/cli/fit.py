@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io.atomic import atomic_path, check_writable_file
 from .._scoring import check_readable
+from ..io.atomic import atomic_path, check_writable_file
 from ..io.model_file import SUFFIX
 from ._common import (
     CommandError,
@@ -21,7 +21,6 @@ from ._common import (
     parse_weights,
     progress_enabled,
 )
-
 
 #: ``fit -o`` suffixes that ask for a joblib (pickle) file instead of the safe format.
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io.atomic import atomic_write
-from ..evaluation.report import colour_range, prediction_cells, save_heatmap, text_cell, unique_names
 from .._scoring import check_readable, iter_scored, iter_scored_onnx
+from ..evaluation.report import colour_range, prediction_cells, save_heatmap, text_cell, unique_names
+from ..io.atomic import atomic_write
 from ..result_folder import staged_result_folder
 from ._common import (
     EXIT_PARTIAL,

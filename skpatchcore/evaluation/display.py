@@ -25,8 +25,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._maps import resize_map
 from ..io.images import ImageLike, preprocess_image, preprocess_mask, read_mask, rgb_uint8
-from .metrics import pixel_scores_and_labels
 from .figures import DEFAULT_CMAP, new_figure, value_range
+from .metrics import pixel_scores_and_labels
 
 __all__ = ["AnomalyMapDisplay", "AnomalyRocDisplay"]
 

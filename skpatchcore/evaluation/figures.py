@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io.atomic import atomic_path
 from .._maps import resize_map
+from ..io.atomic import atomic_path
 from ..io.images import ImageLike, rgb_uint8
 
 __all__ = [
@@ -265,7 +265,7 @@ def plot_roc_curves(labels, scores, masks=None, maps=None):
     figure : matplotlib.figure.Figure
         One panel per level, AUROC in the legends.
     """
-    from .metrics import pixel_scores_and_labels, image_auroc, pixel_auroc
+    from .metrics import image_auroc, pixel_auroc, pixel_scores_and_labels
 
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)

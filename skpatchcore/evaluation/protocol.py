@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from sklearn.utils import Bunch
 
+from .._scoring import check_readable, iter_scored
 from ..io.atomic import atomic_write
+from ..result_folder import staged_result_folder
 from .report import (
     EVALUATE_COLUMNS,
     EVALUATE_OUTPUTS,
@@ -42,8 +44,6 @@ from .report import (
     unique_names,
     write_plots,
 )
-from .._scoring import check_readable, iter_scored
-from ..result_folder import staged_result_folder
 
 if TYPE_CHECKING:
     import pandas

@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 from ..fitted_state import check_fitted_state
 from ..input_files import file_problem
+from .atomic import atomic_write
+from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
 
@@ -158,8 +158,8 @@ class _Encoder:
         """The fitted network: its state dict as tensors, and its graph when the allow-lists cover it."""
         import torch
 
-        from .model_graph import describe, rebuild
         from ..backbones import cpu_copy
+        from .model_graph import describe, rebuild
 
         seen: set[int] = set()
         state, channels_last = {}, []

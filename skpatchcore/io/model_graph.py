@@ -171,7 +171,8 @@ def _module_spec(module: nn.Module) -> dict:
     if MODULES.get(name, (None,))[0] is not type(module):
         raise _NotDescribable(f"module class {type(module).__module__}.{name}")
     if isinstance(module, nn.Sequential):
-        return {"class": name, "children": [[_check_path(k), _module_spec(child)] for k, child in module.named_children()]}
+        children = [[_check_path(k), _module_spec(child)] for k, child in module.named_children()]
+        return {"class": name, "children": children}
     arguments = {}
     for attribute in MODULES[name][1]:
         value = getattr(module, attribute)

@@ -6,7 +6,9 @@ from __future__ import annotations
 #: Bumped whenever fitted attributes change meaning or layout. A model saved
 #: under another format version is refused with a clear error instead of
 #: scoring silently wrong.
-MODEL_FORMAT_VERSION = 5  # 3: PatchFeatureTransformer.mean_ / std_ (mean="auto"); 4: resize_, crop_size_, interpolation_ (recipe); 5: tile_size, tile_overlap, tile_scale
+# 3: PatchFeatureTransformer.mean_ / std_ (mean="auto"); 4: resize_, crop_size_, interpolation_ (recipe);
+# 5: tile_size, tile_overlap, tile_scale
+MODEL_FORMAT_VERSION = 5
 #: Formats this version loads: a format-4 model has no tiling parameters,
 #: which take their defaults (whole images), so it scores as it did.
 READABLE_MODEL_FORMATS = (4, 5)
