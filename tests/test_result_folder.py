@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from skpatchcore.cli import main
-from skpatchcore.result_folder import staged_result_folder
+from skpatchcore.io.result_folder import staged_result_folder
 
 
 def _state(out: Path):
@@ -31,7 +31,7 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     out = os.path.realpath(sys.argv[1])
     if sys.argv[2] == "no-exchange":
-        import skpatchcore.result_folder as result_folder
+        import skpatchcore.io.result_folder as result_folder
         result_folder._exchange = lambda first, second: False
     for name in ("rename", "replace"):
         real = getattr(os, name)

@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         damaged, holds something other than a PatchCore pipeline, or was
         saved by an incompatible version.
     """
-    from ..input_files import file_problem
+    from ..io.input_files import file_problem
     from ..io.model_file import detect_format, load
     from ..io.versioning import CorruptModelError, IncompatibleModelError
     from ..pipeline import PatchCorePipeline

@@ -5,7 +5,7 @@ The work is :func:`skpatchcore.evaluation.evaluate_model`. Unreadable test
 images are left out of the metrics, listed in ``metrics.json`` and
 ``scores.csv`` and make the exit status
 :data:`~skpatchcore.cli._common.EXIT_PARTIAL`; the results replace earlier
-ones only when complete (see :mod:`skpatchcore.result_folder`).
+ones only when complete (see :mod:`skpatchcore.io.result_folder`).
 """
 
 from __future__ import annotations

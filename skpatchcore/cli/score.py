@@ -8,7 +8,7 @@ Unreadable images do not stop a run: they get a row with an ``error`` cell,
 are counted at the end and make the exit status :data:`EXIT_PARTIAL`
 (``--fail-fast`` stops at the first one instead). The results are written
 into a staging folder that replaces the output folder as a whole when
-complete (:mod:`skpatchcore.result_folder`).
+complete (:mod:`skpatchcore.io.result_folder`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from .._scoring import check_readable, iter_scored, iter_scored_onnx
 from ..evaluation.report import colour_range, prediction_cells, save_heatmap, text_cell, unique_names
 from ..io.atomic import atomic_write
-from ..result_folder import staged_result_folder
+from ..io.result_folder import staged_result_folder
 from ._common import (
     EXIT_PARTIAL,
     CommandError,

@@ -33,7 +33,7 @@ from sklearn.utils import Bunch
 
 from .._scoring import check_readable, iter_scored
 from ..io.atomic import atomic_write
-from ..result_folder import staged_result_folder
+from ..io.result_folder import staged_result_folder
 from .report import (
     EVALUATE_COLUMNS,
     EVALUATE_OUTPUTS,
@@ -167,7 +167,7 @@ def evaluate_model(
         Folder for ``metrics.json`` and ``scores.csv`` (nothing is written
         when None). Everything is written into a staging folder beside it,
         which replaces the whole folder in one step when complete
-        (:mod:`skpatchcore.result_folder`); a folder holding files other
+        (:mod:`skpatchcore.io.result_folder`); a folder holding files other
         than results of ``score`` / ``evaluate`` is refused.
     plots : bool, default=False
         Also write ``roc.png`` and ``worst_examples.png`` (needs matplotlib).

@@ -9,7 +9,7 @@ killed leaves the previous file untouched (and at worst a hidden
 ``.<name>.*.tmp<suffix>`` file, which the next successful write does not
 need).
 
-:mod:`skpatchcore.result_folder` extends this to a command's whole output
+:mod:`skpatchcore.io.result_folder` extends this to a command's whole output
 folder (``scores.csv``, ``metrics.json``, ``heatmaps/``...), published as one
 unit.
 """

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..input_files import file_problem
+from .input_files import file_problem
 
 ImageLike = str | os.PathLike | np.ndarray
 

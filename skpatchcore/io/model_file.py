@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fitted_state import check_fitted_state
-from ..input_files import file_problem
+from .fitted_state import check_fitted_state
+from .input_files import file_problem
 from .atomic import atomic_write
 from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 

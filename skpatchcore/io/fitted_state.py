@@ -130,10 +130,10 @@ def check_fitted_state(estimator, where: str = "model") -> None:
         values where ``fit`` never does, or whose size disagrees with the
         next step of a pipeline.
     """
-    from .coreset import CoresetSampler
-    from .detector import PatchCoreDetector
-    from .features import PatchFeatureTransformer
-    from .pipeline import PatchCorePipeline
+    from ..coreset import CoresetSampler
+    from ..detector import PatchCoreDetector
+    from ..features import PatchFeatureTransformer
+    from ..pipeline import PatchCorePipeline
 
     if isinstance(estimator, PatchCorePipeline):
         steps = [(name, step) for name, step in estimator.steps if step not in (None, "passthrough")]

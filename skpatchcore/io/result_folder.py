@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .io.atomic import fsync_directory
+from .atomic import fsync_directory
 
 __all__ = ["RESULT_NAMES", "staged_result_folder"]
 
