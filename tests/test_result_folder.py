@@ -53,7 +53,7 @@ def test_a_run_killed_while_publishing_leaves_old_or_new_results_never_a_mix(mod
     assert main(["score", str(model_path), str(good), "-o", str(out), "-q"]) == 0
     old = _state(out)
     subprocess.run([sys.executable, "-c", _KILLED_RUN, str(out), how, str(model_path), str(crack)],
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
     new_stems = sorted(p.stem for p in crack.iterdir())
     if out.exists():
         scored, heatmaps = _state(out)
@@ -110,7 +110,8 @@ def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path):
 
 def test_stale_staging_of_a_killed_process_is_removed_live_ones_kept(tmp_path):
     out = tmp_path / "out"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale = tmp_path / f".out.skpatchcore-staging-{int(dead.stdout)}-x"
     live = tmp_path / f".out.skpatchcore-staging-{os.getppid()}-y"
     stale.mkdir(), live.mkdir()
@@ -126,3 +127,19 @@ def test_a_folder_with_other_files_is_refused_before_any_work(model_path, catego
     assert main(["score", str(model_path), str(category / "test" / "good"), "-o", str(out), "-q"]) == 1
     assert "notes.txt" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and _stale_siblings(out) == []
+
+
+def test_a_folder_that_cannot_be_swapped_is_updated_entry_by_entry(tmp_path, monkeypatch):
+    import skpatchcore.result_folder as result_folder
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(result_folder, "_swappable", lambda target: False)  # as for a mount point
+    for names in ("abc", "d"):
+        with staged_result_folder(out) as staging:
+            assert staging.parent == out
+            (staging / "heatmaps").mkdir()
+            for name in names:
+                (staging / "heatmaps" / f"{name}.png").write_bytes(b"png")
+            (staging / "scores.csv").write_text(names)
+    assert (out / "scores.csv").read_text() == "d" and [p.name for p in (out / "heatmaps").iterdir()] == ["d.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps", "scores.csv"] and _stale_siblings(out) == []

@@ -12,6 +12,7 @@ agree, finite values) and names the first one that differs.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from numbers import Integral, Real
 
 import numpy as np
@@ -141,7 +142,7 @@ def check_fitted_state(estimator, where: str = "model") -> None:
             check_fitted_state(step, f"{where}.{name}")
         widths = [(name, _output_width(step)) for name, step in steps]
         widths = [(name, width) for name, width in widths if width is not None]
-        for (first, width), (second, expected) in zip(widths, widths[1:]):
+        for (first, width), (second, expected) in pairwise(widths):
             if width != expected:
                 raise ValueError(
                     f"{where}.{first} gives {width} features per patch but {where}.{second} expects {expected}"

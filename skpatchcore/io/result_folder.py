@@ -21,6 +21,12 @@ longer exists) are removed by the next run into the same ``OUT``.
 Since the whole folder is replaced, ``OUT`` may only hold what these
 commands write: a folder with other files is refused before any work, with
 an error that names them.
+
+An ``OUT`` that cannot be replaced (a mount point, such as a container
+volume, or a folder whose parent is not writable) is updated entry by entry
+instead, from a staging folder inside it: earlier results are still replaced
+only by a complete new set, but a run killed between those renames can leave
+a mix.
 """
 
 from __future__ import annotations
@@ -172,6 +178,10 @@ def staged_result_folder(folder: str | os.PathLike, owned: Sequence[str] = ()) -
     """
     target = Path(os.path.realpath(os.fspath(folder)))
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not _swappable(target):
+        with _staged_entries(target, owned) as staging:
+            yield staging
+        return
     clean_stale(target)
     _check_replaceable(target, owned)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_STAGING}-{os.getpid()}-", dir=target.parent))
@@ -186,6 +196,43 @@ def staged_result_folder(folder: str | os.PathLike, owned: Sequence[str] = ()) -
         for leftover in (staging, old):
             if leftover is not None and os.path.lexists(leftover) and leftover != target:
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swappable(target: Path) -> bool:
+    """Whether `target` can be replaced as a whole: not a mount point, in a writable parent folder."""
+    return not os.path.ismount(target) and os.access(target.parent, os.W_OK | os.X_OK)
+
+
+@contextlib.contextmanager
+def _staged_entries(target: Path, owned: Sequence[str]) -> Iterator[Path]:
+    """Fallback for an output folder that cannot be swapped (a mount point, a read-only parent).
+
+    The results are staged in a hidden folder inside `target` and moved into
+    place one entry at a time (one rename per file, two per folder); results
+    of an earlier run that this run does not produce are removed. A run
+    killed between those renames can leave a mix, which the swap avoids.
+    """
+    target.mkdir(exist_ok=True)
+    for leftover in target.glob(f".{_STAGING}-*"):
+        match = re.fullmatch(rf"\.{_STAGING}-(\d+)-.*", leftover.name)
+        if match and not _process_exists(int(match.group(1))):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_STAGING}-{os.getpid()}-", dir=target))
+    try:
+        yield staging
+        replaced = staging / ".replaced"
+        replaced.mkdir()
+        for name in sorted(RESULT_NAMES | set(owned)):
+            new, old = staging / name, target / name
+            if old.is_dir() and not old.is_symlink():
+                os.replace(old, replaced / name)  # a folder cannot be renamed over another
+            elif not new.exists() and (old.exists() or old.is_symlink()):
+                old.unlink()
+            if new.exists():
+                os.replace(new, old)
+        fsync_directory(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:
