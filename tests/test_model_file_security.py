@@ -261,3 +261,15 @@ def test_the_source_audit_allows_only_listed_torch_functions_and_tensor_methods(
         audit_source("def forward(self, x):\n    y = x.numpy()\n    return y\n")
     audit_source("def forward(self, x):\n    y = torch.nn.functional.relu(x.view(1, -1));  x = None\n"
                  "    z = y.shape\n    return [y, z]\n")
+
+
+@pytest.mark.parametrize("entry", ["args", "kwargs", "target"])
+def test_a_graph_node_missing_or_renaming_an_entry_is_refused(saved, tmp_path, entry):
+    # A node whose "args" key was renamed used to load and then call its module without input.
+    def rename(metadata, description):
+        nodes = description["estimator"]["steps"][0][1]["fitted"]["backbone_"]["graph"]["nodes"]
+        node = next(n for n in nodes if n["op"] == "call_module")
+        node["\n" + entry] = node.pop(entry)
+
+    with pytest.raises(IncompatibleModelError, match=r"cannot be rebuilt: a call_module node has the entries"):
+        skpatchcore.load(rewrite_model_file(saved, tmp_path / "renamed.skpc", rename))

@@ -130,7 +130,7 @@ def test_a_folder_with_other_files_is_refused_before_any_work(model_path, catego
 
 
 def test_a_folder_that_cannot_be_swapped_is_updated_entry_by_entry(tmp_path, monkeypatch):
-    import skpatchcore.result_folder as result_folder
+    import skpatchcore.io.result_folder as result_folder
 
     out = tmp_path / "out"
     monkeypatch.setattr(result_folder, "_swappable", lambda target: False)  # as for a mount point

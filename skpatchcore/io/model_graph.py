@@ -92,6 +92,16 @@ METHODS = frozenset({"add", "mul", "sigmoid", "mean", "flatten", "view", "reshap
 TENSOR_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device"})
 #: Op kinds of graph nodes.
 NODE_KINDS = frozenset({"placeholder", "output", "call_module", "get_attr", "call_function", "call_method"})
+#: The entries a stored node of each kind has, no more and no fewer (as :func:`describe` writes them).
+_COMMON_KEYS = frozenset({"op", "args", "kwargs"})
+NODE_KEYS = {
+    "placeholder": _COMMON_KEYS,
+    "output": _COMMON_KEYS,
+    "call_module": _COMMON_KEYS | {"target"},
+    "get_attr": _COMMON_KEYS | {"target", "parameter"},
+    "call_function": _COMMON_KEYS | {"target"},
+    "call_method": _COMMON_KEYS | {"target"},
+}
 _ATOM = r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)"
 _PATH = re.compile(rf"{_ATOM}(?:\.{_ATOM}){{0,31}}")
 #: String argument values (``"shape"``, ``torch._assert`` messages): printable ASCII without
@@ -331,7 +341,7 @@ class _Arguments:
 
     def call(self, entry: dict) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of a node entry."""
-        args, kwargs = self(entry.get("args", {"tuple": []})), self(entry.get("kwargs", {"dict": {}}))
+        args, kwargs = self(entry["args"]), self(entry["kwargs"])
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise ValueError("node arguments must be a tuple and a dict")
         return args, kwargs
@@ -478,6 +488,9 @@ def _rebuild(description: dict, state: dict) -> torch.fx.GraphModule:
         if not isinstance(entry, dict) or entry.get("op") not in NODE_KINDS:
             raise ValueError(f"node kind {entry.get('op') if isinstance(entry, dict) else entry!r:.80} is not allowed")
         op = entry["op"]
+        expected = NODE_KEYS[op]
+        if set(entry) != expected:
+            raise ValueError(f"a {op} node has the entries {sorted(entry)!r:.120}; expected {sorted(expected)}")
         args, kwargs = arguments.call(entry)
         if op == "placeholder":
             n_placeholders += 1
