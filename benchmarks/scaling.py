@@ -33,41 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import LITE0_224, mtd_parser, peak_rss_gb, require, save_figure
+from _common import CACHE, LITE0_224, mtd_parser, peak_rss_gb, require, save_figure, training_images
 
-CACHE = Path("/tmp/skpatchcore-scaling")
 #: The reference rows' set-up: the official code's embedding and input scaling.
 LITE0 = dict(LITE0_224, recipe="official", random_state=0)
 
-
-def training_images(n_images: int, mtd: Path) -> list[str]:
-    """The MTD training images, then flipped / cropped variants written to CACHE."""
-    from PIL import Image, ImageOps
-
-    originals = sorted(str(p) for p in (mtd / "train" / "good").iterdir())
-    paths = []
-    for i in range(n_images):
-        variant, source = divmod(i, len(originals))
-        if variant == 0:
-            paths.append(originals[source])
-            continue
-        target = CACHE / f"v{variant}" / Path(originals[source]).with_suffix(".png").name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image = Image.open(originals[source]).convert("RGB")
-            if variant % 2:
-                image = ImageOps.mirror(image)
-            if (variant // 2) % 2:
-                image = ImageOps.flip(image)
-            if variant >= 4:
-                width, height = image.size
-                dx, dy = width * (variant - 3) // 100, height * (variant - 3) // 100
-                image = image.crop((dx, dy, width - dx, height - dy))
-            temporary = target.with_suffix(".tmp.png")
-            image.save(temporary)
-            temporary.replace(target)
-        paths.append(str(target))
-    return paths
 
 
 def timed_steps(result: dict):

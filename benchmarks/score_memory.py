@@ -45,8 +45,14 @@ def _peak(args: list[str]) -> tuple[int, float]:
     return int(words[words.index("PEAK_MIB") + 1]), round(seconds, 1)
 
 
-def main(side: int = 9000) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
     from skpatchcore import make_patchcore, save
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", type=int, default=9000, help="side of the square PNG in pixels (default: 9000)")
+    side = parser.parse_args(argv).side
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

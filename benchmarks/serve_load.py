@@ -134,7 +134,7 @@ def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="a .skpc model (default: fit one, see above)")
     parser.add_argument("--images", type=Path, nargs="+", default=None, help="images to post (with --model)")
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=0, help="requests of the RSS run at concurrency 4")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as folder:
         if args.model is None:

@@ -159,7 +159,7 @@ def print_table(rows: list[dict]) -> None:
               + " > ".join("whole" if row["tile_size"] is None else str(row["tile_size"]) for row in real))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     parser.add_argument("--quick", action="store_true", help="16 training and 32 test images per dataset, 2 folds")
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.01, help="coreset sampling ratio (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.folds = 16, 32, 2
     missing = [name for name in args.data if not (SHARED / "data" / name).is_dir()]
