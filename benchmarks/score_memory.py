@@ -10,7 +10,7 @@ and the wall time of each run.
 
 Run from the project root::
 
-    OMP_NUM_THREADS=1 python3 benchmarks/score_memory.py
+    OMP_NUM_THREADS=1 python benchmarks/score_memory.py [--side 9000]
 """
 
 from __future__ import annotations

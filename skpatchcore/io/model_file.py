@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .fitted_state import check_fitted_state
 from .input_files import file_problem
-from .atomic import atomic_write
 from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 
 __all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
