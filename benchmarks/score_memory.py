@@ -28,10 +28,11 @@ from PIL import Image
 
 #: Reports the child's peak RSS after running the command line.
 CHILD = """
-import resource, sys
+import sys
 from skpatchcore.cli import main
 status = main(sys.argv[1:])
-print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "STATUS", status)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_MIB", peak // 1024, "STATUS", status)
 """
 
 

@@ -143,7 +143,7 @@ def test_the_scorer_separates_a_working_model_from_a_blind_one(normal_images):
         def score_samples(self, X):
             return np.zeros(len(X))
 
-        def score_and_maps(self, X):
+        def score_and_maps(self, X, original_size=False):
             return np.zeros(len(X)), np.zeros((len(X), 96, 96), dtype=np.float32)
 
     assert image_scorer(Blind(), test) == 0.5
