@@ -152,8 +152,10 @@ class SyntheticDefectScorer:
         data = add_synthetic_defects(images, self.kinds, self.defect_fraction, self.random_state, self.defect_size)
         if self.metric == "image_auroc":
             return image_auroc(data.labels, -estimator.score_samples(data.images))
-        tiled = getattr(estimator[0], "tile_size", None) is not None  # maps at the images' own sizes
-        scores, maps = estimator.score_and_maps(data.images, original_size=tiled)
+        if getattr(estimator[0], "tile_size", None) is not None:  # maps at the images' own sizes
+            scores, maps = estimator.score_and_maps(data.images, original_size=True)
+        else:
+            scores, maps = estimator.score_and_maps(data.images)
         pixel = pixel_auroc(masks_at_map_geometry(estimator[0], data.masks, data.images), maps)
         if self.metric == "pixel_auroc":
             return pixel
