@@ -100,7 +100,7 @@ def section_mtd(args, data, features, train, features_s) -> dict:
         print(json.dumps(row), flush=True)
         if strategy == "auto":
             models[ratio] = model
-    print(f"\n### MTD, 762 training images (features {features_s:.1f} s)\n")
+    print(f"\n### MTD, {len(train)} training images (features {features_s:.1f} s)\n")
     table(rows, ["ratio", "strategy", "features_s", "coreset_s", "detector_s", "fit_s", "fit_over_features",
                  "bank", "image_auroc", "pixel_auroc"])
     return models
@@ -110,10 +110,10 @@ def section_ratio(args, features, train, features_s) -> list[dict]:
     rows = []
     for ratio in (0.01, 0.1, 0.25):
         _, row = fit_steps(features, train, ratio, "auto", args.n_jobs)
-        row.update(ratio=ratio, features_s=features_s, fit_s=features_s + row["coreset_s"] + row["detector_s"])
+        row.update(ratio=f"{ratio:.0%}", features_s=features_s, fit_s=features_s + row["coreset_s"] + row["detector_s"])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n### Growth in the ratio (762 images, strategy='auto')\n")
+    print(f"\n### Growth in the ratio ({len(train)} images, strategy='auto')\n")
     table(rows, ["ratio", "features_s", "coreset_s", "detector_s", "fit_s", "bank"])
     return rows
 
@@ -178,7 +178,7 @@ def plot(growth: list[dict], ratios: list[dict], path: Path) -> None:
         left.legend()
         left.grid(alpha=0.3)
     if ratios:
-        x = [100 * row["ratio"] for row in ratios]
+        x = [float(row["ratio"].rstrip("%")) for row in ratios]
         right.plot(x, [row["fit_s"] for row in ratios], "o-", label="fit")
         right.plot(x, [row["coreset_s"] for row in ratios], "s--", label="coreset")
         right.set_xlabel("coreset ratio (%)")
