@@ -168,24 +168,20 @@ def plot(growth: list[dict], ratios: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if growth:
-        n = [row["n_images"] for row in growth]
-        left.plot(n, [row["fit_s"] for row in growth], "o-", label="fit")
-        left.plot(n, [row["features_s"] for row in growth], "s--", label="features alone")
-        left.set_xlabel("training images")
-        left.set_ylabel("seconds")
-        left.set_title("10% coreset, strategy='auto'")
-        left.legend()
-        left.grid(alpha=0.3)
-    if ratios:
-        x = [float(row["ratio"].rstrip("%")) for row in ratios]
-        right.plot(x, [row["fit_s"] for row in ratios], "o-", label="fit")
-        right.plot(x, [row["coreset_s"] for row in ratios], "s--", label="coreset")
-        right.set_xlabel("coreset ratio (%)")
-        right.set_ylabel("seconds")
-        right.set_title("762 MTD images, strategy='auto'")
-        right.legend()
-        right.grid(alpha=0.3)
+    panels = [
+        (left, growth, [row.get("n_images") for row in growth], "features_s", "features alone",
+         "training images", "10% coreset, strategy='auto'"),
+        (right, ratios, [float(row["ratio"].rstrip("%")) for row in ratios], "coreset_s", "coreset",
+         "coreset ratio (%)", "762 MTD images, strategy='auto'"),
+    ]
+    for axis, rows, x, part, part_label, xlabel, title in panels:
+        if not rows:
+            continue
+        axis.plot(x, [row["fit_s"] for row in rows], "o-", label="fit")
+        axis.plot(x, [row[part] for row in rows], "s--", label=part_label)
+        axis.set(xlabel=xlabel, ylabel="seconds", title=title)
+        axis.legend()
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     temporary = path.with_suffix(".tmp.png")
     figure.savefig(temporary, dpi=100)

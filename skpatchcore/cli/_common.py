@@ -244,3 +244,17 @@ def choose_layers(layers: Sequence[str] | None, backbone: str) -> tuple[str, ...
     if backbone.startswith("timm:") and "efficientnet" in backbone:
         return EFFICIENTNET_LAYERS
     return RESNET_LAYERS
+
+
+def writable_output_file(text: str, example: str) -> Path:
+    """The ``-o`` file of a command, refused with a one-line error if it is a folder or cannot be written."""
+    from ..io.atomic import check_writable_file
+
+    output = Path(text)
+    if output.is_dir():
+        raise CommandError(f"-o {str(output)!r} is a folder; give a file name such as {example}")
+    try:
+        check_writable_file(output)
+    except OSError as error:
+        raise CommandError(f"-o: {error}") from error
+    return output

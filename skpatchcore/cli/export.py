@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from ..io.atomic import check_writable_file
-from ._common import CommandError, info, load_model
+from ._common import info, load_model, writable_output_file
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``skpatchcore export`` with parsed arguments; returns the exit status."""
     from ..onnx_export import export_onnx
 
-    output = Path(args.output)
-    if output.is_dir():
-        raise CommandError(f"-o {str(output)!r} is a folder; give a file name such as model.onnx")
-    try:
-        check_writable_file(output)
-    except OSError as error:
-        raise CommandError(f"-o: {error}") from error
+    output = writable_output_file(args.output, "model.onnx")
     model = load_model(args.model, "cpu", args.allow_pickle)
     start = time.perf_counter()
     export_onnx(model, output, block_rows=args.block_rows)

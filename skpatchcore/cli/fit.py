@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._scoring import check_readable
-from ..io.atomic import atomic_path, check_writable_file
+from ..io.atomic import atomic_path
 from ..io.model_file import SUFFIX
 from ._common import (
     CommandError,
@@ -20,6 +20,7 @@ from ._common import (
     info,
     parse_weights,
     progress_enabled,
+    writable_output_file,
 )
 
 #: ``fit -o`` suffixes that ask for a joblib (pickle) file instead of the safe format.
@@ -31,13 +32,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from ..pipeline import make_patchcore
 
     apply_pixel_limit(args)
-    output = Path(args.output)
-    if output.is_dir():
-        raise CommandError(f"-o {str(output)!r} is a folder; give a model file name such as model{SUFFIX}")
-    try:
-        check_writable_file(output)
-    except OSError as error:
-        raise CommandError(f"-o: {error}") from error
+    output = writable_output_file(args.output, f"model{SUFFIX}")
     crop_size = None if args.no_crop else ("auto" if args.crop_size is None else args.crop_size)
     if args.no_crop and args.crop_size is not None:
         raise CommandError("--crop-size and --no-crop contradict each other; pass one of them")
