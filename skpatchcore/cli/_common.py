@@ -137,19 +137,13 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
         damaged, holds something other than a PatchCore pipeline, or was
         saved by an incompatible version.
     """
-    from ..io.input_files import file_problem
     from ..io.model_file import detect_format, load
     from ..io.versioning import CorruptModelError, IncompatibleModelError
     from ..pipeline import PatchCorePipeline
 
     path = Path(path)
-    problem = file_problem(path)
-    if problem == "not found":
-        raise CommandError(f"model file not found: {str(path)!r}")
-    if problem is not None:
-        raise CommandError(f"{str(path)!r} is not a model file: it is {problem}")
-    kind = detect_format(path)
     try:
+        kind = detect_format(path)
         if kind == "safe":
             model = load(path)
         elif not allow_pickle:
@@ -169,6 +163,8 @@ def load_model(path: str | os.PathLike, device: str | None = None, allow_pickle:
             model = joblib.load(path)
     except CommandError:
         raise
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from error
     except IncompatibleModelError as error:
         raise CommandError(f"incompatible model file {str(path)!r}: {error}") from error
     except CorruptModelError as error:

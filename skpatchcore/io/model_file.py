@@ -51,7 +51,7 @@ from .fitted_state import check_fitted_state
 from .input_files import file_problem
 from .versioning import MODEL_FORMAT_VERSION, READABLE_MODEL_FORMATS, CorruptModelError, IncompatibleModelError
 
-__all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "detect_format", "load", "save"]
+__all__ = ["FILE_FORMAT", "FILE_FORMAT_VERSION", "SUFFIX", "check_model_path", "detect_format", "load", "save"]
 
 #: The ``"format"`` entry of the safetensors metadata of a skpatchcore model.
 FILE_FORMAT = "skpatchcore.safe-model"
@@ -94,8 +94,27 @@ def detect_format(path: str | os.PathLike) -> str:
         ``"pickle"``: a pickle or a compressed joblib file, which runs code
         when loaded. ``"unknown"``: anything else.
     """
+    check_model_path(path)
     with open(path, "rb") as handle:
         return _kind(handle.read(16))
+
+
+def check_model_path(path: str | os.PathLike) -> None:
+    """Refuse a model path that is not a regular file, before anything opens it.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing is there.
+    CorruptModelError
+        If it is a folder, a FIFO, a device or a broken link (opening a FIFO
+        would wait forever, ``/dev/zero`` never ends).
+    """
+    problem = file_problem(path)
+    if problem == "not found":
+        raise FileNotFoundError(f"model file not found: {str(path)!r}")
+    if problem is not None:
+        raise CorruptModelError(f"{str(path)!r} is not a skpatchcore model file: it is {problem}.")
 
 
 def _kind(head: bytes) -> str:
@@ -363,11 +382,7 @@ def load(path: str | os.PathLike):
     from safetensors.torch import load_file
 
     path = Path(path)
-    problem = file_problem(path)
-    if problem == "not found":
-        raise FileNotFoundError(f"model file not found: {str(path)!r}")
-    if problem is not None:
-        raise CorruptModelError(f"{str(path)!r} is not a skpatchcore model file: it is {problem}.")
+    check_model_path(path)
     with open(path, "rb") as handle:
         head = handle.read(16)
         length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
