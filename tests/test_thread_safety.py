@@ -20,13 +20,13 @@ N_THREADS = 8
 
 
 def in_threads(function, n_calls: int = N_THREADS) -> list:
-    """``function()`` called `n_calls` times by `N_THREADS` threads released together."""
+    """``function(i)`` for i in ``range(n_calls)`` on `N_THREADS` threads released together, results in order."""
     barrier = threading.Barrier(min(n_calls, N_THREADS))
 
-    def call(_):
-        if _ < N_THREADS:
+    def call(i):
+        if i < N_THREADS:
             barrier.wait(timeout=60)
-        return function()
+        return function(i)
 
     with ThreadPoolExecutor(N_THREADS) as pool:
         return list(pool.map(call, range(n_calls)))
@@ -49,7 +49,7 @@ def assert_all_equal(results, expected):
 def test_threads_score_a_freshly_fitted_model_as_serial_scoring(fitted, synthetic):
     model = copy.deepcopy(fitted)  # no search structure built yet but the calibration's
     images = synthetic.test_images[:3]
-    results = in_threads(lambda: model.score_and_maps(images))
+    results = in_threads(lambda _: model.score_and_maps(images))
     assert_all_equal(results, fitted.score_and_maps(images))
 
 
@@ -66,10 +66,10 @@ def test_threads_score_a_freshly_loaded_model_as_serial_scoring(fitted, syntheti
         build(self, *args, **kwargs)
 
     monkeypatch.setattr(BFloat16Shortlist, "__init__", counted)
-    results = in_threads(lambda: model.score_and_maps(images))
+    results = in_threads(lambda _: model.score_and_maps(images))
     assert_all_equal(results, expected)
     assert len(builds) == 1  # built by one thread, waited for by the others
-    pvalues = in_threads(lambda: model.pvalues(images))
+    pvalues = in_threads(lambda _: model.pvalues(images))
     for got in pvalues:
         np.testing.assert_array_equal(got, fitted.pvalues(images))
 
@@ -96,15 +96,7 @@ def test_threads_through_a_hooked_backbone_each_get_their_own_layers(rng):
     assert isinstance(transformer.backbone_, HookedLayers)
     images = [rng.integers(0, 256, (N_THREADS, 64, 64, 3), dtype=np.uint8) for _ in range(N_THREADS)]
     expected = [transformer.transform(batch) for batch in images]
-    position = iter(range(N_THREADS))
-    lock = threading.Lock()
-
-    def transform_one():
-        with lock:
-            i = next(position)
-        return i, transformer.transform(images[i])
-
-    for i, got in in_threads(transform_one):
+    for i, got in enumerate(in_threads(lambda i: transformer.transform(images[i]))):
         np.testing.assert_array_equal(got, expected[i])
 
 
@@ -114,15 +106,7 @@ def test_threads_search_one_detector_as_serial_search(rng, algorithm):
     queries = [rng.normal(size=(50, 16)) for _ in range(N_THREADS)]
     detector = PatchCoreDetector(n_neighbors=3, algorithm=algorithm, reweight=True, random_state=0).fit(bank)
     expected = [copy.deepcopy(detector).score_samples(q) for q in queries]
-    position = iter(range(N_THREADS))
-    lock = threading.Lock()
-
-    def score_one():
-        with lock:
-            i = next(position)
-        return i, detector.score_samples(queries[i])
-
-    for i, got in in_threads(score_one):
+    for i, got in enumerate(in_threads(lambda i: detector.score_samples(queries[i]))):
         np.testing.assert_array_equal(got, expected[i])
 
 
@@ -151,7 +135,7 @@ def test_one_pynndescent_index_is_built_once_and_queried_one_thread_at_a_time(rn
     detector = PatchCoreDetector(algorithm="pynndescent").fit(bank)
     queries = rng.normal(size=(10, 4))
     expected = PatchCoreDetector(algorithm="exact").fit(bank).score_samples(queries)
-    for got in in_threads(lambda: detector.score_samples(queries), n_calls=32):
+    for got in in_threads(lambda _: detector.score_samples(queries), n_calls=32):
         np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert Index.built == 1 and Index.most == 1
 
