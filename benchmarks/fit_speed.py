@@ -18,12 +18,21 @@ recommended recipe) on Magnetic Tile Defects (``--mtd``, default
   flipped / cropped variants of the training images (``benchmarks/scaling.py``).
 * ``predict``: seconds per test image of the feature transformer alone,
   ``score_samples`` and ``score_and_maps`` of the 1% and 10% models.
+* ``grid``: ``GridSearchCV`` over 4 coreset ratios (1%, 5%, 10%, 25%) with
+  ``NormalOnlyKFold(3)`` and ``synthetic_defect_scorer()`` on the 762
+  training images only, as a user without labelled defects runs it: 12
+  fits and scorings from image files, features computed afresh each time
+  (no cache), then the refit of the best ratio on all images; its seconds,
+  each ratio's mean synthetic score and the fold fits' mean seconds.
+  ``--cache`` gives the pipeline a ``memory`` cache (a temporary folder), so
+  that each fold's training features are computed once for all ratios.
 
 ``--quick`` runs the single pass at 1% only and growth at 762 and 1,524
 images. Example::
 
     python benchmarks/fit_speed.py --n-jobs 2 --plot docs/fit_growth.png
     python benchmarks/fit_speed.py --quick --sections mtd predict
+    python benchmarks/fit_speed.py --sections grid --n-jobs 2 [--cache]
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +88,7 @@ def table(rows: list[dict], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
-        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and "auroc" in c
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) and ("auroc" in c or c == "synthetic")
                  else f"{row[c]:.1f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
@@ -161,6 +171,31 @@ def section_predict(args, data, features, models: dict) -> None:
     table(rows, ["ratio", "features_ms", "score_samples_ms", "score_and_maps_ms", "maps_over_features"])
 
 
+def section_grid(args, data) -> None:
+    from sklearn.model_selection import GridSearchCV
+
+    from skpatchcore import NormalOnlyKFold, synthetic_defect_scorer
+
+    ratios = [0.01, 0.05, 0.1, 0.25]
+    model = model_for(0.1, "auto", args.n_jobs)
+    with tempfile.TemporaryDirectory() as cache:
+        if args.cache:
+            model.set_params(memory=cache)
+        search = GridSearchCV(model, {"coreset__sampling_ratio": ratios},
+                              cv=NormalOnlyKFold(3, shuffle=True, random_state=0), scoring=synthetic_defect_scorer())
+        _, seconds = timed(search.fit, data.train_images)
+    results = search.cv_results_
+    rows = [{"ratio": f"{ratio:.0%}", "synthetic": float(results["mean_test_score"][i]),
+             "fold_fit_s": float(results["mean_fit_time"][i]), "fold_score_s": float(results["mean_score_time"][i])}
+            for i, ratio in enumerate(ratios)]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(f"\n### GridSearchCV, 4 ratios x 3 folds + refit, {len(data.train_images)} training images"
+          f"{', features cached' if args.cache else ''}: "
+          f"{seconds:.1f} s (refit {search.refit_time_:.1f} s), best {search.best_params_}\n")
+    table(rows, ["ratio", "synthetic", "fold_fit_s", "fold_score_s"])
+
+
 def plot(growth: list[dict], ratios: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -190,11 +225,12 @@ def plot(growth: list[dict], ratios: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["mtd", "ratio", "growth", "predict"],
-                        choices=["mtd", "ratio", "growth", "predict"])
+    parser.add_argument("--sections", nargs="+", default=["mtd", "ratio", "growth", "predict", "grid"],
+                        choices=["mtd", "ratio", "growth", "predict", "grid"])
     parser.add_argument("--mtd", type=Path, default=MTD)
     parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cache", action="store_true", help="grid: cache the features (Pipeline memory)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--job", choices=["growth"], default=None)
     parser.add_argument("--n-images", type=int, default=762)
@@ -217,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
             ratios = section_ratio(args, features, train, features_s)
         if "predict" in args.sections:
             section_predict(args, data, features, models)
+    if "grid" in args.sections:
+        from skpatchcore.io.datasets import load_mvtec
+
+        section_grid(args, load_mvtec(args.mtd))
     if "growth" in args.sections:
         growth = section_growth(args)
     if args.plot is not None and (growth or ratios):

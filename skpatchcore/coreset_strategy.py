@@ -34,6 +34,11 @@ SINGLE_PASS_WORK = 4e9
 #: smaller chunks are cheaper in total; docs/scaling.rst has the accuracy
 #: measured against the size.
 CHUNK_ROWS = 16_384
+#: A chunk coreset of :data:`CHUNK_ROWS` rows keeps at most this fraction of
+#: its rows in its greedy order (a 10% coreset's: 1.5 x 15%). Chunks that keep
+#: more (higher ratios) get proportionally fewer rows (:func:`chunk_rows`), so
+#: that a chunk's greedy order costs no more than at 10%.
+CHUNK_PICK_FRACTION = 0.225
 STRATEGIES = ("auto", "single_pass", "chunks")
 
 
@@ -56,6 +61,28 @@ def resolve_strategy(strategy: str, n_rows: int, n_picks: int) -> str:
     if n_rows * n_picks <= SINGLE_PASS_WORK or n_rows <= CHUNK_ROWS:
         return "single_pass"
     return "chunks"
+
+
+def chunk_rows(pick_fraction: float) -> int:
+    """Rows of one chunk coreset whose greedy order keeps `pick_fraction` of its rows.
+
+    :data:`CHUNK_ROWS`, or fewer where `pick_fraction` exceeds
+    :data:`CHUNK_PICK_FRACTION`: about ``CHUNK_ROWS * CHUNK_PICK_FRACTION``
+    picks per chunk at any ratio. A greedy order costs its rows times its
+    picks, so at a 25% ratio chunks of 6,553 rows cost less than a third of
+    chunks of 16,384 rows, and the merge still compares them all.
+
+    Parameters
+    ----------
+    pick_fraction : float in (0, 1]
+
+    Returns
+    -------
+    rows : int
+    """
+    if pick_fraction <= CHUNK_PICK_FRACTION * (1 + 1e-9):  # 1.5 * 0.15 rounds above 0.225
+        return CHUNK_ROWS
+    return max(1, int(CHUNK_ROWS * CHUNK_PICK_FRACTION / pick_fraction))
 
 
 def chunk_bounds(n_images: int, rows_per_image: int, chunk_rows: int | None = None) -> list[tuple[int, int]]:

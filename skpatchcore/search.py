@@ -111,7 +111,10 @@ def brute_force_kneighbors(
             if groups is not None:
                 own = query_groups[start : start + step, None] == bank_groups[None, :]
                 squared.masked_fill_(own, float("inf"))
-            positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
+            if n_neighbors == 1:  # a reduction, cheaper than a top-k
+                positions = torch.argmin(squared, dim=1, keepdim=True)
+            else:
+                positions = torch.topk(squared, n_neighbors, dim=1, largest=False, sorted=True).indices
             exact, nearest = _exact_distances(chunk, bank_tensor, positions)
             if groups is not None:  # own-group rows come back only where too few others exist
                 own_pick = bank_groups[nearest] == query_groups[start : start + step, None]

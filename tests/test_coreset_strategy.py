@@ -152,3 +152,18 @@ def test_greedy_kernel_releases_the_gil():
 def test_bad_strategy_parameters(images, params, match):
     with pytest.raises(InvalidParameterError, match=match):
         CoresetSampler(**params).fit(images)
+
+
+def test_chunks_hold_fewer_rows_above_a_10_percent_ratio(images, small_chunks):
+    # A chunk keeps 1.5 x chunk_ratio() of its rows: 22.5% at 10%, 56% at 25%; its greedy order costs
+    # rows x picks, so above 10% chunks get fewer rows, keeping their picks near those of a 10% chunk.
+    assert coreset_strategy.chunk_rows(0.2) == coreset_strategy.CHUNK_ROWS
+    assert coreset_strategy.chunk_rows(0.45) == coreset_strategy.CHUNK_ROWS // 2
+    counts = {}
+    for ratio in (0.1, 0.25):
+        sampler = CoresetSampler(sampling_ratio=ratio, random_state=0).begin_chunks()
+        counts[ratio] = [part.n_images for part in sampler.chunk_coresets(images[:12])]
+    assert counts[0.1] == [4, 4, 4]  # 144 rows
+    assert counts[0.25] == [1] * 12  # 144 x 0.225 / 0.5625 = 57 rows: one image of 36 rows each
+    bank = CoresetSampler(sampling_ratio=0.25, random_state=0).fit_transform(images)
+    assert len(bank) == int(images.shape[0] * 36 * 0.25)
