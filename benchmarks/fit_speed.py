@@ -33,6 +33,10 @@ images. Example::
     python benchmarks/fit_speed.py --n-jobs 2 --plot docs/fit_growth.png
     python benchmarks/fit_speed.py --quick --sections mtd predict
     python benchmarks/fit_speed.py --sections grid --n-jobs 2 [--cache]
+    python benchmarks/fit_speed.py --sections ratio --growth-rows docs/fit_growth.jsonl --plot docs/fit_growth.png
+
+``--growth-rows`` reads growth rows recorded by an earlier run (the JSON
+lines that the growth section prints) instead of refitting 10,000 images.
 """
 
 from __future__ import annotations
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cache", action="store_true", help="grid: cache the features (Pipeline memory)")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--growth-rows", type=Path, default=None,
+                        help="plot: growth rows (JSON lines) from an earlier run instead of the growth section")
     parser.add_argument("--job", choices=["growth"], default=None)
     parser.add_argument("--n-images", type=int, default=762)
     args = parser.parse_args(argv)
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         section_grid(args, load_mvtec(args.mtd))
     if "growth" in args.sections:
         growth = section_growth(args)
+    elif args.growth_rows is not None:
+        growth = [json.loads(line) for line in args.growth_rows.read_text().splitlines() if line.strip()]
     if args.plot is not None and (growth or ratios):
         plot(growth, ratios, args.plot)
         print(f"wrote {args.plot}")

@@ -32,6 +32,8 @@ Examples::
 ``--n-synthetic N`` computes the synthetic score on the first N training
 images only (0: not at all), so that a label-free choice made on a subset can
 be followed by full fits of the chosen settings alone (``--tiles``).
+``--map-sigma`` compares smoothings of the maps (``map_sigma``, pixels of the
+image as given for tiled models), fitting each tile size once.
 """
 
 from __future__ import annotations
@@ -114,36 +116,43 @@ def run(name: str, args) -> list[dict]:
     rows = []
     n_synthetic = len(train) if args.n_synthetic is None else min(args.n_synthetic, len(train))
     for tile_size in settings["tiles"] if args.tiles is None else args.tiles:
-        row = dict(data=name, tile_size=tile_size, n_train=len(train), n_test=len(test.test_images),
-                   n_synthetic=n_synthetic, ratio=args.ratio)
-        row["synthetic"] = float("nan")
-        if n_synthetic:
-            model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
-            row["synthetic"] = float(np.mean(cross_val_score(
-                model, train[:n_synthetic], cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0),
-                scoring=scorer)))
-        model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
-        _peak_reset()
-        start = time.perf_counter()
-        model.fit(train)
-        row["fit_s"] = time.perf_counter() - start
-        row["fit_peak_mib"] = _peak_mib()
-        features = model.steps[0][1]
-        row["tiles_per_image"] = (1.0 if tile_size is None else
-                                  float(np.mean([features.tile_layout(p).n_tiles for p in test.test_images])))
-        _peak_reset()
-        metrics = evaluate_model(model, test)
-        row["score_peak_mib"] = _peak_mib()
-        row["image_auroc"], row["pixel_auroc"] = metrics["image_auroc"], metrics["pixel_auroc"]
-        n_test = len(test.test_images)
-        row["score_ms_per_image"] = 1000 * metrics["seconds"] / n_test
-        row["score_ms_per_mp"] = row["score_ms_per_image"] / megapixels
-        start = time.perf_counter()  # the backbone over the same tiles (and their preprocessing)
-        for first in range(0, n_test, 16):
-            features.transform(test.test_images[first:first + 16])
-        row["backbone_ms_per_image"] = 1000 * (time.perf_counter() - start) / n_test
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        fitted = None  # one fit per tile size; map_sigma only changes how the maps are smoothed
+        for sigma in args.map_sigma or [None]:
+            row = dict(data=name, tile_size=tile_size, map_sigma=sigma, n_train=len(train),
+                       n_test=len(test.test_images), n_synthetic=n_synthetic, ratio=args.ratio)
+            sigma_param = {} if sigma is None else {"detector__map_sigma": sigma}
+            row["synthetic"] = float("nan")
+            if n_synthetic:
+                model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs).set_params(**sigma_param)
+                row["synthetic"] = float(np.mean(cross_val_score(
+                    model, train[:n_synthetic], cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0),
+                    scoring=scorer)))
+            if fitted is None:
+                model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
+                _peak_reset()
+                start = time.perf_counter()
+                model.fit(train)
+                fitted = dict(model=model, fit_s=time.perf_counter() - start, fit_peak_mib=_peak_mib())
+            model = fitted["model"].set_params(**sigma_param)
+            row["fit_s"], row["fit_peak_mib"] = fitted["fit_s"], fitted["fit_peak_mib"]
+            features = model.steps[0][1]
+            row["tiles_per_image"] = (1.0 if tile_size is None else
+                                      float(np.mean([features.tile_layout(p).n_tiles for p in test.test_images])))
+            _peak_reset()
+            metrics = evaluate_model(model, test)
+            row["score_peak_mib"] = _peak_mib()
+            row["image_auroc"], row["pixel_auroc"] = metrics["image_auroc"], metrics["pixel_auroc"]
+            n_test = len(test.test_images)
+            row["score_ms_per_image"] = 1000 * metrics["seconds"] / n_test
+            row["score_ms_per_mp"] = row["score_ms_per_image"] / megapixels
+            if "backbone_ms_per_image" not in fitted:  # the backbone over the same tiles (and their preprocessing)
+                start = time.perf_counter()
+                for first in range(0, n_test, 16):
+                    features.transform(test.test_images[first:first + 16])
+                fitted["backbone_ms_per_image"] = 1000 * (time.perf_counter() - start) / n_test
+            row["backbone_ms_per_image"] = fitted["backbone_ms_per_image"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -161,14 +170,17 @@ def print_table(rows: list[dict]) -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in mine:
             how = "whole image, 224 px" if row["tile_size"] is None else f"tiles of {row['tile_size']} px"
+            if row.get("map_sigma") is not None:
+                how += f", map sigma {row['map_sigma']:g}"
             mark = " <- chosen" if row is chosen else ""
             print(f"| {how}{mark} | {row['tiles_per_image']:.1f} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} "
                   f"| {row['synthetic']:.3f} | {row['fit_s']:.1f} | {row['score_ms_per_image']:.0f} "
                   f"| {row['score_ms_per_mp']:.0f} | {row['backbone_ms_per_image']:.0f} "
                   f"| {row['score_ms_per_image'] / row['backbone_ms_per_image']:.2f} "
                   f"| {row['fit_peak_mib']:.0f} / {row['score_peak_mib']:.0f} |")
-        print("ranking by real defects (image + pixel AUROC): "
-              + " > ".join("whole" if row["tile_size"] is None else str(row["tile_size"]) for row in real))
+        print("ranking by real defects (image + pixel AUROC): " + " > ".join(
+            ("whole" if row["tile_size"] is None else str(row["tile_size"]))
+            + ("" if row.get("map_sigma") is None else f"/sigma {row['map_sigma']:g}") for row in real))
 
 
 def _tile_size(text: str) -> int | None:
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
     parser.add_argument("--tiles", nargs="+", type=_tile_size, default=None, metavar="SIZE",
                         help="tile sizes to compare, 'none' for the whole image (default: the dataset's list)")
+    parser.add_argument("--map-sigma", type=float, nargs="+", default=None, metavar="SIGMA",
+                        help="map smoothing values to compare (one fit per tile size; default: the model's)")
     parser.add_argument("--n-synthetic", type=int, default=None,
                         help="training images for the synthetic score (default: all; 0: no synthetic score)")
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")

@@ -19,15 +19,27 @@ def brute_force(queries, bank, k):
     return np.take_along_axis(distances, order, axis=1), order
 
 
-def test_exact_search_equals_brute_force(rng, monkeypatch):
+@pytest.mark.parametrize("n_neighbors", [1, 3])
+def test_exact_search_equals_brute_force(rng, monkeypatch, n_neighbors):
     import skpatchcore.search as search
 
-    monkeypatch.setattr(search, "CHUNK_ENTRIES", 1000)  # force many chunks
+    # Many blocks of queries and of bank rows (the last ones partial), merged into a running top-k.
+    monkeypatch.setattr(search, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(search, "BANK_BLOCK", 70)
     bank = rng.normal(size=(300, 24)).astype(np.float32)
     queries = rng.normal(size=(70, 24)).astype(np.float32)
-    distances, indices = brute_force_kneighbors(queries, bank, 3)
-    expected_distances, expected_indices = brute_force(queries, bank, 3)
+    distances, indices = brute_force_kneighbors(queries, bank, n_neighbors)
+    expected_distances, expected_indices = brute_force(queries, bank, n_neighbors)
     np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
+    # Ties go to the lowest row, across blocks too: every row duplicated 70 rows later.
+    doubled = np.concatenate([bank[:70], bank[:70]])
+    assert (brute_force_kneighbors(queries, doubled, 1)[1] < 70).all()
+    # Leave-group-out: a whole block of the query's own group is skipped.
+    query_groups, bank_groups = np.zeros(70, dtype=int), np.repeat(np.arange(5), 60)
+    distances, indices = brute_force_kneighbors(queries, bank, n_neighbors, groups=(query_groups, bank_groups))
+    expected_distances, expected_indices = brute_force(queries, bank[60:], n_neighbors)
+    np.testing.assert_array_equal(indices, expected_indices + 60)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-5)
 
 
