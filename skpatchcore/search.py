@@ -4,9 +4,10 @@ Three searches, chosen by :class:`~skpatchcore.PatchCoreDetector`'s
 ``algorithm``:
 
 * :func:`brute_force_kneighbors` (``"exact"``): every query-to-bank distance
-  with chunked float32 matrix products (``|q|^2 - 2 q.b + |b|^2``), never
-  holding more than one chunk of the (queries x bank) matrix; the chosen
-  distances are then recomputed directly.
+  with float32 matrix products (``|q|^2 - 2 q.b + |b|^2``) in blocks of
+  queries x bank rows, each reduced to a running top-k while in cache (one
+  block per chunk of queries on a GPU); the chosen distances are then
+  recomputed directly.
 * :class:`BFloat16Shortlist` (``"bf16"``): matrix products in bfloat16
   (several times faster on CPUs with AVX512-BF16 or AMX) in a PCA subspace of the
   bank shortlist a few candidates per query, whose float32 distances are
