@@ -79,13 +79,10 @@ def evaluate(model, data) -> dict:
     return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
 
 
-def extracted(args):
-    from skpatchcore.io.datasets import load_mvtec
-
-    data = load_mvtec(args.mtd)
+def extracted(args, data):
     features = model_for(0.1, "auto", args.n_jobs)[0].fit()
     train, features_s = timed(features.transform, data.train_images)
-    return data, features, train, features_s
+    return features, train, features_s
 
 
 def table(rows: list[dict], columns: list[str]) -> None:
@@ -251,8 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.mtd.is_dir():
         raise SystemExit(f"needs {args.mtd} (see ../shared/README.md)")
     models, ratios, growth = {}, [], []
+    if {"mtd", "ratio", "predict", "grid"} & set(args.sections):
+        from skpatchcore.io.datasets import load_mvtec
+
+        data = load_mvtec(args.mtd)
     if {"mtd", "ratio", "predict"} & set(args.sections):
-        data, features, train, features_s = extracted(args)
+        features, train, features_s = extracted(args, data)
         if "mtd" in args.sections or "predict" in args.sections:
             models = section_mtd(args, data, features, train, features_s)
         if "ratio" in args.sections:
@@ -260,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         if "predict" in args.sections:
             section_predict(args, data, features, models)
     if "grid" in args.sections:
-        from skpatchcore.io.datasets import load_mvtec
-
-        section_grid(args, load_mvtec(args.mtd))
+        section_grid(args, data)
     if "growth" in args.sections:
         growth = section_growth(args)
     elif args.growth_rows is not None:

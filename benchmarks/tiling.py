@@ -133,11 +133,13 @@ def run(name: str, args) -> list[dict]:
                 start = time.perf_counter()
                 model.fit(train)
                 fitted = dict(model=model, fit_s=time.perf_counter() - start, fit_peak_mib=_peak_mib())
+                features = model.steps[0][1]
+                fitted["tiles_per_image"] = (1.0 if tile_size is None else float(
+                    np.mean([features.tile_layout(p).n_tiles for p in test.test_images])))
             model = fitted["model"].set_params(**sigma_param)
-            row["fit_s"], row["fit_peak_mib"] = fitted["fit_s"], fitted["fit_peak_mib"]
             features = model.steps[0][1]
-            row["tiles_per_image"] = (1.0 if tile_size is None else
-                                      float(np.mean([features.tile_layout(p).n_tiles for p in test.test_images])))
+            for key in ("fit_s", "fit_peak_mib", "tiles_per_image"):
+                row[key] = fitted[key]
             _peak_reset()
             metrics = evaluate_model(model, test)
             row["score_peak_mib"] = _peak_mib()

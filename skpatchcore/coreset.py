@@ -445,7 +445,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         """
         rows, per_image, n_images = self._chunk_input(X)
         n_rows = rows.shape[0]
-        n_picks = max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio())))
+        n_picks = max(1, int(n_rows * self._chunk_pick_fraction()))
         bounds = ([(0, n_images)] if not self._uses_chunks(n_rows, n_picks)
                   else chunk_bounds(n_images, per_image, self._chunk_rows()))
         return self._chunk_parts(rows, per_image, bounds, first_image)
@@ -478,15 +478,19 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
                     for start, stop in bounds)
             return list(map_in_threads(lambda job: job(bar), jobs, threads))
 
+    def _chunk_pick_fraction(self) -> float:
+        """The fraction of its rows a chunk's greedy order runs to: 1.5 times ``chunk_ratio()``, at most 1."""
+        return min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio())
+
     def _chunk_rows(self) -> int:
         """Rows of one chunk coreset under ``strategy="chunks"`` (:func:`~skpatchcore.coreset_strategy.chunk_rows`)."""
-        return chunk_rows(min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))
+        return chunk_rows(self._chunk_pick_fraction())
 
     def _chunk_picks(self, n_rows: int) -> int:
         """Rows a chunk of `n_rows` rows keeps (greedy order to 1.5 times ``chunk_ratio()``)."""
         if self.method == "random":
             return min(n_rows, max(1, int(n_rows * self.chunk_ratio())))
-        return min(n_rows, max(1, int(n_rows * min(1.0, ALLOCATION_HEADROOM * self.chunk_ratio()))))
+        return min(n_rows, max(1, int(n_rows * self._chunk_pick_fraction())))
 
     def _chunk_job(self, rows: np.ndarray, per_image: int, first_image: int):
         """Prepare one chunk coreset (projection, seeds); return the function that selects it."""

@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 #: ``strategy="auto"`` runs one greedy pass while rows x picks stays at or
-#: below this (the 1% coreset of the 762 MTD images, 3.6e9, took about 47 s of
-#: one core on the machine of docs/scaling.rst); larger selections use chunk
-#: coresets. Chunk coresets of that 1% fit scored about 0.012 image AUROC below
-#: the single pass on MTD, within 0.001 at 10% (docs/scaling.rst): the exact
-#: pass is kept while it costs under about a minute.
+#: below this (the 1% coreset of the 762 MTD images is 3.6e9); larger
+#: selections use chunk coresets. At 1% chunk coresets lost accuracy on MTD
+#: and at 10% they did not, so the exact pass is kept while it is cheap
+#: (figures in docs/scaling.rst and docs/results.md, "Fit time").
 SINGLE_PASS_WORK = 4e9
 #: Rows of one chunk coreset (whole images; the images are spread evenly over
 #: the chunks). A chunk's greedy order costs its rows times its picks, so

@@ -35,9 +35,9 @@ CHUNK_ENTRIES = 1 << 24
 
 #: On a CPU, exact search computes distances in blocks of this many queries
 #: x this many bank rows (16 MB), keeping a running top-k, so that each block
-#: is reduced while it is still in cache: about 1.8 times faster than whole
-#: chunks of ``CHUNK_ENTRIES`` on 2 cores (docs/results.md, "Predict"). On a
-#: GPU, chunks of ``CHUNK_ENTRIES`` run as one block each.
+#: is reduced while it is still in cache, faster than whole chunks of
+#: ``CHUNK_ENTRIES`` (timings in docs/results.md, "Predict"). On a GPU,
+#: chunks of ``CHUNK_ENTRIES`` run as one block each.
 QUERY_BLOCK = 1024
 BANK_BLOCK = 4096
 
@@ -137,9 +137,10 @@ def _nearest_positions(chunk: torch.Tensor, bank: torch.Tensor, bank_squared: to
                        bank_block: int, query_groups: torch.Tensor | None, bank_groups: torch.Tensor | None):
     """The `n_neighbors` bank rows of smallest expanded squared distance, block by block of the bank.
 
-    Each block's ``|b|^2 - 2 q.b`` is reduced to its own top-k (an ``argmin``
-    for one neighbour) and merged into the running top-k; an earlier block
-    wins ties, so ties go to the lowest row as in one ``argmin``.
+    Each block's ``|b|^2 - 2 q.b`` is reduced to its own top-k (a minimum
+    for one neighbour) and merged into the running top-k. For one neighbour
+    an earlier block wins ties, so ties go to the lowest row as in one
+    ``argmin``; for several, ties are ordered as ``torch.topk`` orders them.
     """
     best_values = best_positions = None
     for first in range(0, bank.shape[0], bank_block):
