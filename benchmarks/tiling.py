@@ -2,12 +2,14 @@
 
 For every configuration (the whole image resized to the backbone's 224 px, or
 tiles of a given size at native resolution) on DeepPCB and / or MTD
-(``../shared/data``), with EfficientNet-Lite0 (``blocks.2`` + ``blocks.4``,
-the recommended recipe, 1% coreset):
+(``../shared/data``), with EfficientNet-Lite0 (``blocks.2`` + ``blocks.4``
+or the layers of ``--layers``, the recommended recipe, 1% coreset):
 
 - its real image and pixel AUROC (fit on the training images, scored on the
   labelled test images; pixel AUROC at each image's own resolution for tiled
-  models, at the 224 px view for whole images, as ``skpatchcore evaluate``);
+  models, at the 224 px view for whole images, as ``skpatchcore evaluate``),
+  and on DeepPCB the image AUROC over the test boards whose board number has
+  training templates and over those whose number has none;
 - its synthetic-defect score, without any test label: ``NormalOnlyKFold``
   over the training images, each held-out fold getting synthetic defects of
   a physical size (``synthetic_defect_scorer(defect_size=...)``, mean of
@@ -28,10 +30,17 @@ Examples::
     python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000
     python benchmarks/tiling.py --data mtd --n-train 762 --n-test 582
     python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 0 --tiles none 320
+    python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 200 --cv group \
+        --tiles 320 none --layers blocks.2,blocks.4 blocks.2
 
-``--n-synthetic N`` computes the synthetic score on the first N training
-images only (0: not at all), so that a label-free choice made on a subset can
-be followed by full fits of the chosen settings alone (``--tiles``).
+``--n-synthetic N`` computes the synthetic score on N training images only,
+evenly spaced over the sorted training list (0: not at all), so that a
+label-free choice made on a subset can be followed by full fits of the chosen
+settings alone (``--tiles``, ``--layers``). ``--layers`` compares backbone
+layer sets (``blocks.2,blocks.4 blocks.2``). ``--cv group`` makes the
+synthetic score's folds hold out whole product variants (``GroupKFold``;
+DeepPCB's board numbers), for production that meets variants training never
+saw, as DeepPCB's test boards do.
 ``--map-sigma`` compares smoothings of the maps (``map_sigma``, pixels of the
 image as given for tiled models), fitting each tile size once.
 """
@@ -39,13 +48,16 @@ image as given for tiled models), fitting each tile size once.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import cross_val_score
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold, cross_val_score
 
 from skpatchcore import NormalOnlyKFold, make_patchcore, synthetic_defect_scorer
 from skpatchcore.evaluation import evaluate_model
@@ -64,6 +76,11 @@ DATASETS = {
     "deeppcb": dict(tiles=(None, 320, 214), defect_size=(31.0, 39.0)),
     "mtd": dict(tiles=(None, 224), defect_size=(14.0, 95.0)),
 }
+
+#: Per dataset, the product variant of a training image, for ``--cv group`` (folds that hold out whole
+#: variants, as production meets boards that training never saw): DeepPCB's file names start with the
+#: board's five-digit number. MTD has one product.
+VARIANTS = {"deeppcb": lambda path: Path(path).name[:5]}
 
 
 def _peak_reset() -> None:
@@ -85,13 +102,19 @@ def _peak_mib() -> float:
 
 
 def _subset(data, n_train: int, n_test: int, seed: int = 0):
-    """The first `n_train` training images and a random, class-balanced `n_test` of the test images."""
+    """The first `n_train` training images and a random, class-balanced `n_test` of the test images.
+
+    An `n_test` of at least the number of test images takes them all (the standard protocol).
+    """
     rng = np.random.default_rng(seed)
     labels = np.asarray(data.test_labels)
-    chosen = []
-    for label in (0, 1):
-        members = np.flatnonzero(labels == label)
-        chosen.extend(rng.choice(members, min(len(members), n_test // 2), replace=False).tolist())
+    if n_test >= len(labels):
+        chosen = list(range(len(labels)))
+    else:
+        chosen = []
+        for label in (0, 1):
+            members = np.flatnonzero(labels == label)
+            chosen.extend(rng.choice(members, min(len(members), n_test // 2), replace=False).tolist())
     chosen = sorted(chosen)
     test = dict(
         test_images=[data.test_images[i] for i in chosen], test_labels=labels[chosen],
@@ -101,9 +124,31 @@ def _subset(data, n_train: int, n_test: int, seed: int = 0):
     return list(data.train_images[:n_train]), type(data)(**test)
 
 
-def _model(tile_size, weights, ratio: float, seed: int, n_jobs: int | None):
-    return make_patchcore(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=("blocks.2", "blocks.4"),
+def _model(tile_size, layers: tuple[str, ...], weights, ratio: float, seed: int, n_jobs: int | None):
+    return make_patchcore(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=layers,
                           sampling_ratio=ratio, random_state=seed, n_jobs=n_jobs, tile_size=tile_size)
+
+
+def _spread(images: list, n: int) -> list:
+    """`n` of `images` evenly spaced over the (sorted) list, so that every variant present is sampled."""
+    if n >= len(images):
+        return list(images)
+    return [images[i] for i in np.linspace(0, len(images) - 1, n).round().astype(int)]
+
+
+def _by_variant(scores_csv: Path, train: list, variant) -> dict:
+    """Image AUROC over the test images whose product variant is among the training images' and the others'."""
+    with open(scores_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    seen = {variant(path) for path in train}
+    result = {}
+    for key, keep in (("seen", True), ("unseen", False)):
+        mine = [row for row in rows if (variant(row["path"]) in seen) == keep]
+        labels = [int(row["label"]) for row in mine]
+        result[f"n_test_{key}"] = len(mine)
+        result[f"image_auroc_{key}"] = (float(roc_auc_score(labels, [float(row["anomaly_score"]) for row in mine]))
+                                        if len(set(labels)) == 2 else float("nan"))
+    return result
 
 
 def run(name: str, args) -> list[dict]:
@@ -115,20 +160,29 @@ def run(name: str, args) -> list[dict]:
     scorer = synthetic_defect_scorer("mean_auroc", defect_size=settings["defect_size"])
     rows = []
     n_synthetic = len(train) if args.n_synthetic is None else min(args.n_synthetic, len(train))
-    for tile_size in settings["tiles"] if args.tiles is None else args.tiles:
+    synthetic_train = _spread(train, n_synthetic)
+    if args.cv == "group":
+        if name not in VARIANTS:
+            raise SystemExit(f"--cv group: {name} has no product variants to hold out.")
+        cv, groups = GroupKFold(args.folds), [VARIANTS[name](path) for path in synthetic_train]
+    else:
+        cv, groups = NormalOnlyKFold(args.folds, shuffle=True, random_state=0), None
+    configurations = [(tile_size, layers) for layers in args.layers
+                      for tile_size in (settings["tiles"] if args.tiles is None else args.tiles)]
+    for tile_size, layers in configurations:
         fitted = None  # one fit per tile size; map_sigma only changes how the maps are smoothed
         for sigma in args.map_sigma or [None]:
-            row = dict(data=name, tile_size=tile_size, map_sigma=sigma, n_train=len(train),
-                       n_test=len(test.test_images), n_synthetic=n_synthetic, ratio=args.ratio)
+            row = dict(data=name, tile_size=tile_size, layers="+".join(layers), map_sigma=sigma, n_train=len(train),
+                       n_test=len(test.test_images), n_synthetic=n_synthetic, cv=args.cv, ratio=args.ratio)
             sigma_param = {} if sigma is None else {"detector__map_sigma": sigma}
             row["synthetic"] = float("nan")
             if n_synthetic:
-                model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs).set_params(**sigma_param)
+                model = _model(tile_size, layers, weights, args.ratio, args.seed, args.n_jobs).set_params(
+                    **sigma_param)
                 row["synthetic"] = float(np.mean(cross_val_score(
-                    model, train[:n_synthetic], cv=NormalOnlyKFold(args.folds, shuffle=True, random_state=0),
-                    scoring=scorer)))
+                    model, synthetic_train, cv=cv, groups=groups, scoring=scorer)))
             if fitted is None:
-                model = _model(tile_size, weights, args.ratio, args.seed, args.n_jobs)
+                model = _model(tile_size, layers, weights, args.ratio, args.seed, args.n_jobs)
                 _peak_reset()
                 start = time.perf_counter()
                 model.fit(train)
@@ -141,8 +195,11 @@ def run(name: str, args) -> list[dict]:
             for key in ("fit_s", "fit_peak_mib", "tiles_per_image"):
                 row[key] = fitted[key]
             _peak_reset()
-            metrics = evaluate_model(model, test)
-            row["score_peak_mib"] = _peak_mib()
+            with tempfile.TemporaryDirectory() as folder:
+                metrics = evaluate_model(model, test, output=Path(folder) / "evaluation")
+                row["score_peak_mib"] = _peak_mib()
+                if name in VARIANTS:
+                    row.update(_by_variant(Path(folder) / "evaluation" / "scores.csv", train, VARIANTS[name]))
             row["image_auroc"], row["pixel_auroc"] = metrics["image_auroc"], metrics["pixel_auroc"]
             n_test = len(test.test_images)
             row["score_ms_per_image"] = 1000 * metrics["seconds"] / n_test
@@ -165,13 +222,14 @@ def print_table(rows: list[dict]) -> None:
         chosen = max(scored, key=lambda row: row["synthetic"]) if scored else None
         real = sorted(mine, key=lambda row: -(row["image_auroc"] + row["pixel_auroc"]))
         print(f"\n{name}: {mine[0]['n_train']} training, {mine[0]['n_test']} test images, coreset "
-              f"{mine[0]['ratio']:.1%}; synthetic score on {mine[0]['n_synthetic']} training images, defect size "
-              f"{DATASETS[name]['defect_size']} px")
+              f"{mine[0]['ratio']:.1%}; synthetic score on {mine[0]['n_synthetic']} training images "
+              f"({mine[0]['cv']} folds), defect size {DATASETS[name]['defect_size']} px")
         print("| how the image is seen | tiles | image AUROC | pixel AUROC | synthetic (no labels) | fit s "
               "| score ms/image | ms/MP | backbone ms/image | score / backbone | peak MiB fit / score |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in mine:
             how = "whole image, 224 px" if row["tile_size"] is None else f"tiles of {row['tile_size']} px"
+            how += f", {row['layers']}"
             if row.get("map_sigma") is not None:
                 how += f", map sigma {row['map_sigma']:g}"
             mark = " <- chosen" if row is chosen else ""
@@ -180,8 +238,13 @@ def print_table(rows: list[dict]) -> None:
                   f"| {row['score_ms_per_mp']:.0f} | {row['backbone_ms_per_image']:.0f} "
                   f"| {row['score_ms_per_image'] / row['backbone_ms_per_image']:.2f} "
                   f"| {row['fit_peak_mib']:.0f} / {row['score_peak_mib']:.0f} |")
+        for row in mine:
+            if "n_test_unseen" in row:
+                print(f"{row['tile_size'] or 'whole'}/{row['layers']}: image AUROC {row['image_auroc_seen']:.3f} "
+                      f"on the {row['n_test_seen']} test images of variants in training, "
+                      f"{row['image_auroc_unseen']:.3f} on the {row['n_test_unseen']} of variants not in training")
         print("ranking by real defects (image + pixel AUROC): " + " > ".join(
-            ("whole" if row["tile_size"] is None else str(row["tile_size"]))
+            ("whole" if row["tile_size"] is None else str(row["tile_size"])) + f"/{row['layers']}"
             + ("" if row.get("map_sigma") is None else f"/sigma {row['map_sigma']:g}") for row in real))
 
 
@@ -201,10 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
     parser.add_argument("--tiles", nargs="+", type=_tile_size, default=None, metavar="SIZE",
                         help="tile sizes to compare, 'none' for the whole image (default: the dataset's list)")
+    parser.add_argument("--layers", nargs="+", type=lambda text: tuple(text.split(",")),
+                        default=[("blocks.2", "blocks.4")], metavar="L1,L2",
+                        help="backbone layer sets to compare, comma-separated (default: blocks.2,blocks.4)")
+    parser.add_argument("--cv", choices=("kfold", "group"), default="kfold",
+                        help="synthetic-score folds: NormalOnlyKFold, or GroupKFold holding out whole product "
+                             "variants (DeepPCB: board numbers)")
     parser.add_argument("--map-sigma", type=float, nargs="+", default=None, metavar="SIGMA",
                         help="map smoothing values to compare (one fit per tile size; default: the model's)")
     parser.add_argument("--n-synthetic", type=int, default=None,
-                        help="training images for the synthetic score (default: all; 0: no synthetic score)")
+                        help="training images for the synthetic score, evenly spaced over the training list "
+                             "(default: all; 0: no synthetic score)")
     parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.quick:

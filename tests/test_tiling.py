@@ -370,3 +370,23 @@ def test_synthetic_selection_chooses_tiles_for_small_defects_in_large_images():
     assert search.best_params_ == {"features__tile_size": 32}
     scores = search.cv_results_["mean_test_score"]
     assert scores[1] > scores[0] + 0.1, scores
+
+
+def test_a_layer_search_with_variant_folds_refits_tiled_models_on_the_chosen_layers():
+    # Choosing layers without labels, holding out whole product variants (GroupKFold): every candidate's
+    # tiled bank has its own layers' width, and the refit keeps the chosen layers.
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+
+    from skpatchcore import synthetic_defect_scorer
+
+    rng = np.random.default_rng(5)
+    images = [_texture(rng, 64, 64) for _ in range(8)]
+    variants = [0, 0, 1, 1, 2, 2, 3, 3]
+    grid = {"features__layers": [("layer2", "layer3"), ("layer2",)]}
+    search = GridSearchCV(tiled_model(aggregation="concat"), grid, cv=GroupKFold(2),
+                          scoring=synthetic_defect_scorer("image_auroc", kinds=("intensity",), defect_size=8))
+    search.fit(images, groups=variants)
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    best = search.best_estimator_
+    width = {("layer2", "layer3"): 128 + 256, ("layer2",): 128}[best.steps[0][1].layers]
+    assert best.steps[-1][1].n_features_in_ == width
