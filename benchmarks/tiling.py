@@ -162,15 +162,13 @@ def run(name: str, args) -> list[dict]:
     n_synthetic = len(train) if args.n_synthetic is None else min(args.n_synthetic, len(train))
     synthetic_train = _spread(train, n_synthetic)
     if args.cv == "group":
-        if name not in VARIANTS:
-            raise SystemExit(f"--cv group: {name} has no product variants to hold out.")
         cv, groups = GroupKFold(args.folds), [VARIANTS[name](path) for path in synthetic_train]
     else:
         cv, groups = NormalOnlyKFold(args.folds, shuffle=True, random_state=0), None
     configurations = [(tile_size, layers) for layers in args.layers
                       for tile_size in (settings["tiles"] if args.tiles is None else args.tiles)]
     for tile_size, layers in configurations:
-        fitted = None  # one fit per tile size; map_sigma only changes how the maps are smoothed
+        fitted = None  # one fit per configuration; map_sigma only changes how the maps are smoothed
         for sigma in args.map_sigma or [None]:
             row = dict(data=name, tile_size=tile_size, layers="+".join(layers), map_sigma=sigma, n_train=len(train),
                        n_test=len(test.test_images), n_synthetic=n_synthetic, cv=args.cv, ratio=args.ratio)
@@ -279,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.folds = 16, 32, 2
+    if args.cv == "group" and any(name not in VARIANTS for name in args.data):
+        parser.error(f"--cv group needs product variants to hold out; {sorted(set(args.data) - set(VARIANTS))} "
+                     f"have none (only {sorted(VARIANTS)} do)")
     missing = [name for name in args.data if not (SHARED / "data" / name).is_dir()]
     if missing:
         raise SystemExit(f"../shared/data/{missing[0]} is absent: this benchmark needs the shared data sets.")

@@ -373,8 +373,9 @@ def test_synthetic_selection_chooses_tiles_for_small_defects_in_large_images():
 
 
 def test_a_layer_search_with_variant_folds_refits_tiled_models_on_the_chosen_layers():
-    # Choosing layers without labels, holding out whole product variants (GroupKFold): every candidate's
-    # tiled bank has its own layers' width, and the refit keeps the chosen layers.
+    # Choosing layers without labels, holding out whole product variants (GroupKFold): both layer sets are
+    # scored, and the refit tiled bank has the chosen layers' width (128 columns for layer2 alone; a layer
+    # choice that did not reach the tiled fit would leave the 384 of layer2 + layer3).
     from sklearn.model_selection import GridSearchCV, GroupKFold
 
     from skpatchcore import synthetic_defect_scorer
