@@ -1,4 +1,4 @@
-"""torch's intra-op threads, set in the scikit-learn ``n_jobs`` style.
+"""torch's intra-op threads and numba's, set in the scikit-learn ``n_jobs`` style.
 
 On a machine whose cores are shared (several Dask workers, another busy
 process), torch's OpenMP threads wait for each other at every layer; the
@@ -44,3 +44,27 @@ def torch_threads(n_jobs: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def numba_threads(n_jobs: int | None) -> Iterator[None]:
+    """Run the block with numba's parallel loops on `n_jobs` threads, then restore.
+
+    None follows torch's current setting (``torch.get_num_threads``: the
+    ``n_jobs`` of an enclosing :func:`torch_threads`), so that the search of a
+    pipeline uses the threads its features do. At most numba's own limit
+    (``NUMBA_NUM_THREADS``, the cores by default).
+    """
+    import numba
+
+    threads = effective_n_jobs(n_jobs)
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)

@@ -134,7 +134,9 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         mapped in chunks whose temporary arrays fit in it. None uses
         scikit-learn's ``working_memory`` setting (``sklearn.set_config``).
     n_jobs : int or None, default=None
-        Threads of pynndescent's index construction.
+        Threads of pynndescent's index construction and of its batched
+        queries (scikit-learn style: -1 all cores). None follows torch's
+        current setting (in a pipeline, the pipeline's ``n_jobs``).
     random_state : int, RandomState instance or None, default=None
         Seeds pynndescent and the choice of calibration images.
 

@@ -30,6 +30,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ._threads import numba_threads
+
 #: Largest number of distance entries (queries x bank rows) held at once.
 CHUNK_ENTRIES = 1 << 24
 
@@ -398,7 +400,7 @@ class BankSearch:
                              n_jobs: int | None = None):
         """:func:`nndescent_kneighbors` with the bank's index (built with `random_state`, `n_jobs` on first use)."""
         index = self.structure("pynndescent", lambda: build_nndescent(self.bank, random_state, n_jobs))
-        with self._nndescent_query:
+        with self._nndescent_query, numba_threads(n_jobs):
             return nndescent_kneighbors(index, queries, n_neighbors)
 
 
@@ -433,18 +435,26 @@ def _measure_bfloat16_speedup() -> float:
 
 
 def build_nndescent(bank: np.ndarray, random_state=None, n_jobs: int | None = None):
-    """Build and prepare a pynndescent index over the bank."""
+    """Build and prepare a pynndescent index over the bank.
+
+    It is built on `n_jobs` of numba's threads
+    (:func:`~skpatchcore._threads.numba_threads`: None follows torch's
+    setting). Its batched queries run in parallel over the threads that
+    :meth:`BankSearch.nndescent_kneighbors` sets, each query as a serial one
+    would run it: the same neighbours and distances.
+    """
     from pynndescent import NNDescent
 
-    index = NNDescent(
-        np.asarray(bank, dtype=np.float32),
-        metric="euclidean",
-        n_neighbors=30,
-        random_state=random_state,
-        n_jobs=n_jobs,
-        compressed=False,
-    )
-    index.prepare()
+    with numba_threads(n_jobs):
+        index = NNDescent(
+            np.asarray(bank, dtype=np.float32),
+            metric="euclidean",
+            n_neighbors=30,
+            random_state=random_state,
+            compressed=False,
+            parallel_batch_queries=True,
+        )
+        index.prepare()
     return index
 
 

@@ -57,6 +57,48 @@ def test_pynndescent_agrees_with_exact(rng):
     assert np.quantile(ratio, 0.99) < 1.05
 
 
+@pytest.mark.parametrize("n_jobs", [None, 1, 2, -1, -2])
+def test_pynndescent_queries_on_n_jobs_threads_find_what_one_thread_finds(rng, n_jobs):
+    import os
+
+    import numba
+
+    import skpatchcore.search
+
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(4, 6, 6, 16)).astype(np.float32)
+    detector = PatchCoreDetector(algorithm="pynndescent", random_state=0, n_jobs=1).fit(bank)
+    one_thread = detector.patch_scores(queries)  # builds the index
+    detector.set_params(n_jobs=n_jobs)  # the same index, queried on other threads
+    before = numba.get_num_threads()
+    seen = []
+    query = skpatchcore.search.nndescent_kneighbors
+
+    def spy(*args, **kwargs):
+        seen.append(numba.get_num_threads())
+        return query(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(skpatchcore.search, "nndescent_kneighbors", spy)
+        maps = detector.patch_scores(queries)
+    np.testing.assert_array_equal(maps, one_thread)
+    cores, cpus = numba.config.NUMBA_NUM_THREADS, os.cpu_count()
+    expected = {None: torch.get_num_threads(), 1: 1, 2: 2, -1: cpus, -2: max(1, cpus - 1)}[n_jobs]
+    assert seen and set(seen) == {max(1, min(expected, cores))}
+    assert numba.get_num_threads() == before  # restored after the query
+
+
+@pytest.mark.parametrize("n_jobs", [-1, -2])
+def test_pynndescent_index_builds_with_negative_n_jobs(rng, n_jobs):
+    # pynndescent itself refuses n_jobs=-2 (numba: "number of threads must be between 1 and ...").
+    bank = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    scores = PatchCoreDetector(algorithm="pynndescent", random_state=0, n_jobs=n_jobs).fit(bank).score_samples(queries)
+    exact = PatchCoreDetector(algorithm="exact").fit(bank).score_samples(queries)
+    assert np.all(scores <= exact + 1e-4)  # never closer than the true nearest row (scores are negated)
+    assert np.corrcoef(exact, scores)[0, 1] > 0.99
+
+
 def test_detector_algorithms_give_close_scores(rng):
     bank = rng.normal(size=(3000, 16)).astype(np.float32)
     queries = rng.normal(size=(200, 16))
