@@ -32,6 +32,12 @@ import torch
 
 from ._threads import numba_threads
 
+#: Held by every pynndescent index construction and query: they run numba's parallel
+#: loops, whose fallback threading layer (workqueue, where neither TBB nor OpenMP is
+#: found) must not be entered from two threads at once; a query also writes into
+#: scratch arrays held by its index.
+NUMBA_PARALLEL_LOCK = threading.Lock()
+
 #: Largest number of distance entries (queries x bank rows) held at once.
 CHUNK_ENTRIES = 1 << 24
 
@@ -351,8 +357,9 @@ class BankSearch:
     structure waits for it instead of building a second one, and never sees
     a half-built one. Built structures are not changed afterwards, so
     searches with them run concurrently; the exception is pynndescent's
-    query, which writes into scratch arrays held by its index, so queries of
-    one index run one at a time (:meth:`nndescent_kneighbors`).
+    query, which writes into scratch arrays held by its index and runs
+    numba's parallel loops, so pynndescent's queries and index constructions
+    run one at a time in a process (:data:`NUMBA_PARALLEL_LOCK`).
 
     A new bank gets a new ``BankSearch``: a detector that refits or grows
     its bank replaces the object, and calls that took the old one finish
@@ -368,7 +375,6 @@ class BankSearch:
         self.bank = bank
         self._built: dict = {}
         self._lock = threading.RLock()  # re-entrant: a structure may be built from another one
-        self._nndescent_query = threading.Lock()
 
     def structure(self, key, build: Callable[[], object]):
         """The structure stored under `key`, built with ``build()`` by the first caller."""
@@ -400,7 +406,7 @@ class BankSearch:
                              n_jobs: int | None = None):
         """:func:`nndescent_kneighbors` with the bank's index (built with `random_state`, `n_jobs` on first use)."""
         index = self.structure("pynndescent", lambda: build_nndescent(self.bank, random_state, n_jobs))
-        with self._nndescent_query, numba_threads(n_jobs):
+        with NUMBA_PARALLEL_LOCK, numba_threads(n_jobs):
             return nndescent_kneighbors(index, queries, n_neighbors)
 
 
@@ -445,7 +451,7 @@ def build_nndescent(bank: np.ndarray, random_state=None, n_jobs: int | None = No
     """
     from pynndescent import NNDescent
 
-    with numba_threads(n_jobs):
+    with NUMBA_PARALLEL_LOCK, numba_threads(n_jobs):
         index = NNDescent(
             np.asarray(bank, dtype=np.float32),
             metric="euclidean",
