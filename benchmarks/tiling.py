@@ -32,6 +32,8 @@ Examples::
     python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 0 --tiles none 320
     python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 200 --cv group \
         --tiles 320 none --layers blocks.2,blocks.4 blocks.2
+    python benchmarks/tiling.py --data deeppcb --n-train 1000 --n-test 1000 --n-synthetic 0 --tiles 320 \
+        --layers blocks.2,blocks.4 blocks.2 --random-fraction 0.01
 
 ``--n-synthetic N`` computes the synthetic score on N training images only,
 evenly spaced over the sorted training list (0: not at all), so that a
@@ -44,6 +46,8 @@ saw, as DeepPCB's test boards do.
 ``--kinds`` scores several mixes of synthetic defect kinds
 (``cutpaste,intensity,texture,crack uneven intensity``) on the same fold
 fits; the first mix decides the choice.
+``--random-fraction`` draws that share of every memory bank at random
+(``CoresetSampler(random_fraction=...)``) instead of by the greedy coreset.
 ``--map-sigma`` compares smoothings of the maps (``map_sigma``, pixels of the
 image as given for tiled models), fitting each tile size once.
 """
@@ -128,9 +132,10 @@ def _subset(data, n_train: int, n_test: int, seed: int = 0):
     return list(data.train_images[:n_train]), type(data)(**test)
 
 
-def _model(tile_size, layers: tuple[str, ...], weights, ratio: float, seed: int, n_jobs: int | None):
+def _model(tile_size, layers: tuple[str, ...], weights, args):
     return make_patchcore(backbone="timm:tf_efficientnet_lite0", weights=weights, layers=layers,
-                          sampling_ratio=ratio, random_state=seed, n_jobs=n_jobs, tile_size=tile_size)
+                          sampling_ratio=args.ratio, random_state=args.seed, n_jobs=args.n_jobs,
+                          tile_size=tile_size).set_params(coreset__random_fraction=args.random_fraction)
 
 
 def _spread(images: list, n: int) -> list:
@@ -176,17 +181,18 @@ def run(name: str, args) -> list[dict]:
         fitted = None  # one fit per configuration; map_sigma only changes how the maps are smoothed
         for sigma in args.map_sigma or [None]:
             row = dict(data=name, tile_size=tile_size, layers="+".join(layers), map_sigma=sigma, n_train=len(train),
-                       n_test=len(test.test_images), n_synthetic=n_synthetic, cv=args.cv, ratio=args.ratio)
+                       n_test=len(test.test_images), n_synthetic=n_synthetic, cv=args.cv, ratio=args.ratio,
+                       random_fraction=args.random_fraction)
             sigma_param = {} if sigma is None else {"detector__map_sigma": sigma}
             row["synthetic"] = float("nan")
             if n_synthetic:  # one fit per fold, scored with every mix of defect kinds; the first mix decides
-                model = _model(tile_size, layers, weights, args.ratio, args.seed, args.n_jobs).set_params(
+                model = _model(tile_size, layers, weights, args).set_params(
                     **sigma_param)
                 scores = cross_validate(model, synthetic_train, cv=cv, groups=groups, scoring=scorers)
                 row["synthetic_by_kinds"] = {mix: float(np.mean(scores[f"test_{mix}"])) for mix in scorers}
                 row["synthetic"] = row["synthetic_by_kinds"][next(iter(scorers))]
             if fitted is None:
-                model = _model(tile_size, layers, weights, args.ratio, args.seed, args.n_jobs)
+                model = _model(tile_size, layers, weights, args)
                 _peak_reset()
                 start = time.perf_counter()
                 model.fit(train)
@@ -226,7 +232,8 @@ def print_table(rows: list[dict]) -> None:
         chosen = max(scored, key=lambda row: row["synthetic"]) if scored else None
         real = sorted(mine, key=lambda row: -(row["image_auroc"] + row["pixel_auroc"]))
         print(f"\n{name}: {mine[0]['n_train']} training, {mine[0]['n_test']} test images, coreset "
-              f"{mine[0]['ratio']:.1%}; synthetic score on {mine[0]['n_synthetic']} training images "
+              f"{mine[0]['ratio']:.1%} ({mine[0]['random_fraction']:.0%} of it random rows); "
+              f"synthetic score on {mine[0]['n_synthetic']} training images "
               f"({mine[0]['cv']} folds), defect size {DATASETS[name]['defect_size']} px")
         print("| how the image is seen | tiles | image AUROC | pixel AUROC | synthetic (no labels) | fit s "
               "| score ms/image | ms/MP | backbone ms/image | score / backbone | peak MiB fit / score |")
@@ -278,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=200, help="test images, half good and half defective")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--ratio", type=float, default=0.01, help="coreset sampling ratio (default: 0.01)")
+    parser.add_argument("--random-fraction", type=float, default=0.0,
+                        help="share of the memory bank drawn at random (CoresetSampler's random_fraction; default: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-jobs", type=int, default=None, help="threads (torch and chunk coresets)")
     parser.add_argument("--tiles", nargs="+", type=_tile_size, default=None, metavar="SIZE",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
-from ._param_constraints import DEVICE, FRACTION, N_JOBS, positive_int
+from ._param_constraints import DEVICE, FRACTION, N_JOBS, NumberInterval, positive_int
 from ._random_seeds import derived_rng, draw_seeds
 from ._validation import PatchRows, pool_patches, validate_features
 from .coreset_strategy import (
@@ -83,6 +84,13 @@ class ChunkCoreset(NamedTuple):
     projected: np.ndarray | None = None
 
 
+def _unpicked(n_rows: int, picks: np.ndarray) -> np.ndarray:
+    """Indices in ``range(n_rows)`` that are not in `picks` (ascending)."""
+    mask = np.ones(n_rows, dtype=bool)
+    mask[picks] = False
+    return np.flatnonzero(mask)
+
+
 def _fitted_on_rows(sampler) -> bool:
     """Whether the sampler is unfitted or was fitted on 2-D rows (not on image features)."""
     return getattr(sampler, "n_images_seen_", None) is None
@@ -128,6 +136,20 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         they are (exact greedy coreset).
     n_starting_points : int, default=10
         Random rows whose mean distance initialises the coverage distances.
+    random_fraction : float in [0, 1), default=0.0
+        Fraction of the bank's rows drawn uniformly at random from all rows;
+        the greedy selection picks the rest. 0 is the paper's coreset. Greedy
+        k-center bounds the largest distance of a row to the bank but need
+        not keep any row inside a dense cluster, so the most common patterns
+        (a flat background, bare substrate) can sit near the coverage radius
+        from the bank, and the anomaly maps of normal images are then high
+        wherever they show; random rows fall mostly into those clusters and
+        cover them exactly. A deviation from the paper, for pixel-level maps of images
+        dominated by a few patterns (see docs/large_images.rst). Only with
+        ``method="greedy"``. Random rows are kept through every merge
+        (their radius is ``inf``); in a chunked fit each row is drawn with
+        probability ``sampling_ratio * random_fraction``, so their number
+        varies slightly around that share.
     chunk_sampling_ratio : float in (0, 1] or None, default=None
         Fraction of all rows that the union of the chunk coresets keeps
         before the merge keeps ``sampling_ratio`` of them. None:
@@ -189,13 +211,14 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         Every selected row's radius when it was selected (its distance to
         the rows selected before it; after ``merge_method="radius"`` its effective
         radius), non-increasing; ``inf`` where none was computed (random
-        selection, every row kept). ``partial_fit`` ranks the current bank
-        by them.
+        selection, the random rows of ``random_fraction``, every row kept).
+        ``partial_fit`` ranks the current bank by them.
     coverage_radius_ : float
         Largest distance (in the projected space) from any input row to its
         nearest selected row after the last pick; after a greedy merge of
         chunk coresets an upper bound (largest chunk radius plus the merge's
-        radius). ``nan`` for ``"random"`` and after ``merge_method="radius"``.
+        radius); with ``random_fraction`` the greedy picks' radius, also an
+        upper bound. ``nan`` for ``"random"`` and after ``merge_method="radius"``.
     n_rows_seen_ : int
         Input rows the coreset was chosen from (all chunks and
         ``partial_fit`` calls).
@@ -242,6 +265,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         method="greedy",
         projection_dim=128,
         n_starting_points=10,
+        random_fraction=0.0,
         chunk_sampling_ratio=None,
         merge_method="radius",
         strategy="auto",
@@ -254,6 +278,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         self.method = method
         self.projection_dim = projection_dim
         self.n_starting_points = n_starting_points
+        self.random_fraction = random_fraction
         self.chunk_sampling_ratio = chunk_sampling_ratio
         self.merge_method = merge_method
         self.strategy = strategy
@@ -267,6 +292,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         "method": [StrOptions({"greedy", "random"})],
         "projection_dim": [positive_int(), None],
         "n_starting_points": [positive_int()],
+        "random_fraction": [NumberInterval(Real, 0, 1, closed="left")],
         "chunk_sampling_ratio": [FRACTION, None],
         "merge_method": [StrOptions({"radius", "greedy"})],
         "device": DEVICE,
@@ -331,7 +357,13 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             return
         starts = rng.choice(n_rows, min(self.n_starting_points, n_rows), replace=False)
         projected = _project(rows, self._projection_matrix(rows.shape[1], rng))
-        self.coreset_indices_, self.coverage_radius_, self.coreset_radii_ = self._greedy(projected, starts, n_selected)
+        n_random = int(n_selected * self.random_fraction)
+        picks, self.coverage_radius_, radii = self._greedy(projected, starts, n_selected - n_random)
+        if n_random:  # drawn after the greedy picks, among the rows they left
+            random_rows = np.sort(rng.choice(_unpicked(n_rows, picks), n_random, replace=False))
+            picks = np.concatenate([random_rows, picks])
+            radii = np.concatenate([np.full(n_random, np.inf), radii])
+        self.coreset_indices_, self.coreset_radii_ = picks, radii
 
     def _greedy(
         self, projected: np.ndarray, starts: np.ndarray, n_selected: int, bar=None
@@ -514,6 +546,12 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
 
         def job(bar) -> ChunkCoreset:
             picks, radius, radii = self._greedy(projected, starts, n_selected, bar)
+            if self.random_fraction:  # random rows first, radius inf: every allocation and merge keeps them
+                draw = derived_rng(self.seed_, 3, first_row).random(n_rows)
+                candidates = _unpicked(n_rows, picks)
+                random_rows = candidates[draw[candidates] < self.sampling_ratio * self.random_fraction]
+                picks = np.concatenate([random_rows, picks])
+                radii = np.concatenate([np.full(len(random_rows), np.inf), radii])
             return coreset(picks, radius, radii, projected[picks])
 
         return job
@@ -574,7 +612,9 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
           :func:`~skpatchcore._union.largest_effective_radii_by_group`).
           ``coverage_radius_`` is not computed (``nan``): bounding it would
           cost a search of every union row among the kept ones.
-        - ``"greedy"``: one more greedy pass over the union. If every chunk
+        - ``"greedy"``: one more greedy pass over the union (rows of
+          infinite radius, such as the random rows of ``random_fraction``,
+          are kept, and the pass picks the rest). If every chunk
           keeps at least as many rows as the bank, greedy selection over the
           union of greedy chunk coresets covers every input row within 4
           times the optimal k-center radius (composable coresets; Indyk et
@@ -622,11 +662,18 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
             picks, radii = largest_effective_radii_by_group([self._projected(part) for part in parts], radii,
                                                             n_selected)
             radius = float("nan")
-        else:
+        else:  # rows of infinite radius (random rows, a bank kept whole) stay; the greedy pass picks the rest
+            fixed = np.flatnonzero(np.isinf(radii))
+            free = np.flatnonzero(~np.isinf(radii)) if len(fixed) else np.arange(n_union)
+            n_greedy = max(0, n_selected - len(fixed))
             rng = derived_rng(self.seed_, 2, n_rows_total)
-            starts = rng.choice(n_union, min(self.n_starting_points, n_union), replace=False)
+            starts = rng.choice(len(free), min(self.n_starting_points, len(free)), replace=False)
             projected = np.concatenate([self._projected(part) for part in parts])
-            picks, radius, radii = self._greedy(projected, starts, n_selected)
+            projected = projected[free] if len(fixed) else projected
+            picks, radius, radii = (self._greedy(projected, starts, n_greedy) if n_greedy and len(free)
+                                    else (np.zeros(0, np.int64), float("nan"), np.zeros(0)))
+            picks = np.concatenate([fixed[:n_selected], free[picks]])
+            radii = np.concatenate([np.full(min(len(fixed), n_selected), np.inf), radii])
         self.n_features_in_ = int(parts[0].rows.shape[1])
         self.coreset_indices_ = row_index[picks]
         self.coreset_radii_ = np.asarray(radii, dtype=np.float64)

@@ -52,7 +52,8 @@ def _read_csv(path):
 
 def test_fit_prints_summary_and_saves_pipeline(category, tmp_path, capsys):
     out = tmp_path / "nested" / "m.skpc"
-    assert main(["fit", str(category / "train" / "good"), "-o", str(out), *FAST, "--sampling-ratio", "0.2"]) == 0
+    assert main(["fit", str(category / "train" / "good"), "-o", str(out), *FAST, "--sampling-ratio", "0.2",
+                 "--random-fraction", "0.25"]) == 0
     captured = capsys.readouterr()
     assert "6 images" in captured.out and "resnet18" in captured.out
     assert "memory bank" in captured.out and f"Saved {out}" in captured.out
@@ -62,8 +63,9 @@ def test_fit_prints_summary_and_saves_pipeline(category, tmp_path, capsys):
     params = model.get_params()
     assert params["features__crop_size"] is None and params["features__resize"] == 64
     assert params["features__weights"] is None and params["features__progress"] is False
-    assert params["coreset__sampling_ratio"] == 0.2
+    assert params["coreset__sampling_ratio"] == 0.2 and params["coreset__random_fraction"] == 0.25
     assert model.steps[-1][1].memory_bank_.shape[0] == int(6 * 8 * 8 * 0.2)
+    assert np.count_nonzero(np.isinf(model.steps[1][1].coreset_radii_)) == int(int(6 * 8 * 8 * 0.2) * 0.25)
 
 
 def test_fit_random_backbone_is_reproducible(model_path, category, tmp_path):
@@ -297,6 +299,7 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["fit"]) == 2
     assert main(["fit", "x", "-o", "m", "--sampling-ratio", "2"]) == 2
+    assert main(["fit", "x", "-o", "m", "--random-fraction", "1"]) == 2
     assert "usage:" in capsys.readouterr().err
     assert main(["--help"]) == 0
 

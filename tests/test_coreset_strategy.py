@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import CoresetSampler, PatchCoreDetector, coreset_strategy
@@ -167,3 +168,55 @@ def test_chunks_hold_fewer_rows_above_a_10_percent_ratio(images, small_chunks):
     assert counts[0.25] == [1] * 12  # 144 x 0.225 / 0.5625 = 57 rows: one image of 36 rows each
     bank = CoresetSampler(sampling_ratio=0.25, random_state=0).fit_transform(images)
     assert len(bank) == int(images.shape[0] * 36 * 0.25)
+
+
+# ------------------------------------------------------------------ random_fraction
+@pytest.fixture
+def flat_background(rng):
+    """40 images of 6 x 6 patches: half of every image is one identical pattern, the rest varied."""
+    X = (3.0 * rng.normal(size=(40, 6, 6, 12))).astype(np.float32)
+    X[:, :3] = 0.0
+    return X
+
+
+def _distance_to_bank(X, bank):
+    rows = torch.from_numpy(X.reshape(-1, X.shape[-1])).double()
+    return torch.cdist(rows, torch.from_numpy(np.asarray(bank)).double()).min(dim=1).values.numpy()
+
+
+def test_greedy_alone_keeps_no_row_of_the_dense_pattern_and_random_rows_cover_it(flat_background):
+    X = flat_background
+    greedy = CoresetSampler(sampling_ratio=0.05, projection_dim=None, strategy="single_pass", random_state=0)
+    mixed = clone(greedy).set_params(random_fraction=0.2)
+    background = (X.reshape(-1, 12) == 0).all(axis=1)
+    assert _distance_to_bank(X, greedy.fit_transform(X))[background].min() > 1.0
+    bank = mixed.fit_transform(X)
+    assert _distance_to_bank(X, bank)[background].max() == 0.0
+    n_selected, n_random = int(X[..., 0].size * 0.05), int(int(X[..., 0].size * 0.05) * 0.2)
+    assert len(bank) == n_selected and len(np.unique(mixed.coreset_indices_)) == n_selected
+    # The random rows come first (radius inf), then the first greedy picks of the paper's coreset.
+    assert np.all(np.isinf(mixed.coreset_radii_[:n_random])) and np.all(np.isfinite(mixed.coreset_radii_[n_random:]))
+    np.testing.assert_array_equal(mixed.coreset_indices_[n_random:], greedy.coreset_indices_[:n_selected - n_random])
+    assert mixed.coverage_radius_ >= _distance_to_bank(X, bank).max() * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("merge_method", ["radius", "greedy"])
+def test_chunked_fits_keep_every_random_row_through_the_merge(flat_background, small_chunks, merge_method):
+    X = flat_background
+    sampler = CoresetSampler(sampling_ratio=0.1, random_fraction=0.3, merge_method=merge_method, random_state=0)
+    bank = sampler.fit_transform(X)
+    parts = clone(sampler).begin_chunks().chunk_coresets(X)
+    drawn = np.concatenate([part.row_index[np.isinf(part.radii)] for part in parts])
+    n_rows = X[..., 0].size
+    assert len(parts) > 1 and 0.5 * n_rows * 0.03 < len(drawn) < 1.5 * n_rows * 0.03
+    assert set(drawn) <= set(sampler.coreset_indices_)
+    assert np.count_nonzero(np.isinf(sampler.coreset_radii_)) == len(drawn)
+    assert len(bank) == int(n_rows * 0.1)
+    background = (X.reshape(-1, 12) == 0).all(axis=1)
+    assert _distance_to_bank(X, bank)[background].max() == 0.0
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, True, "0.1"])
+def test_bad_random_fraction(flat_background, value):
+    with pytest.raises(InvalidParameterError, match="random_fraction"):
+        CoresetSampler(random_fraction=value).fit(flat_background)

@@ -78,6 +78,7 @@ def expected_failed_checks(estimator):
     [
         CoresetSampler(sampling_ratio=0.5, random_state=0),
         CoresetSampler(sampling_ratio=1.0, random_state=0),
+        CoresetSampler(sampling_ratio=0.5, random_fraction=0.5, random_state=0),
         PatchCoreDetector(random_state=0),
         tabular_pipeline(),
     ],

@@ -235,6 +235,18 @@ def test_partial_fit_adds_images_without_reading_the_old_ones(synthetic, monkeyp
     assert image_auroc(synthetic.test_labels, -model.score_samples(synthetic.test_images)) > 0.9
 
 
+def test_partial_fit_keeps_the_random_rows_of_the_bank(synthetic):
+    model = small_model(working_memory=FOUR_IMAGES_MIB).set_params(coreset__random_fraction=0.2)
+    model.fit(synthetic.train_images[:8])
+    sampler, detector = model[1], model[-1]
+    random_rows = set(sampler.coreset_indices_[np.isinf(sampler.coreset_radii_)])
+    assert random_rows  # a chunked fit of 8 x 144 rows at 25% draws about 58 of them
+    model.partial_fit(synthetic.train_images[8:])
+    kept = sampler.coreset_indices_[np.isinf(sampler.coreset_radii_)]
+    assert random_rows < set(kept)  # the old random rows stay, the new images add theirs
+    assert detector.memory_bank_.shape[0] == int(16 * 144 * 0.25)
+
+
 def test_partial_fit_on_an_unfitted_model_fits(synthetic):
     first = small_model(working_memory=FOUR_IMAGES_MIB).partial_fit(synthetic.train_images[:8])
     fitted = small_model(working_memory=FOUR_IMAGES_MIB).fit(synthetic.train_images[:8])

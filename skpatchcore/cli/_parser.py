@@ -152,6 +152,11 @@ def _add_model_options(parser: argparse.ArgumentParser, demo: bool = False) -> N
         help="fraction of the training patches kept by the greedy coreset (default: 0.1)",
     )
     memory.add_argument(
+        "--random-fraction", type=_fraction, default=0.0, metavar="FRACTION",
+        help="fraction of the memory bank drawn at random instead of by the greedy coreset: covers the "
+        "most common patterns exactly, for images dominated by a few (default: 0, the paper's coreset)",
+    )
+    memory.add_argument(
         "--n-neighbors", type=_positive_int, default=1,
         help="memory-bank neighbours averaged into a patch score (default: 1)",
     )

@@ -68,6 +68,7 @@ def run_fit(args: argparse.Namespace) -> int:
         n_jobs=args.n_jobs,
         scheduler=args.scheduler,
     )
+    model.set_params(coreset__random_fraction=args.random_fraction)
     info(args, f"Fitting PatchCore on {len(images)} images ({args.backbone}, weights: {describe_weights(weights)})")
     elapsed = fit_model(model, images)
     save_model(model, output)
