@@ -144,9 +144,9 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         (a flat background, bare substrate) can sit near the coverage radius
         from the bank, and the anomaly maps of normal images are then high
         wherever they show; random rows fall mostly into those clusters and
-        cover them exactly. A deviation from the paper, for pixel-level maps of images
-        dominated by a few patterns (see docs/large_images.rst). Only with
-        ``method="greedy"``. Random rows are kept through every merge
+        cover them exactly. A deviation from the paper, for the anomaly maps
+        of images dominated by a few patterns (see docs/large_images.rst).
+        Only with ``method="greedy"``. Random rows are kept through every merge
         (their radius is ``inf``); in a chunked fit each row is drawn with
         probability ``sampling_ratio * random_fraction``, so their number
         varies slightly around that share.
