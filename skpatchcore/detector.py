@@ -39,8 +39,15 @@ ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
 AUTO_NNDESCENT_BANK_ROWS = 50_000
 #: Patches per image searched exactly again after an approximate search, so
-#: that image scores equal exact search (grows x4 until certified).
-EXACT_MAXIMA_PATCHES = 8
+#: that image scores equal exact search (grows x4 until certified): the
+#: approximate search nearly always ranks the true maximum among an image's
+#: first two, and each exact query scans the whole bank.
+EXACT_MAXIMA_PATCHES = 2
+#: Candidates that pynndescent tracks for images' scores alone (no maps):
+#: each image's maximum is made exact afterwards, so a coarser search of the
+#: other patches suffices; maps, which show every patch's score, keep
+#: :data:`~skpatchcore.search.MIN_NNDESCENT_CANDIDATES`.
+SCORES_ONLY_NNDESCENT_CANDIDATES = 4
 #: Images (or rows, for 2-D input) scored to calibrate ``offset_``.
 CALIBRATION_GROUPS = 64
 CALIBRATION_ROWS = 2048
@@ -420,12 +427,13 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             return "pynndescent"
         return "bf16" if bfloat16_speedup() >= AUTO_BF16_MIN_SPEEDUP else "pynndescent"
 
-    def _kneighbors(self, search: BankSearch, queries: np.ndarray, k: int, algorithm: str | None = None):
+    def _kneighbors(self, search: BankSearch, queries: np.ndarray, k: int, algorithm: str | None = None,
+                    n_candidates: int | None = None):
         algorithm = algorithm or self._choose_algorithm(len(queries), search)
         if algorithm == "bf16":
             return search.shortlist().kneighbors(queries, k)
         if algorithm == "pynndescent":
-            return search.nndescent_kneighbors(queries, k, self.random_state, self.n_jobs)
+            return search.nndescent_kneighbors(queries, k, self.random_state, self.n_jobs, n_candidates)
         return search.exact_kneighbors(queries, k, resolve_device(self.device))
 
     def kneighbors(self, X, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -473,13 +481,17 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         shifted = np.exp(distances - distances.max(axis=1, keepdims=True))
         return 1.0 - shifted[:, 0] / shifted.sum(axis=1)
 
-    def _score(self, X) -> tuple[np.ndarray, np.ndarray | None]:
-        """Anomaly scores (positive) per sample, and patch-score grids for 4-D input."""
+    def _score(self, X, maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Anomaly scores (positive) per sample, and patch-score grids for 4-D input.
+
+        ``maps=False``: the grids serve only to find each image's largest
+        patch score (see :meth:`score_and_patch_scores`).
+        """
         search = self._bank_search()  # one bank for the whole call, even if partial_fit replaces it meanwhile
         if isinstance(X, np.ndarray) and X.ndim == 4:
-            scores, grids = zip(*(self._score_rows(search, chunk) for chunk in self._image_chunks(X, 0)))
+            scores, grids = zip(*(self._score_rows(search, chunk, maps) for chunk in self._image_chunks(X, 0)))
             return np.concatenate(scores), np.concatenate(grids)
-        return self._score_rows(search, X)
+        return self._score_rows(search, X, maps)
 
     def _image_chunks(self, X, map_pixels: int):
         """4-D features in consecutive chunks of images that fit ``working_memory``.
@@ -495,10 +507,13 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         for start in range(0, n_images, step):
             yield X[start:start + step]
 
-    def _score_rows(self, search: BankSearch, X) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score_rows(self, search: BankSearch, X, maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
         algorithm = self._choose_algorithm(len(rows), search)
-        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm)
+        # Image scores are made exact below; rows' scores (2-D input) are the search's own.
+        coarse = not maps and image_index is not None
+        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm,
+                                              SCORES_ONLY_NNDESCENT_CANDIDATES if coarse else None)
         patch_scores = distances.mean(axis=1)
         if image_index is None:
             scores = patch_scores.astype(np.float64)
@@ -568,7 +583,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             Minus the PatchCore score (an image's largest patch distance, or
             a row's nearest-neighbour distance).
         """
-        return -self._score(X)[0]
+        return -self._score(X, maps=False)[0]
 
     def decision_function(self, X) -> np.ndarray:
         """Shifted opposite of the anomaly score: negative for predicted anomalies.
@@ -671,7 +686,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         _check_four_d(X)
         return self._score(X)[1]
 
-    def score_and_patch_scores(self, X) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_patch_scores(self, X, *, maps: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``score_samples`` and :meth:`patch_scores` from one nearest-neighbour search.
 
         What a tiled pipeline needs per tile: the image score (with
@@ -681,6 +696,13 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         Parameters
         ----------
         X : ndarray of shape (n_images, h, w, n_features)
+        maps : bool, default=True
+            False when the grids serve only to find each image's largest
+            patch score, as :meth:`score_samples` needs them: that maximum
+            and the image scores are the same either way (exact search's),
+            and pynndescent's search (``algorithm="pynndescent"``, or
+            "auto" choosing it) tracks fewer candidates, so the other patch
+            scores may be larger than with ``maps=True``.
 
         Returns
         -------
@@ -690,7 +712,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             Higher means more anomalous.
         """
         _check_four_d(X)
-        scores, grids = self._score(X)
+        scores, grids = self._score(X, maps)
         return -scores, grids
 
     def anomaly_maps(self, X, output_size) -> np.ndarray:

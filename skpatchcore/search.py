@@ -403,11 +403,11 @@ class BankSearch:
         return self.structure("bf16", lambda: BFloat16Shortlist(self.bank))
 
     def nndescent_kneighbors(self, queries: np.ndarray, n_neighbors: int, random_state=None,
-                             n_jobs: int | None = None):
+                             n_jobs: int | None = None, n_candidates: int | None = None):
         """:func:`nndescent_kneighbors` with the bank's index (built with `random_state`, `n_jobs` on first use)."""
         index = self.structure("pynndescent", lambda: build_nndescent(self.bank, random_state, n_jobs))
         with NUMBA_PARALLEL_LOCK, numba_threads(n_jobs):
-            return nndescent_kneighbors(index, queries, n_neighbors)
+            return nndescent_kneighbors(index, queries, n_neighbors, n_candidates=n_candidates)
 
 
 _SPEEDUP_LOCK = threading.Lock()
@@ -470,8 +470,14 @@ def build_nndescent(bank: np.ndarray, random_state=None, n_jobs: int | None = No
 MIN_NNDESCENT_CANDIDATES = 8
 
 
-def nndescent_kneighbors(index, queries: np.ndarray, n_neighbors: int, epsilon: float = 0.1):
-    """Query a pynndescent index; distances are Euclidean, float32, ascending."""
-    k = max(n_neighbors, MIN_NNDESCENT_CANDIDATES)
+def nndescent_kneighbors(index, queries: np.ndarray, n_neighbors: int, epsilon: float = 0.1,
+                         n_candidates: int | None = None):
+    """Query a pynndescent index; distances are Euclidean, float32, ascending.
+
+    The search tracks ``max(n_neighbors, n_candidates)`` candidates
+    (None: :data:`MIN_NNDESCENT_CANDIDATES`); more find the true nearest
+    neighbours more often, and take longer.
+    """
+    k = max(n_neighbors, MIN_NNDESCENT_CANDIDATES if n_candidates is None else n_candidates)
     indices, distances = index.query(np.asarray(queries, dtype=np.float32), k=k, epsilon=epsilon)
     return distances[:, :n_neighbors].astype(np.float32), indices[:, :n_neighbors].astype(np.int64)

@@ -10,7 +10,14 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import CoresetSampler, PatchCoreDetector
 from skpatchcore.coreset import PatchRows
-from skpatchcore.search import BFloat16Shortlist, brute_force_kneighbors, build_nndescent, nndescent_kneighbors
+from skpatchcore.detector import SCORES_ONLY_NNDESCENT_CANDIDATES
+from skpatchcore.search import (
+    MIN_NNDESCENT_CANDIDATES,
+    BFloat16Shortlist,
+    brute_force_kneighbors,
+    build_nndescent,
+    nndescent_kneighbors,
+)
 
 
 def brute_force(queries, bank, k):
@@ -341,6 +348,46 @@ def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
     np.testing.assert_allclose(approximate.score_samples(test), exact.score_samples(test), rtol=1e-5)
     # Patch scores are upper bounds of the exact ones.
     assert np.all(approximate.patch_scores(test) >= exact.patch_scores(test) * (1 - 1e-5))
+
+
+@pytest.mark.parametrize("maps", [True, False])
+def test_patch_scores_for_maxima_only_keep_image_scores_exact(maps, rng):
+    basis = rng.normal(size=(8, 64))
+    train = (rng.normal(size=(30, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(30, 6, 6, 64))).astype(np.float32)
+    test = (rng.normal(size=(20, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(20, 6, 6, 64))).astype(np.float32)
+    test[::3, 2, 2] += 3.0
+    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact").fit(train).score_and_patch_scores(test)
+    scores, grids = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(train).score_and_patch_scores(
+        test, maps=maps)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    np.testing.assert_allclose(grids.max(axis=(1, 2)), exact_grids.max(axis=(1, 2)), rtol=1e-5)
+    assert np.all(grids >= exact_grids * (1 - 1e-5))
+
+
+def test_scores_without_maps_search_fewer_candidates(rng, monkeypatch):
+    # Image scores are made exact after the search, so score_samples may search coarsely; maps and
+    # rows' scores (2-D input, not made exact) keep the full candidate list.
+    import skpatchcore.search as search_module
+
+    tracked = []
+    query = search_module.nndescent_kneighbors
+
+    def spy(index, queries, n_neighbors, epsilon=0.1, n_candidates=None):
+        tracked.append(search_module.MIN_NNDESCENT_CANDIDATES if n_candidates is None else n_candidates)
+        return query(index, queries, n_neighbors, epsilon, n_candidates)
+
+    monkeypatch.setattr(search_module, "nndescent_kneighbors", spy)
+    train = rng.normal(size=(30, 6, 6, 8)).astype(np.float32)
+    test = rng.normal(size=(4, 6, 6, 8)).astype(np.float32)
+    detector = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(train)
+    tracked.clear()
+    detector.score_samples(test)
+    assert tracked[0] == SCORES_ONLY_NNDESCENT_CANDIDATES < MIN_NNDESCENT_CANDIDATES
+    for call in (detector.patch_scores, detector.score_and_patch_scores,
+                 lambda X: detector.score_samples(X.reshape(-1, 8))):
+        tracked.clear()
+        call(test)
+        assert tracked[0] == MIN_NNDESCENT_CANDIDATES
 
 
 def test_huge_values_are_refused_instead_of_an_infinite_threshold(rng):
