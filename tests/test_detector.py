@@ -350,15 +350,17 @@ def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
     assert np.all(approximate.patch_scores(test) >= exact.patch_scores(test) * (1 - 1e-5))
 
 
+@pytest.mark.parametrize("reweight", [False, True])
 @pytest.mark.parametrize("maps", [True, False])
-def test_patch_scores_for_maxima_only_keep_image_scores_exact(maps, rng):
+def test_patch_scores_for_maxima_only_keep_image_scores_exact(maps, reweight, rng):
     basis = rng.normal(size=(8, 64))
     train = (rng.normal(size=(30, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(30, 6, 6, 64))).astype(np.float32)
     test = (rng.normal(size=(20, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(20, 6, 6, 64))).astype(np.float32)
     test[::3, 2, 2] += 3.0
-    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact").fit(train).score_and_patch_scores(test)
-    scores, grids = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(train).score_and_patch_scores(
-        test, maps=maps)
+    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact", reweight=reweight).fit(
+        train).score_and_patch_scores(test)
+    scores, grids = PatchCoreDetector(algorithm="pynndescent", reweight=reweight, random_state=0).fit(
+        train).score_and_patch_scores(test, maps=maps)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
     np.testing.assert_allclose(grids.max(axis=(1, 2)), exact_grids.max(axis=(1, 2)), rtol=1e-5)
     assert np.all(grids >= exact_grids * (1 - 1e-5))

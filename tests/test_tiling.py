@@ -116,6 +116,17 @@ def test_image_score_is_its_most_anomalous_patch_over_all_tiles(fitted, test_ima
     assert fitted.predict(test_images).tolist() == [1, -1]
 
 
+@pytest.mark.parametrize("reweight", [False, True])
+def test_tiled_scores_without_maps_equal_those_with_maps_and_exact_search(train, test_images, reweight):
+    # predict's scoring searches coarsely (fewer pynndescent candidates) since each tile's largest patch
+    # score is searched again exactly: the image scores must not change.
+    approximate = tiled_model().set_params(detector__algorithm="pynndescent", detector__reweight=reweight).fit(train)
+    exact = tiled_model().set_params(detector__algorithm="exact", detector__reweight=reweight).fit(train)
+    scores = approximate.score_samples(test_images)
+    np.testing.assert_allclose(scores, approximate.score_and_maps(test_images)[0], rtol=1e-6)
+    np.testing.assert_allclose(scores, exact.score_samples(test_images), rtol=1e-5)
+
+
 def test_maps_are_at_the_image_size_and_peak_on_the_defect(fitted, test_images):
     scores, maps = fitted.score_and_maps(test_images)
     assert maps.shape == (2, 64, 96)
