@@ -91,6 +91,12 @@ def _unpicked(n_rows: int, picks: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
+def _random_rows_first(random_rows: np.ndarray, picks: np.ndarray, radii: np.ndarray):
+    """The bank's rows and radii with `random_rows` (radius ``inf``: every merge keeps them) before `picks`."""
+    return (np.concatenate([random_rows, picks]),
+            np.concatenate([np.full(len(random_rows), np.inf), radii]))
+
+
 def _fitted_on_rows(sampler) -> bool:
     """Whether the sampler is unfitted or was fitted on 2-D rows (not on image features)."""
     return getattr(sampler, "n_images_seen_", None) is None
@@ -361,8 +367,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
         picks, self.coverage_radius_, radii = self._greedy(projected, starts, n_selected - n_random)
         if n_random:  # drawn after the greedy picks, among the rows they left
             random_rows = np.sort(rng.choice(_unpicked(n_rows, picks), n_random, replace=False))
-            picks = np.concatenate([random_rows, picks])
-            radii = np.concatenate([np.full(n_random, np.inf), radii])
+            picks, radii = _random_rows_first(random_rows, picks, radii)
         self.coreset_indices_, self.coreset_radii_ = picks, radii
 
     def _greedy(
@@ -550,8 +555,7 @@ class CoresetSampler(DocLinkMixin, VersionedStateMixin, TransformerMixin, BaseEs
                 draw = derived_rng(self.seed_, 3, first_row).random(n_rows)
                 candidates = _unpicked(n_rows, picks)
                 random_rows = candidates[draw[candidates] < self.sampling_ratio * self.random_fraction]
-                picks = np.concatenate([random_rows, picks])
-                radii = np.concatenate([np.full(len(random_rows), np.inf), radii])
+                picks, radii = _random_rows_first(random_rows, picks, radii)
             return coreset(picks, radius, radii, projected[picks])
 
         return job
