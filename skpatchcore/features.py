@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import numbers
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._doc_link import DocLinkMixin
+from ._malloc import reuse_freed_memory
 from ._param_constraints import DEVICE, N_JOBS, NumberInterval, positive_int
 from ._random_seeds import int_seeds
 from ._threads import torch_threads
@@ -580,7 +582,8 @@ class PatchFeatureTransformer(DocLinkMixin, VersionedStateMixin, TransformerMixi
         parts = []
         for view in views:
             tensor = torch.from_numpy(view).to(device).contiguous(memory_format=torch.channels_last)
-            features = self._aggregate(model(tensor))
+            with reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext():
+                features = self._aggregate(model(tensor))
             if parts and features.shape[1:3] != parts[0].shape[1:3]:
                 grid = tuple(parts[0].shape[1:3])
                 shrink = features.shape[1] > grid[0] or features.shape[2] > grid[1]
