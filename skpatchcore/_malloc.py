@@ -18,7 +18,7 @@ preloading them for this reason).
 
 It does nothing off glibc, when ``SKPATCHCORE_REUSE_FREED_MEMORY=0`` is set,
 or when the process already chose its allocator's settings: ``LD_PRELOAD``
-naming an allocator, ``MALLOC_*_`` variables or ``glibc.malloc`` tunables.
+naming an allocator, ``MALLOC_*`` variables or ``glibc.malloc`` tunables.
 """
 
 from __future__ import annotations
