@@ -19,6 +19,8 @@ preloading them for this reason).
 It does nothing off glibc, when ``SKPATCHCORE_REUSE_FREED_MEMORY=0`` is set,
 or when the process already chose its allocator's settings: ``LD_PRELOAD``
 naming an allocator, ``MALLOC_*`` variables or ``glibc.malloc`` tunables.
+Dask workers are such processes (Dask sets ``MALLOC_TRIM_THRESHOLD_``);
+:func:`unfreeze_mmap_threshold` gives them back glibc's mmap ceiling.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import threading
 from collections.abc import Iterator
 
 # mallopt(3) parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 #: glibc's ceiling for the mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 #: Freed memory the heap keeps at its top before returning it to the system.
@@ -60,19 +62,42 @@ def _user_chose_allocator(environ) -> bool:
     return "malloc" in environ.get("LD_PRELOAD", "")
 
 
+def _load_mallopt(load_libc=lambda: ctypes.CDLL(None)):
+    """The C library's ``mallopt(parameter, value)``, or None where it has none (not glibc)."""
+    try:
+        return load_libc().mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 @functools.cache
 def _mallopt():
     """glibc's ``mallopt`` with the thresholds fixed, or None where this module leaves malloc alone."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _user_chose_allocator(os.environ):
         return None
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
+    mallopt = _load_mallopt()
+    if mallopt is None or not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                               and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         return None
     return mallopt
+
+
+def unfreeze_mmap_threshold(environ=os.environ, load_libc=lambda: ctypes.CDLL(None)) -> bool:
+    """Let glibc keep large freed blocks on a Dask worker; return whether it was changed.
+
+    Dask starts worker processes with ``MALLOC_TRIM_THRESHOLD_`` set, so that
+    they give freed memory back to the system. Setting that option also
+    freezes glibc's mmap threshold at 128 KiB: every activation buffer of a
+    forward pass is then a fresh ``mmap`` whose pages fault in one by one,
+    and CPU inference runs much slower (docs/archive/benchmarks-notebook.md). Raising
+    the mmap threshold back to where glibc would move it by itself restores
+    the speed and keeps Dask's trimming. Nothing changes where the variable
+    is not set, where ``MALLOC_MMAP_THRESHOLD_`` is set, or without glibc.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in environ or "MALLOC_MMAP_THRESHOLD_" in environ:
+        return False
+    mallopt = _load_mallopt(load_libc)
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 @contextlib.contextmanager
@@ -89,7 +114,7 @@ def reuse_freed_memory() -> Iterator[None]:
         return
     with _lock:
         if _active == 0:
-            mallopt(_M_MMAP_MAX, 0)
+            mallopt(M_MMAP_MAX, 0)
         _active += 1
     try:
         yield
@@ -97,4 +122,4 @@ def reuse_freed_memory() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0:
-                mallopt(_M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)

@@ -28,13 +28,13 @@ workers x threads never exceed the cores.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ._malloc import unfreeze_mmap_threshold
 from ._threads import effective_n_jobs, torch_threads
 from .coreset import ChunkCoreset
 from .tiling import number_by_image
@@ -45,11 +45,6 @@ CONNECT_TIMEOUT = "10s"
 #: Scoring chunks in flight per worker thread: enough to keep workers busy,
 #: few enough that results waiting for the caller stay bounded.
 CHUNKS_AHEAD_PER_THREAD = 2
-
-#: glibc's ``M_MMAP_THRESHOLD`` option, and the largest value its dynamic
-#: threshold would reach by itself on 64-bit machines.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 * 2**20
 
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
@@ -132,33 +127,12 @@ def _workers(client) -> dict:
     return client.scheduler_info()["workers"]
 
 
-def _reuse_large_blocks(environ=os.environ, load_libc=lambda: ctypes.CDLL(None)) -> bool:
-    """Let glibc keep large freed blocks on a Dask worker; return whether it was changed.
-
-    Dask starts worker processes with ``MALLOC_TRIM_THRESHOLD_`` set, so that
-    they give freed memory back to the system. Setting that option also
-    freezes glibc's mmap threshold at 128 KiB: every activation buffer of a
-    forward pass is then a fresh ``mmap`` whose pages fault in one by one,
-    and CPU inference runs much slower (docs/archive/benchmarks-notebook.md). Raising
-    the mmap threshold back to where glibc would move it by itself restores
-    the speed and keeps Dask's trimming. Nothing changes where the variable
-    is not set, where ``MALLOC_MMAP_THRESHOLD_`` is set, or without glibc.
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in environ or "MALLOC_MMAP_THRESHOLD_" in environ:
-        return False
-    try:
-        mallopt = load_libc().mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-
-
 def _prepare_process() -> None:
     """Once per process, before a task's first forward pass."""
     global _large_blocks_reused
     if not _large_blocks_reused:
         _large_blocks_reused = True
-        _reuse_large_blocks()
+        unfreeze_mmap_threshold()
 
 
 def _task_context(plan: dict[str, int], n_jobs: int | None):

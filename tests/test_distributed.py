@@ -137,7 +137,7 @@ def test_workers_share_the_cores(client):
 
 def test_workers_keep_large_freed_blocks_where_dask_trims_memory():
     """Dask sets MALLOC_TRIM_THRESHOLD_ on workers, which freezes glibc's mmap threshold."""
-    from skpatchcore.distributed import M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, _reuse_large_blocks
+    from skpatchcore._malloc import M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, unfreeze_mmap_threshold
 
     calls = []
 
@@ -146,12 +146,12 @@ def test_workers_keep_large_freed_blocks_where_dask_trims_memory():
             calls.append((option, value))
             return 1
 
-    assert _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "65536"}, FakeLibc)
+    assert unfreeze_mmap_threshold({"MALLOC_TRIM_THRESHOLD_": "65536"}, FakeLibc)
     assert calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)]
     # Left alone: no Dask trimming, a threshold the user chose, no glibc.
-    assert not _reuse_large_blocks({}, FakeLibc)
-    assert not _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "1"}, FakeLibc)
-    assert not _reuse_large_blocks({"MALLOC_TRIM_THRESHOLD_": "1"}, lambda: object())
+    assert not unfreeze_mmap_threshold({}, FakeLibc)
+    assert not unfreeze_mmap_threshold({"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "1"}, FakeLibc)
+    assert not unfreeze_mmap_threshold({"MALLOC_TRIM_THRESHOLD_": "1"}, lambda: object())
     assert len(calls) == 1
 
 

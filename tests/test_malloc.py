@@ -55,13 +55,13 @@ def test_the_users_own_allocator_settings_are_left_alone(environ, chose):
 def test_blocks_serve_large_allocations_from_the_heap_until_the_last_one_ends(recorded):
     with _malloc.reuse_freed_memory():
         with _malloc.reuse_freed_memory():
-            assert recorded.calls == [(_malloc._M_MMAP_MAX, 0)]
-        assert recorded.calls == [(_malloc._M_MMAP_MAX, 0)]
-    assert recorded.calls == [(_malloc._M_MMAP_MAX, 0), (_malloc._M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX)]
+            assert recorded.calls == [(_malloc.M_MMAP_MAX, 0)]
+        assert recorded.calls == [(_malloc.M_MMAP_MAX, 0)]
+    assert recorded.calls == [(_malloc.M_MMAP_MAX, 0), (_malloc.M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX)]
     with pytest.raises(RuntimeError, match="inside"):
         with _malloc.reuse_freed_memory():
             raise RuntimeError("inside")
-    assert recorded.calls[-1] == (_malloc._M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX) and _malloc._active == 0
+    assert recorded.calls[-1] == (_malloc.M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX) and _malloc._active == 0
 
 
 def test_without_glibc_settings_the_block_changes_nothing(monkeypatch):
@@ -77,7 +77,7 @@ def test_cpu_forward_passes_run_inside_the_block(recorded, tile_size):
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
     transformer.transform(images)
     n_batches = 2 if tile_size is None else 6  # 3 images, or 12 tiles, in batches of 2
-    assert recorded.calls == [(_malloc._M_MMAP_MAX, 0), (_malloc._M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX)] * n_batches
+    assert recorded.calls == [(_malloc.M_MMAP_MAX, 0), (_malloc.M_MMAP_MAX, _malloc.DEFAULT_MMAP_MAX)] * n_batches
 
 
 FAULTS_SCRIPT = textwrap.dedent("""
