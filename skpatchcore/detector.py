@@ -38,16 +38,20 @@ AUTO_SMALL_BANK_WORK = 1e6
 ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
 AUTO_NNDESCENT_BANK_ROWS = 50_000
-#: Patches per image searched exactly again after an approximate search, so
-#: that image scores equal exact search (grows x4 until certified): the
-#: approximate search nearly always ranks the true maximum among an image's
-#: first two, and each exact query scans the whole bank.
+#: Patches per image (or group of tiles) searched exactly again after an
+#: approximate search, so that image scores equal exact search (grows x4 until
+#: certified): the approximate search nearly always ranks the true maximum
+#: among an image's first two, and each exact query scans the whole bank.
 EXACT_MAXIMA_PATCHES = 2
 #: Candidates that pynndescent tracks for images' scores alone (no maps):
 #: each image's maximum is made exact afterwards, so a coarser search of the
 #: other patches suffices; maps, which show every patch's score, keep
 #: :data:`~skpatchcore.search.MIN_NNDESCENT_CANDIDATES`.
 SCORES_ONLY_NNDESCENT_CANDIDATES = 4
+#: The same when images come in groups that share one certification (a tiled
+#: image's tiles): far more patches per exact re-search, so a still coarser
+#: search pays.
+GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES = 1
 #: Images (or rows, for 2-D input) scored to calibrate ``offset_``.
 CALIBRATION_GROUPS = 64
 CALIBRATION_ROWS = 2048
@@ -481,20 +485,24 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         shifted = np.exp(distances - distances.max(axis=1, keepdims=True))
         return 1.0 - shifted[:, 0] / shifted.sum(axis=1)
 
-    def _score(self, X, maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score(self, X, maps: bool = True, groups=None) -> tuple[np.ndarray, np.ndarray | None]:
         """Anomaly scores (positive) per sample, and patch-score grids for 4-D input.
 
         ``maps=False``: the grids serve only to find each image's largest
-        patch score (see :meth:`score_and_patch_scores`).
+        patch score; `groups` (one label per image of 4-D input): only each
+        group's largest patch score is made exact (see
+        :meth:`score_and_patch_scores`).
         """
         search = self._bank_search()  # one bank for the whole call, even if partial_fit replaces it meanwhile
         if isinstance(X, np.ndarray) and X.ndim == 4:
-            scores, grids = zip(*(self._score_rows(search, chunk, maps) for chunk in self._image_chunks(X, 0)))
+            parts = [self._score_rows(search, X[chunk], maps, None if groups is None else groups[chunk])
+                     for chunk in self._image_chunks(X, 0)]
+            scores, grids = zip(*parts)
             return np.concatenate(scores), np.concatenate(grids)
-        return self._score_rows(search, X, maps)
+        return self._score_rows(search, X, maps, groups)
 
     def _image_chunks(self, X, map_pixels: int):
-        """4-D features in consecutive chunks of images that fit ``working_memory``.
+        """Slices of 4-D features' images, consecutive chunks that fit ``working_memory``.
 
         The budget holds each chunk's search results (distances and indices
         of every patch) and its ``map_pixels``-pixel anomaly maps.
@@ -503,17 +511,20 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         per_image = height * width * (12 * self.n_neighbors + 4) + 8 * map_pixels
         step = images_per_chunk(per_image, max(1, n_images), self.working_memory)
         if n_images == 0:
-            yield X  # validation names the problem
+            yield slice(0, 0)  # validation names the problem
         for start in range(0, n_images, step):
-            yield X[start:start + step]
+            yield slice(start, start + step)
 
-    def _score_rows(self, search: BankSearch, X, maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score_rows(self, search: BankSearch, X, maps: bool = True,
+                    groups=None) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
         algorithm = self._choose_algorithm(len(rows), search)
         # Image scores are made exact below; rows' scores (2-D input) are the search's own.
-        coarse = not maps and image_index is not None
-        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm,
-                                              SCORES_ONLY_NNDESCENT_CANDIDATES if coarse else None)
+        n_candidates = None  # the search's default, for maps and rows' scores
+        if not maps and image_index is not None:
+            n_candidates = (SCORES_ONLY_NNDESCENT_CANDIDATES if groups is None
+                            else GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES)
+        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm, n_candidates)
         patch_scores = distances.mean(axis=1)
         if image_index is None:
             scores = patch_scores.astype(np.float64)
@@ -521,9 +532,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
                 scores *= self._reweight_factors(search, rows, indices[:, 0])
             return scores, None
         n_images, height, width = np.asarray(X).shape[:3]
-        flat = patch_scores.reshape(n_images, height * width)
         if algorithm != "exact":
-            self._make_image_maxima_exact(search, rows, flat, distances, indices, algorithm)
+            members = _patches_by_group(np.arange(n_images) if groups is None else np.asarray(groups),
+                                        height * width)
+            self._make_maxima_exact(search, rows, members, patch_scores, distances, indices, algorithm)
+        flat = patch_scores.reshape(n_images, height * width)
         top = np.argmax(flat, axis=1)
         scores = flat[np.arange(n_images), top].astype(np.float64)
         if self.reweight:
@@ -531,40 +544,48 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             scores *= self._reweight_factors(search, rows[top_rows], indices[top_rows, 0])
         return scores, flat.reshape(n_images, height, width)
 
-    def _make_image_maxima_exact(self, search: BankSearch, rows: np.ndarray, flat: np.ndarray,
-                                 distances: np.ndarray, indices: np.ndarray, algorithm: str) -> None:
-        """Give every image exactly the largest patch score that exact search gives.
+    def _make_maxima_exact(self, search: BankSearch, rows: np.ndarray, members: np.ndarray,
+                           patch_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray,
+                           algorithm: str) -> None:
+        """Give every group of patches exactly the largest patch score that exact search gives.
 
         An approximate search returns true distances to *some* bank rows, so
-        each patch score is an upper bound of the exact one. Each image's
+        each patch score is an upper bound of the exact one. Each group's
         highest-scoring patches are searched again exactly; once the largest
         exact value among them is at least the highest bound left unchecked,
-        no other patch can beat it and the image score is exact. ``flat``
-        (n_images, n_patches), ``distances`` and ``indices`` (one row per
-        patch) are updated in place. After the bfloat16 shortlist, the exact
-        search is the shortlist's own, pruned with its PCA lower bound (much
-        cheaper than brute force, see docs/archive/benchmarks-notebook.md).
+        no other patch of the group can beat it and its maximum is exact.
+        ``members`` (n_groups, width) holds each group's patch positions,
+        -1 past its end (see :func:`_patches_by_group`); ``patch_scores``,
+        ``distances`` and ``indices`` (one row per patch) are updated in
+        place. After the bfloat16 shortlist, the exact search is the
+        shortlist's own, pruned with its PCA lower bound (much cheaper than
+        brute force, see docs/archive/benchmarks-notebook.md).
         """
-        n_images, n_patches = flat.shape
-        pending = np.arange(n_images)
-        n_checked = min(EXACT_MAXIMA_PATCHES, n_patches)
+        n_groups, width = members.shape
+        pending = np.arange(n_groups)
+        n_checked = min(EXACT_MAXIMA_PATCHES, width)
+        searched = np.zeros(len(patch_scores), dtype=bool)  # exact already: not searched again
         while pending.size:
-            order = np.argsort(-flat[pending], axis=1, kind="stable")
-            chosen = order[:, :n_checked]
-            positions = (pending[:, None] * n_patches + chosen).ravel()
+            mine = members[pending]
+            bounds = np.where(mine >= 0, patch_scores[mine], -np.inf)
+            order = np.argsort(-bounds, axis=1, kind="stable")
+            chosen = np.take_along_axis(mine, order[:, :n_checked], axis=1)
+            positions = chosen[chosen >= 0]
+            positions = positions[~searched[positions]]
+            searched[positions] = True
             if algorithm == "bf16":
                 exact = search.shortlist().exact_kneighbors(rows[positions], self.n_neighbors,
                                                             distances[positions, -1])
             else:
                 exact = self._kneighbors(search, rows[positions], self.n_neighbors, "exact")
             distances[positions], indices[positions] = exact
-            flat[pending[:, None], chosen] = exact[0].mean(axis=1).reshape(chosen.shape)
-            if n_checked == n_patches:
+            patch_scores[positions] = exact[0].mean(axis=1)
+            if n_checked == width:
                 break
-            best_checked = flat[pending[:, None], chosen].max(axis=1)
-            best_unchecked = flat[pending, order[:, n_checked]]
+            best_checked = np.where(chosen >= 0, patch_scores[chosen], -np.inf).max(axis=1)
+            best_unchecked = bounds[np.arange(len(pending)), order[:, n_checked]]
             pending = pending[best_checked < best_unchecked]
-            n_checked = min(4 * n_checked, n_patches)
+            n_checked = min(4 * n_checked, width)
 
     @available_if(_no_fit_predict)
     def fit_predict(self, X, y=None):  # pragma: no cover - never available
@@ -686,7 +707,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         _check_four_d(X)
         return self._score(X)[1]
 
-    def score_and_patch_scores(self, X, *, maps: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def score_and_patch_scores(self, X, *, maps: bool = True, groups=None) -> tuple[np.ndarray, np.ndarray]:
         """``score_samples`` and :meth:`patch_scores` from one nearest-neighbour search.
 
         What a tiled pipeline needs per tile: the image score (with
@@ -703,6 +724,14 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             and pynndescent's search (``algorithm="pynndescent"``, or
             "auto" choosing it) tracks fewer candidates, so the other patch
             scores may be larger than with ``maps=True``.
+        groups : array-like of shape (n_images,), default=None
+            The larger image that each of ``X``'s images belongs to, such as
+            a tiled pipeline's tiles: only the largest patch score of each
+            group is then made exact after an approximate search (one
+            certification per group instead of per image). The image that
+            holds it gets its exact score; the group's other images may get
+            lower ``score_samples`` (larger patch scores) than exact search
+            gives. None: each image is its own group.
 
         Returns
         -------
@@ -712,7 +741,12 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             Higher means more anomalous.
         """
         _check_four_d(X)
-        scores, grids = self._score(X, maps)
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (len(X),):
+                raise ValueError(f"groups must hold one label per image of X ({len(X)}), "
+                                 f"got an array of shape {groups.shape}.")
+        scores, grids = self._score(X, maps, groups)
         return -scores, grids
 
     def anomaly_maps(self, X, output_size) -> np.ndarray:
@@ -763,7 +797,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         size = _map_size(output_size)
         scores, maps = [], []
         for chunk in self._image_chunks(X, size[0] * size[1]):
-            chunk_scores, grids = self._score_rows(search, chunk)
+            chunk_scores, grids = self._score_rows(search, X[chunk])
             scores.append(-chunk_scores)
             maps.append(upsample_patch_scores(grids, size, self.map_sigma))
         return np.concatenate(scores), np.concatenate(maps)
@@ -785,6 +819,21 @@ def _check_four_d(X) -> None:
             "Patch scores and anomaly maps need image features of shape "
             f"(n_images, h, w, n_features); got an array with {np.ndim(X)} dimensions."
         )
+
+
+def _patches_by_group(groups: np.ndarray, n_patches: int) -> np.ndarray:
+    """Patch positions of each group of images, one row per group, -1 past a group's end.
+
+    Image ``i``'s patches are positions ``i * n_patches`` to
+    ``(i + 1) * n_patches - 1`` of the flattened features; groups are
+    numbered in order of their labels.
+    """
+    _, group, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    by_group = np.argsort(group, kind="stable")
+    slot = np.arange(len(groups)) - np.repeat(np.cumsum(counts) - counts, counts)
+    members = np.full((len(counts), counts.max(), n_patches), -1, dtype=np.int64)
+    members[group[by_group], slot] = by_group[:, None] * n_patches + np.arange(n_patches)
+    return members.reshape(len(counts), -1)
 
 
 def upsample_patch_scores(grids: np.ndarray, output_size, sigma: float = MAP_SIGMA) -> np.ndarray:

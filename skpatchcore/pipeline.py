@@ -623,7 +623,9 @@ def score_tiles(model: PatchCorePipeline, images: list, with_maps: bool, origina
         for tile_image, origins, features in first.iter_tiles(images, tile_chunk):
             for step in middle:
                 features = step.transform(features)
-            scores, grids = detector.score_and_patch_scores(features, maps=with_maps)
+            # Scores alone need each image's maximum exact, not each tile's; maps keep every tile's.
+            scores, grids = detector.score_and_patch_scores(features, maps=with_maps,
+                                                            groups=None if with_maps else tile_image)
             patch_max = grids.reshape(len(grids), -1).max(axis=1)
             for index in np.unique(tile_image):
                 mine = np.flatnonzero(tile_image == index)

@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import CoresetSampler, PatchCoreDetector
 from skpatchcore.coreset import PatchRows
-from skpatchcore.detector import SCORES_ONLY_NNDESCENT_CANDIDATES
+from skpatchcore.detector import GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES, SCORES_ONLY_NNDESCENT_CANDIDATES
 from skpatchcore.search import (
     MIN_NNDESCENT_CANDIDATES,
     BFloat16Shortlist,
@@ -337,12 +337,19 @@ def test_auto_rule(rng, monkeypatch):
         PatchCoreDetector().search_algorithm(1)
 
 
-@pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])
-def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
+def _patches_near_a_subspace(rng, n_test: int):
+    """Training and test patch features near an 8-dimensional subspace of 64; every third test image has
+    one outlying patch."""
     basis = rng.normal(size=(8, 64))
     train = (rng.normal(size=(30, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(30, 6, 6, 64))).astype(np.float32)
-    test = (rng.normal(size=(20, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(20, 6, 6, 64))).astype(np.float32)
+    test = (rng.normal(size=(n_test, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(n_test, 6, 6, 64))).astype(np.float32)
     test[::3, 2, 2] += 3.0
+    return train, test
+
+
+@pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])
+def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
+    train, test = _patches_near_a_subspace(rng, n_test=20)
     exact = PatchCoreDetector(algorithm="exact").fit(train)
     approximate = PatchCoreDetector(algorithm=algorithm, random_state=0).fit(train)
     np.testing.assert_allclose(approximate.score_samples(test), exact.score_samples(test), rtol=1e-5)
@@ -353,10 +360,7 @@ def test_approximate_search_keeps_image_scores_exact(algorithm, rng):
 @pytest.mark.parametrize("reweight", [False, True])
 @pytest.mark.parametrize("maps", [True, False])
 def test_patch_scores_for_maxima_only_keep_image_scores_exact(maps, reweight, rng):
-    basis = rng.normal(size=(8, 64))
-    train = (rng.normal(size=(30, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(30, 6, 6, 64))).astype(np.float32)
-    test = (rng.normal(size=(20, 6, 6, 8)) @ basis + 0.3 * rng.normal(size=(20, 6, 6, 64))).astype(np.float32)
-    test[::3, 2, 2] += 3.0
+    train, test = _patches_near_a_subspace(rng, n_test=20)
     exact_scores, exact_grids = PatchCoreDetector(algorithm="exact", reweight=reweight).fit(
         train).score_and_patch_scores(test)
     scores, grids = PatchCoreDetector(algorithm="pynndescent", reweight=reweight, random_state=0).fit(
@@ -364,6 +368,86 @@ def test_patch_scores_for_maxima_only_keep_image_scores_exact(maps, reweight, rn
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
     np.testing.assert_allclose(grids.max(axis=(1, 2)), exact_grids.max(axis=(1, 2)), rtol=1e-5)
     assert np.all(grids >= exact_grids * (1 - 1e-5))
+
+
+@pytest.mark.parametrize("algorithm", ["bf16", "pynndescent"])
+def test_grouped_images_get_their_group_maximum_exact(algorithm, rng):
+    # Tiles of one image: only the image's (group's) largest patch score needs exact search.
+    train, test = _patches_near_a_subspace(rng, n_test=12)
+    groups = np.array([7, 7, 7, 2, 2, 9, 0, 0, 0, 0, 2, 5])  # any labels, groups of 1 to 4, one split in two runs
+    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact").fit(train).score_and_patch_scores(test)
+    scores, grids = PatchCoreDetector(algorithm=algorithm, random_state=0).fit(train).score_and_patch_scores(
+        test, maps=False, groups=groups)
+    assert np.all(grids >= exact_grids * (1 - 1e-5))  # upper bounds everywhere
+    for label in np.unique(groups):
+        mine = np.flatnonzero(groups == label)
+        top = mine[np.argmax(grids[mine].max(axis=(1, 2)))]
+        np.testing.assert_allclose(grids[top].max(), exact_grids[mine].max(), rtol=1e-5)
+        np.testing.assert_allclose(scores[top], exact_scores[mine].min(), rtol=1e-5)
+
+
+def test_grouped_images_are_certified_once_per_group(rng, monkeypatch):
+    from skpatchcore.detector import EXACT_MAXIMA_PATCHES
+    from skpatchcore.search import BankSearch
+
+    searched = []
+    exact = BankSearch.exact_kneighbors
+
+    def spy(self, queries, *args, **kwargs):
+        searched.append(len(queries))
+        return exact(self, queries, *args, **kwargs)
+
+    monkeypatch.setattr(BankSearch, "exact_kneighbors", spy)
+    detector = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(
+        rng.normal(size=(30, 6, 6, 8)).astype(np.float32))
+    test = rng.normal(size=(8, 6, 6, 8)).astype(np.float32)
+    searched.clear()
+    detector.score_and_patch_scores(test, maps=False)
+    assert searched[0] == 8 * EXACT_MAXIMA_PATCHES  # every image's first patches
+    searched.clear()
+    detector.score_and_patch_scores(test, maps=False, groups=np.repeat([0, 1], 4))
+    assert searched[0] == 2 * EXACT_MAXIMA_PATCHES  # every group's
+
+
+def test_certification_searches_each_patch_once_and_stops_when_no_bound_can_win():
+    # One group of 12 patches with approximate scores 12, 11, ..., 1 (upper bounds) and exact scores 1,
+    # except patch 0 (exact 9.5): the first round's 2 patches cannot certify (9.5 < the bound 10 of
+    # patch 2); the second round's 8 highest include patch 0 again, which is not searched twice, and
+    # certify it (9.5 >= the bound 3 of patch 9, the highest left).
+    from skpatchcore.detector import _patches_by_group
+
+    exact_scores = np.ones(12, dtype=np.float32)
+    exact_scores[0] = 9.5
+    searched = []
+
+    class Search:
+        def exact_kneighbors(self, queries, n_neighbors, device):
+            positions = queries[:, 0].astype(int)
+            searched.append(positions.tolist())
+            return exact_scores[positions][:, None], positions[:, None]
+
+    rows = np.arange(12, dtype=np.float32)[:, None]
+    patch_scores = np.arange(12, 0, -1).astype(np.float32)
+    distances, indices = patch_scores[:, None].copy(), np.zeros((12, 1), dtype=np.int64)
+    PatchCoreDetector(device="cpu")._make_maxima_exact(Search(), rows, _patches_by_group(np.zeros(1), 12),
+                                                       patch_scores, distances, indices, "pynndescent")
+    assert searched == [[0, 1], [2, 3, 4, 5, 6, 7, 8]]
+    assert patch_scores.max() == 9.5 and np.argmax(patch_scores) == 0
+    np.testing.assert_array_equal(distances[:9, 0], exact_scores[:9])
+    np.testing.assert_array_equal(patch_scores[9:], [3, 2, 1])  # bounds left as they were
+
+
+def test_patches_by_group_lists_each_groups_patch_positions():
+    from skpatchcore.detector import _patches_by_group
+
+    members = _patches_by_group(np.array([4, 1, 4, 4]), n_patches=2)
+    np.testing.assert_array_equal(members, [[2, 3, -1, -1, -1, -1], [0, 1, 4, 5, 6, 7]])
+
+
+def test_groups_need_one_label_per_image(rng):
+    detector = PatchCoreDetector().fit(rng.normal(size=(4, 3, 3, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="groups must hold one label per image of X \\(2\\)"):
+        detector.score_and_patch_scores(rng.normal(size=(2, 3, 3, 8)).astype(np.float32), groups=[0, 0, 1])
 
 
 def test_scores_without_maps_search_fewer_candidates(rng, monkeypatch):
@@ -385,6 +469,9 @@ def test_scores_without_maps_search_fewer_candidates(rng, monkeypatch):
     tracked.clear()
     detector.score_samples(test)
     assert tracked[0] == SCORES_ONLY_NNDESCENT_CANDIDATES < MIN_NNDESCENT_CANDIDATES
+    tracked.clear()
+    detector.score_and_patch_scores(test, maps=False, groups=[0, 0, 1, 1])  # tiles sharing one certification
+    assert tracked[0] == GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES < SCORES_ONLY_NNDESCENT_CANDIDATES
     for call in (detector.patch_scores, detector.score_and_patch_scores,
                  lambda X: detector.score_samples(X.reshape(-1, 8))):
         tracked.clear()

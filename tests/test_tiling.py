@@ -118,11 +118,23 @@ def test_image_score_is_its_most_anomalous_patch_over_all_tiles(fitted, test_ima
 
 @pytest.mark.parametrize("reweight", [False, True])
 def test_tiled_scores_without_maps_equal_those_with_maps_and_exact_search(train, test_images, reweight):
-    # predict's scoring searches coarsely (fewer pynndescent candidates) since each tile's largest patch
-    # score is searched again exactly: the image scores must not change.
+    # predict's scoring searches coarsely (fewer pynndescent candidates) since each image's largest patch
+    # score over its tiles is searched again exactly: the image scores must not change.
+    from skpatchcore.detector import PatchCoreDetector
+
     approximate = tiled_model().set_params(detector__algorithm="pynndescent", detector__reweight=reweight).fit(train)
     exact = tiled_model().set_params(detector__algorithm="exact", detector__reweight=reweight).fit(train)
-    scores = approximate.score_samples(test_images)
+    certified = []  # groups certified per call: one per image, not one per tile
+    make_exact = PatchCoreDetector._make_maxima_exact
+
+    def spy(self, search, rows, members, *args):
+        certified.append(len(members))
+        return make_exact(self, search, rows, members, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PatchCoreDetector, "_make_maxima_exact", spy)
+        scores = approximate.score_samples(test_images)
+    assert certified == [len(test_images)]
     np.testing.assert_allclose(scores, approximate.score_and_maps(test_images)[0], rtol=1e-6)
     np.testing.assert_allclose(scores, exact.score_samples(test_images), rtol=1e-5)
 
