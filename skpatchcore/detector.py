@@ -39,10 +39,19 @@ ALGORITHMS = ("auto", "exact", "bf16", "pynndescent")
 AUTO_BF16_MIN_SPEEDUP = 1.5
 AUTO_NNDESCENT_BANK_ROWS = 50_000
 #: Patches per image (or group of tiles) searched exactly again after an
-#: approximate search, so that image scores equal exact search (grows x4 until
+#: approximate search, so that image scores equal exact search (grows x2 until
 #: certified): the approximate search nearly always ranks the true maximum
 #: among an image's first two, and each exact query scans the whole bank.
 EXACT_MAXIMA_PATCHES = 2
+#: Images' scores alone (no maps) search the patches on every this many rows
+#: and columns first; the others are bounded by the bank rows found for the
+#: searched patches around them (docs/algorithm.rst, "Image scores without maps").
+SPARSE_GRID_STEP = 2
+#: Feature values that a search of selected patches copies at once (16 MiB of float32).
+SELECTION_BLOCK_ENTRIES = 1 << 22
+#: Bytes per patch that the sparse search and the maxima's certification keep
+#: (positions, bounds, flags; see :func:`scoring_bytes_per_patch`).
+SCORING_BOOKKEEPING_BYTES = 64
 #: Candidates that pynndescent tracks for images' scores alone (no maps):
 #: each image's maximum is made exact afterwards, so a coarser search of the
 #: other patches suffices; maps, which show every patch's score, keep
@@ -504,11 +513,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
     def _image_chunks(self, X, map_pixels: int):
         """Slices of 4-D features' images, consecutive chunks that fit ``working_memory``.
 
-        The budget holds each chunk's search results (distances and indices
-        of every patch) and its ``map_pixels``-pixel anomaly maps.
+        The budget holds each chunk's search (:func:`scoring_bytes_per_patch`
+        for every patch) and its ``map_pixels``-pixel anomaly maps.
         """
         n_images, height, width = np.shape(X)[:3]
-        per_image = height * width * (12 * self.n_neighbors + 4) + 8 * map_pixels
+        per_image = height * width * scoring_bytes_per_patch(self.n_neighbors) + 8 * map_pixels
         step = images_per_chunk(per_image, max(1, n_images), self.working_memory)
         if n_images == 0:
             yield slice(0, 0)  # validation names the problem
@@ -519,23 +528,33 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
                     groups=None) -> tuple[np.ndarray, np.ndarray | None]:
         rows, image_index = validate_features(self, X, reset=False)
         algorithm = self._choose_algorithm(len(rows), search)
-        # Image scores are made exact below; rows' scores (2-D input) are the search's own.
-        n_candidates = None  # the search's default, for maps and rows' scores
-        if not maps and image_index is not None:
-            n_candidates = (SCORES_ONLY_NNDESCENT_CANDIDATES if groups is None
-                            else GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES)
-        distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm, n_candidates)
-        patch_scores = distances.mean(axis=1)
-        if image_index is None:
-            scores = patch_scores.astype(np.float64)
+        if image_index is None:  # rows' scores (2-D input) are the search's own
+            distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm)
+            scores = distances.mean(axis=1).astype(np.float64)
             if self.reweight:
                 scores *= self._reweight_factors(search, rows, indices[:, 0])
             return scores, None
+        # Images' largest patch scores are made exact below, so image scores alone search more coarsely;
+        # maps keep the search's default.
+        n_candidates = None
+        if not maps:
+            n_candidates = (SCORES_ONLY_NNDESCENT_CANDIDATES if groups is None
+                            else GROUPED_SCORES_ONLY_NNDESCENT_CANDIDATES)
         n_images, height, width = np.asarray(X).shape[:3]
-        if algorithm != "exact":
+        # On a GPU exact search stays one batched product over every patch; the sparse grid is for CPUs.
+        sparse = not maps and (algorithm != "exact" or resolve_device(self.device).type == "cpu")
+        if sparse or algorithm != "exact":
             members = _patches_by_group(np.arange(n_images) if groups is None else np.asarray(groups),
                                         height * width)
-            self._make_maxima_exact(search, rows, members, patch_scores, distances, indices, algorithm)
+            searched = np.zeros(len(rows), dtype=bool)  # searched exactly already
+        if sparse:
+            distances, indices = self._search_sparse_grid_first(search, rows, (n_images, height, width), members,
+                                                                searched, algorithm, n_candidates)
+        else:
+            distances, indices = self._kneighbors(search, rows, self.n_neighbors, algorithm, n_candidates)
+        patch_scores = distances.mean(axis=1)
+        if algorithm != "exact":
+            self._make_maxima_exact(search, rows, members, patch_scores, distances, indices, searched, algorithm)
         flat = patch_scores.reshape(n_images, height * width)
         top = np.argmax(flat, axis=1)
         scores = flat[np.arange(n_images), top].astype(np.float64)
@@ -544,34 +563,103 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             scores *= self._reweight_factors(search, rows[top_rows], indices[top_rows, 0])
         return scores, flat.reshape(n_images, height, width)
 
+    def _search_sparse_grid_first(self, search: BankSearch, rows: np.ndarray, grid_shape: tuple[int, int, int],
+                                  members: np.ndarray, searched: np.ndarray, algorithm: str,
+                                  n_candidates: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest rows of every patch, for image scores alone: most patches are only bounded.
+
+        The patches on every :data:`SPARSE_GRID_STEP`-th row and column are
+        searched first, and each group's largest score among them is made
+        exact: a lower bound of the group's maximum. Every other patch is
+        measured against the rows found for the (up to four) searched patches
+        around it, which bounds its score from above; a patch whose bound is
+        at most its group's lower bound cannot raise the maximum and is not
+        searched. The others are searched as usual. Neighbouring patches
+        mostly share their nearest rows, so few remain.
+
+        Returns the distances and indices of every patch (rows of
+        ``rows``): upper bounds as an approximate search gives them;
+        ``searched`` marks those made exact.
+        """
+        n_images, height, width = grid_shape
+        n_patches = height * width
+        anchors = _sparse_grid_anchors(height, width)
+        in_sparse_grid = anchors[:, 0] == np.arange(n_patches)
+        image_start = (np.arange(n_images) * n_patches)[:, None]
+        first = (image_start + np.flatnonzero(in_sparse_grid)).ravel()
+        rest = (image_start + np.flatnonzero(~in_sparse_grid)).ravel()
+        distances = np.empty((len(rows), self.n_neighbors), dtype=np.float32)
+        indices = np.empty((len(rows), self.n_neighbors), dtype=np.int64)
+        self._search_selection(search, rows, first, distances, indices, searched, algorithm, n_candidates)
+        first_scores = np.full(len(rows), -np.inf)
+        first_scores[first] = distances[first].mean(axis=1)
+        if algorithm != "exact":
+            self._make_maxima_exact(search, rows, members, first_scores, distances, indices, searched, algorithm)
+        group_lower = np.where(members >= 0, first_scores[members], -np.inf).max(axis=1)
+        patch_group = np.empty(len(rows), dtype=np.int64)
+        patch_group[members[members >= 0]] = np.nonzero(members >= 0)[0]
+        lower = group_lower[patch_group[rest]]
+        bound = np.full(len(rest), np.inf)
+        for anchor in anchors.T:  # the sparse patches around each patch
+            still_open = np.flatnonzero((bound > lower) & (anchor[rest % n_patches] >= 0))
+            for block in _selection_blocks(len(still_open), rows.shape[1]):
+                chosen = still_open[block]
+                patches = rest[chosen]
+                anchor_rows = indices[patches - patches % n_patches + anchor[patches % n_patches]]
+                anchor_distances, anchor_indices = search.distances_to_rows(rows[patches], anchor_rows)
+                closer = anchor_distances.mean(axis=1) < bound[chosen]
+                bound[chosen[closer]] = anchor_distances[closer].mean(axis=1)
+                distances[patches[closer]], indices[patches[closer]] = anchor_distances[closer], anchor_indices[closer]
+        self._search_selection(search, rows, rest[bound > lower], distances, indices, searched, algorithm,
+                               n_candidates)
+        return distances, indices
+
+    def _search_selection(self, search: BankSearch, rows: np.ndarray, selection: np.ndarray, distances: np.ndarray,
+                          indices: np.ndarray, searched: np.ndarray, algorithm: str,
+                          n_candidates: int | None) -> None:
+        """Search ``rows[selection]``, a block at a time, into ``distances`` and ``indices``.
+
+        ``searched`` flags the selection where the search is exact.
+        """
+        for block in _selection_blocks(len(selection), rows.shape[1]):
+            chosen = selection[block]
+            distances[chosen], indices[chosen] = self._kneighbors(search, rows[chosen], self.n_neighbors, algorithm,
+                                                                  n_candidates)
+        if algorithm == "exact":
+            searched[selection] = True
+
     def _make_maxima_exact(self, search: BankSearch, rows: np.ndarray, members: np.ndarray,
                            patch_scores: np.ndarray, distances: np.ndarray, indices: np.ndarray,
-                           algorithm: str) -> None:
+                           searched: np.ndarray, algorithm: str) -> None:
         """Give every group of patches exactly the largest patch score that exact search gives.
 
         An approximate search returns true distances to *some* bank rows, so
         each patch score is an upper bound of the exact one. Each group's
-        highest-scoring patches are searched again exactly; once the largest
-        exact value among them is at least the highest bound left unchecked,
-        no other patch of the group can beat it and its maximum is exact.
+        highest-scoring patches are searched again exactly, except those
+        whose bound cannot beat the group's largest exact score so far; once
+        that score is at least the highest bound left unchecked, no other
+        patch of the group can beat it and its maximum is exact.
         ``members`` (n_groups, width) holds each group's patch positions,
-        -1 past its end (see :func:`_patches_by_group`); ``patch_scores``,
-        ``distances`` and ``indices`` (one row per patch) are updated in
-        place. After the bfloat16 shortlist, the exact search is the
-        shortlist's own, pruned with its PCA lower bound (much cheaper than
-        brute force, see docs/archive/benchmarks-notebook.md).
+        -1 past its end (see :func:`_patches_by_group`); a patch scored
+        ``-inf`` is left out. ``patch_scores``, ``distances``, ``indices``
+        and ``searched`` (which patches are exact already; one row per
+        patch) are updated in place. After the bfloat16 shortlist, the exact
+        search is the shortlist's own, pruned with its PCA lower bound (much
+        cheaper than brute force, see docs/archive/benchmarks-notebook.md).
         """
         n_groups, width = members.shape
         pending = np.arange(n_groups)
         n_checked = min(EXACT_MAXIMA_PATCHES, width)
-        searched = np.zeros(len(patch_scores), dtype=bool)  # exact already: not searched again
+        # Each group's largest exact patch score so far.
+        exact_best = np.where((members >= 0) & searched[members], patch_scores[members], -np.inf).max(axis=1)
         while pending.size:
             mine = members[pending]
             bounds = np.where(mine >= 0, patch_scores[mine], -np.inf)
             order = np.argsort(-bounds, axis=1, kind="stable")
-            chosen = np.take_along_axis(mine, order[:, :n_checked], axis=1)
-            positions = chosen[chosen >= 0]
-            positions = positions[~searched[positions]]
+            top = order[:, :n_checked]
+            chosen = np.take_along_axis(mine, top, axis=1)
+            # Searched patches are never chosen again: their exact scores are at most exact_best.
+            positions = chosen[np.take_along_axis(bounds, top, axis=1) > exact_best[pending, None]]
             searched[positions] = True
             if algorithm == "bf16":
                 exact = search.shortlist().exact_kneighbors(rows[positions], self.n_neighbors,
@@ -583,9 +671,10 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             if n_checked == width:
                 break
             best_checked = np.where(chosen >= 0, patch_scores[chosen], -np.inf).max(axis=1)
+            exact_best[pending] = np.maximum(exact_best[pending], best_checked)
             best_unchecked = bounds[np.arange(len(pending)), order[:, n_checked]]
-            pending = pending[best_checked < best_unchecked]
-            n_checked = min(4 * n_checked, width)
+            pending = pending[exact_best[pending] < best_unchecked]
+            n_checked = min(2 * n_checked, width)
 
     @available_if(_no_fit_predict)
     def fit_predict(self, X, y=None):  # pragma: no cover - never available
@@ -721,9 +810,11 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             False when the grids serve only to find each image's largest
             patch score, as :meth:`score_samples` needs them: that maximum
             and the image scores are the same either way (exact search's),
-            and pynndescent's search (``algorithm="pynndescent"``, or
-            "auto" choosing it) tracks fewer candidates, so the other patch
-            scores may be larger than with ``maps=True``.
+            but on a CPU most patches are then bounded by their neighbours'
+            nearest rows instead of searched (docs/algorithm.rst, "Image
+            scores without maps"), and pynndescent's search tracks fewer
+            candidates, so the other patch scores may be larger than with
+            ``maps=True``.
         groups : array-like of shape (n_images,), default=None
             The larger image that each of ``X``'s images belongs to, such as
             a tiled pipeline's tiles: only the largest patch score of each
@@ -834,6 +925,46 @@ def _patches_by_group(groups: np.ndarray, n_patches: int) -> np.ndarray:
     members = np.full((len(counts), counts.max(), n_patches), -1, dtype=np.int64)
     members[group[by_group], slot] = by_group[:, None] * n_patches + np.arange(n_patches)
     return members.reshape(len(counts), -1)
+
+
+def scoring_bytes_per_patch(n_neighbors: int) -> int:
+    """Bytes that scoring holds per patch besides its features.
+
+    The search's distances and indices (12 bytes a neighbour), the patch
+    score, and the bookkeeping of the sparse search and of the maxima's
+    certification (positions, bounds and flags: :data:`SCORING_BOOKKEEPING_BYTES`).
+    """
+    return 12 * n_neighbors + 4 + SCORING_BOOKKEEPING_BYTES
+
+
+def _selection_blocks(n_selected: int, n_dims: int):
+    """Slices of a selection of rows, each copying at most :data:`SELECTION_BLOCK_ENTRIES` values."""
+    step = max(1, SELECTION_BLOCK_ENTRIES // n_dims)
+    return (slice(start, start + step) for start in range(0, n_selected, step))
+
+
+def _sparse_grid_anchors(height: int, width: int) -> np.ndarray:
+    """The sparse grid's patches around each patch of a ``height`` x ``width`` grid.
+
+    The sparse grid holds the patches on every :data:`SPARSE_GRID_STEP`-th
+    row and column, from the first. Returns an array of shape
+    ``(height * width, 4)``: the flat positions of the sparse patches at
+    the corners of the cell that holds each patch, -1 where a corner
+    repeats an earlier one. A sparse patch is its own first corner.
+    """
+    step = SPARSE_GRID_STEP
+    row, column = np.divmod(np.arange(height * width), width)
+    corners = []
+    for low, size in ((row, height), (column, width)):
+        start = low - low % step
+        end = np.where(low % step, np.minimum(start + step, (size - 1) - (size - 1) % step), start)
+        corners.append((start, end))
+    (top, bottom), (left, right) = corners
+    anchors = np.stack([top * width + left, bottom * width + left, top * width + right, bottom * width + right],
+                       axis=1)
+    for k in range(1, 4):
+        anchors[(anchors[:, :k] == anchors[:, k : k + 1]).any(axis=1), k] = -1
+    return anchors
 
 
 def upsample_patch_scores(grids: np.ndarray, output_size, sigma: float = MAP_SIGMA) -> np.ndarray:

@@ -20,7 +20,7 @@ from ._random_seeds import int_seeds
 from ._threads import torch_threads
 from ._union import SpilledUnion
 from .coreset import ALLOCATION_HEADROOM, ChunkCoreset, CoresetSampler
-from .detector import PatchCoreDetector
+from .detector import PatchCoreDetector, scoring_bytes_per_patch
 from .features import PatchFeatureTransformer
 from .io.images import as_image_list, image_size
 from .tiling import MapStitcher, number_by_image
@@ -322,7 +322,8 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         first, detector = self._features_and_detector()
         height, width, n_dims = first.feature_shape_
         map_height, map_width = first.input_size_
-        per_image = height * width * (4 * n_dims + 12 * detector.n_neighbors + 4) + 8 * map_height * map_width
+        per_patch = 4 * n_dims + scoring_bytes_per_patch(detector.n_neighbors)
+        per_image = height * width * per_patch + 8 * map_height * map_width
         return images_per_chunk(per_image, 1 << 62, self.working_memory)
 
     def _tiled_score_chunks(self, images: list) -> tuple[int, int]:
@@ -343,7 +344,7 @@ class PatchCorePipeline(DocLinkMixin, Pipeline):
         pixels = 3 * max((int(np.prod(layout.scaled_size)) for layout in layouts), default=1)
         left = budget - (map_chunk * 4 * largest + pixels) / 2**20
         height, width, n_dims = first.feature_shape_
-        per_tile = height * width * (4 * n_dims + 12 * detector.n_neighbors + 4)
+        per_tile = height * width * (4 * n_dims + scoring_bytes_per_patch(detector.n_neighbors))
         if left * 2**20 < per_tile:
             raise ValueError(
                 f"working_memory={budget:g} MiB cannot hold the map and pixels of the largest image "

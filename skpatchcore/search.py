@@ -398,6 +398,27 @@ class BankSearch:
         return brute_force_kneighbors(queries, tensor, n_neighbors, tensor.device, bank_squared=squared,
                                       groups=groups)
 
+    def distances_to_rows(self, queries: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's exact distances to its own given bank rows, ascending.
+
+        Parameters
+        ----------
+        queries : ndarray of shape (n_queries, n_dims)
+        positions : ndarray of shape (n_queries, n_rows)
+            Bank row indices, ``n_rows`` per query.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, n_rows), float32
+        positions : ndarray of shape (n_queries, n_rows), int64
+            ``positions`` reordered as ``distances``.
+        """
+        with torch.inference_mode():
+            distances, positions = _exact_distances(torch.as_tensor(np.asarray(queries, dtype=np.float32)),
+                                                    torch.from_numpy(self.bank),
+                                                    torch.as_tensor(np.asarray(positions, dtype=np.int64)))
+        return distances.numpy(), positions.numpy()
+
     def shortlist(self) -> BFloat16Shortlist:
         """The bank's :class:`BFloat16Shortlist`."""
         return self.structure("bf16", lambda: BFloat16Shortlist(self.bank))

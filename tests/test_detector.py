@@ -337,6 +337,21 @@ def test_auto_rule(rng, monkeypatch):
         PatchCoreDetector().search_algorithm(1)
 
 
+def _count_queries(monkeypatch, method: str) -> list:
+    """The number of queries of every call of ``BankSearch.<method>`` from now on, in a list."""
+    from skpatchcore.search import BankSearch
+
+    counts = []
+    search = getattr(BankSearch, method)
+
+    def spy(self, queries, *args, **kwargs):
+        counts.append(len(queries))
+        return search(self, queries, *args, **kwargs)
+
+    monkeypatch.setattr(BankSearch, method, spy)
+    return counts
+
+
 def _patches_near_a_subspace(rng, n_test: int):
     """Training and test patch features near an 8-dimensional subspace of 64; every third test image has
     one outlying patch."""
@@ -388,16 +403,8 @@ def test_grouped_images_get_their_group_maximum_exact(algorithm, rng):
 
 def test_grouped_images_are_certified_once_per_group(rng, monkeypatch):
     from skpatchcore.detector import EXACT_MAXIMA_PATCHES
-    from skpatchcore.search import BankSearch
 
-    searched = []
-    exact = BankSearch.exact_kneighbors
-
-    def spy(self, queries, *args, **kwargs):
-        searched.append(len(queries))
-        return exact(self, queries, *args, **kwargs)
-
-    monkeypatch.setattr(BankSearch, "exact_kneighbors", spy)
+    searched = _count_queries(monkeypatch, "exact_kneighbors")
     detector = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(
         rng.normal(size=(30, 6, 6, 8)).astype(np.float32))
     test = rng.normal(size=(8, 6, 6, 8)).astype(np.float32)
@@ -409,32 +416,112 @@ def test_grouped_images_are_certified_once_per_group(rng, monkeypatch):
     assert searched[0] == 2 * EXACT_MAXIMA_PATCHES  # every group's
 
 
-def test_certification_searches_each_patch_once_and_stops_when_no_bound_can_win():
+def test_certification_searches_only_patches_that_can_beat_the_best_exact_score():
     # One group of 12 patches with approximate scores 12, 11, ..., 1 (upper bounds) and exact scores 1,
-    # except patch 0 (exact 9.5): the first round's 2 patches cannot certify (9.5 < the bound 10 of
-    # patch 2); the second round's 8 highest include patch 0 again, which is not searched twice, and
-    # certify it (9.5 >= the bound 3 of patch 9, the highest left).
+    # except patch 0 (exact 9.5). Round 1 searches the 2 highest bounds (patches 0, 1) and cannot
+    # certify (9.5 < the bound 10 of patch 2); round 2 takes the 4 highest bounds (patches 2, 0, 3, 4)
+    # but searches only patch 2: patch 0 is exact already and 3, 4 (bounds 9, 8) cannot beat 9.5. The
+    # highest bound left is then 7, so 9.5 is certified.
     from skpatchcore.detector import _patches_by_group
 
     exact_scores = np.ones(12, dtype=np.float32)
     exact_scores[0] = 9.5
-    searched = []
+    searched_rounds = []
 
     class Search:
         def exact_kneighbors(self, queries, n_neighbors, device):
             positions = queries[:, 0].astype(int)
-            searched.append(positions.tolist())
+            searched_rounds.append(positions.tolist())
             return exact_scores[positions][:, None], positions[:, None]
 
-    rows = np.arange(12, dtype=np.float32)[:, None]
+    def certify(patch_scores, searched):
+        distances, indices = patch_scores[:, None].copy(), np.zeros((12, 1), dtype=np.int64)
+        searched_rounds.clear()
+        PatchCoreDetector(device="cpu")._make_maxima_exact(
+            Search(), np.arange(12, dtype=np.float32)[:, None], _patches_by_group(np.zeros(1), 12),
+            patch_scores, distances, indices, searched, "pynndescent")
+        return distances
+
     patch_scores = np.arange(12, 0, -1).astype(np.float32)
-    distances, indices = patch_scores[:, None].copy(), np.zeros((12, 1), dtype=np.int64)
-    PatchCoreDetector(device="cpu")._make_maxima_exact(Search(), rows, _patches_by_group(np.zeros(1), 12),
-                                                       patch_scores, distances, indices, "pynndescent")
-    assert searched == [[0, 1], [2, 3, 4, 5, 6, 7, 8]]
+    searched = np.zeros(12, dtype=bool)
+    distances = certify(patch_scores, searched)
+    assert searched_rounds == [[0, 1], [2]]
     assert patch_scores.max() == 9.5 and np.argmax(patch_scores) == 0
-    np.testing.assert_array_equal(distances[:9, 0], exact_scores[:9])
-    np.testing.assert_array_equal(patch_scores[9:], [3, 2, 1])  # bounds left as they were
+    np.testing.assert_array_equal(distances[:3, 0], exact_scores[:3])
+    np.testing.assert_array_equal(patch_scores[3:], np.arange(9, 0, -1))  # bounds left as they were
+    np.testing.assert_array_equal(np.flatnonzero(searched), [0, 1, 2])
+
+    # A patch that an earlier search made exact (flagged in `searched`) counts from the start, and is
+    # not searched again: patches 1, 2 (bounds 11, 10) are searched, then patch 0's 9.5 is certified.
+    patch_scores = np.array([9.5, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1], dtype=np.float32)
+    searched = np.zeros(12, dtype=bool)
+    searched[0] = True
+    certify(patch_scores, searched)
+    assert searched_rounds == [[1, 2]]
+    assert patch_scores.max() == 9.5
+
+
+@pytest.mark.parametrize("algorithm", ["exact", "bf16", "pynndescent"])
+@pytest.mark.parametrize("n_neighbors", [1, 3])
+@pytest.mark.parametrize("grid", [(5, 7), (6, 4), (1, 6), (6, 1), (2, 2), (1, 1)])
+def test_image_maxima_off_the_sparse_grid_are_exact(grid, n_neighbors, algorithm, rng):
+    # Scores without maps search every second row and column first (exact search too, on a CPU); an
+    # image's largest patch may lie off that grid (odd rows and columns, the last row and column of odd
+    # and even grids).
+    height, width = grid
+    basis = rng.normal(size=(8, 32))
+    train = (rng.normal(size=(40, height, width, 8)) @ basis + 0.3 * rng.normal(size=(40, height, width, 32)))
+    test = (rng.normal(size=(6, height, width, 8)) @ basis + 0.3 * rng.normal(size=(6, height, width, 32)))
+    test[0, height - 1, width - 1] += 3.0
+    test[1, height // 2 * 2 - 1 if height > 1 else 0, 1 if width > 1 else 0] += 3.0
+    train, test = train.astype(np.float32), test.astype(np.float32)
+    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact", n_neighbors=n_neighbors,
+                                                  device="cpu").fit(train).score_and_patch_scores(test)
+    for groups in (None, [0, 0, 1, 1, 1, 2]):
+        scores, grids = PatchCoreDetector(algorithm=algorithm, n_neighbors=n_neighbors, random_state=0,
+                                          device="cpu").fit(train).score_and_patch_scores(test, maps=False,
+                                                                                          groups=groups)
+        assert np.all(grids >= exact_grids * (1 - 1e-5))  # upper bounds everywhere
+        if groups is None and algorithm == "exact":  # the same distances, computed directly
+            np.testing.assert_array_equal(scores, exact_scores)
+        elif groups is None:
+            np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+        else:
+            for label in range(3):
+                mine = np.flatnonzero(np.asarray(groups) == label)
+                np.testing.assert_allclose(grids[mine].max(), exact_grids[mine].max(), rtol=1e-5)
+
+
+def test_scores_without_maps_search_the_sparse_grid_and_what_it_cannot_bound(rng, monkeypatch):
+    # Features constant over each 2 x 2 cell: a cell's top-left patch (on the sparse grid) bounds the
+    # cell's other patches by its own score, so only the sparse grid is searched, and the one patch
+    # off it that differs from its cell.
+    cells = rng.normal(size=(34, 4, 4, 16)).astype(np.float32)
+    features = np.repeat(np.repeat(cells, 2, axis=1), 2, axis=2)  # 8 x 8 grids
+    train, test = features[:30], features[30:].copy()
+    test[1, 3, 5] += 4.0
+    searched = _count_queries(monkeypatch, "nndescent_kneighbors")
+    detector = PatchCoreDetector(algorithm="pynndescent", random_state=0).fit(train)
+    searched.clear()
+    scores, grids = detector.score_and_patch_scores(test, maps=False)
+    assert searched == [4 * 16, 1]
+    exact_scores, exact_grids = PatchCoreDetector(algorithm="exact").fit(train).score_and_patch_scores(test)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    assert np.argmax(grids[1]) == 3 * 8 + 5
+
+
+def test_sparse_grid_anchors_are_the_searched_corners_around_each_patch():
+    from skpatchcore.detector import _sparse_grid_anchors
+
+    # A 3 x 3 grid: the sparse grid is positions 0, 2, 6, 8; the centre has all four as corners.
+    np.testing.assert_array_equal(_sparse_grid_anchors(3, 3), [
+        [0, -1, -1, -1], [0, -1, 2, -1], [2, -1, -1, -1],
+        [0, 6, -1, -1], [0, 6, 2, 8], [2, 8, -1, -1],
+        [6, -1, -1, -1], [6, -1, 8, -1], [8, -1, -1, -1]])
+    # The last row and column of an even grid have only the sparse patches before them.
+    anchors = _sparse_grid_anchors(4, 4)
+    np.testing.assert_array_equal(anchors[[5, 15, 12]], [[0, 8, 2, 10], [10, -1, -1, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(_sparse_grid_anchors(1, 1), [[0, -1, -1, -1]])
 
 
 def test_patches_by_group_lists_each_groups_patch_positions():

@@ -124,7 +124,7 @@ def test_tiled_scores_without_maps_equal_those_with_maps_and_exact_search(train,
 
     approximate = tiled_model().set_params(detector__algorithm="pynndescent", detector__reweight=reweight).fit(train)
     exact = tiled_model().set_params(detector__algorithm="exact", detector__reweight=reweight).fit(train)
-    certified = []  # groups certified per call: one per image, not one per tile
+    certified = []  # groups per certification (the sparse grid's, then all patches'): one per image, not per tile
     make_exact = PatchCoreDetector._make_maxima_exact
 
     def spy(self, search, rows, members, *args):
@@ -134,7 +134,7 @@ def test_tiled_scores_without_maps_equal_those_with_maps_and_exact_search(train,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PatchCoreDetector, "_make_maxima_exact", spy)
         scores = approximate.score_samples(test_images)
-    assert certified == [len(test_images)]
+    assert certified == [len(test_images)] * 2
     np.testing.assert_allclose(scores, approximate.score_and_maps(test_images)[0], rtol=1e-6)
     np.testing.assert_allclose(scores, exact.score_samples(test_images), rtol=1e-5)
 
