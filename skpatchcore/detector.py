@@ -600,15 +600,17 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
         patch_group[members[members >= 0]] = np.nonzero(members >= 0)[0]
         lower = group_lower[patch_group[rest]]
         bound = np.full(len(rest), np.inf)
+        rest_position = rest % n_patches  # within its image's grid
         for anchor in anchors.T:  # the sparse patches around each patch
-            still_open = np.flatnonzero((bound > lower) & (anchor[rest % n_patches] >= 0))
+            still_open = np.flatnonzero((bound > lower) & (anchor[rest_position] >= 0))
             for block in _selection_blocks(len(still_open), rows.shape[1]):
                 chosen = still_open[block]
                 patches = rest[chosen]
-                anchor_rows = indices[patches - patches % n_patches + anchor[patches % n_patches]]
+                anchor_rows = indices[patches - rest_position[chosen] + anchor[rest_position[chosen]]]
                 anchor_distances, anchor_indices = search.distances_to_rows(rows[patches], anchor_rows)
-                closer = anchor_distances.mean(axis=1) < bound[chosen]
-                bound[chosen[closer]] = anchor_distances[closer].mean(axis=1)
+                anchor_scores = anchor_distances.mean(axis=1)
+                closer = anchor_scores < bound[chosen]
+                bound[chosen[closer]] = anchor_scores[closer]
                 distances[patches[closer]], indices[patches[closer]] = anchor_distances[closer], anchor_indices[closer]
         self._search_selection(search, rows, rest[bound > lower], distances, indices, searched, algorithm,
                                n_candidates)
@@ -670,6 +672,7 @@ class PatchCoreDetector(DocLinkMixin, VersionedStateMixin, OutlierMixin, BaseEst
             patch_scores[positions] = exact[0].mean(axis=1)
             if n_checked == width:
                 break
+            # Chosen patches left unsearched have bounds at most exact_best, so this maximum stays exact.
             best_checked = np.where(chosen >= 0, patch_scores[chosen], -np.inf).max(axis=1)
             exact_best[pending] = np.maximum(exact_best[pending], best_checked)
             best_unchecked = bounds[np.arange(len(pending)), order[:, n_checked]]
