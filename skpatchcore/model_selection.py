@@ -207,10 +207,14 @@ def synthetic_defect_scorer(
         Defects of a physical size: side (a crack's length) in pixels of
         the images as given (see
         :func:`~skpatchcore.synthetic.add_synthetic_defects`); None sizes
-        them relative to each image. With the size of the defects that
-        matter, a search over ``features__tile_size`` (None among the
-        values) tells without labels whether cutting large images into
-        tiles helps, and at what size (``docs/large_images.rst``).
+        them relative to each image. Give the size of the defect itself
+        (the pixels that differ from a good part), not of a box drawn
+        around it: annotation boxes are often several times larger. With
+        the size of the defects that matter, a search over
+        ``features__tile_size`` (None among the values) and
+        ``features__layers`` tells without labels whether cutting large
+        images into tiles helps, at what size, and which layers see such
+        defects (``docs/large_images.rst``).
 
     Returns
     -------

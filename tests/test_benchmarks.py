@@ -74,3 +74,22 @@ def test_common_table_rows(capsys):
     print_header("a", "b")
     print_row("x", 0.12345, digits=2)
     assert capsys.readouterr().out.splitlines() == ["| a | b |", "|---|---|", "| x | 0.12 |"]
+
+
+def test_tiling_benchmark_image_auroc_by_defect_type(tmp_path, monkeypatch):
+    """Each defect type against the good images, from evaluate's scores.csv; unreadable rows are skipped."""
+    module = _import(BENCHMARKS / "tiling.py", monkeypatch)
+    scores = tmp_path / "scores.csv"
+    scores.write_text(
+        "path,defect_type,label,anomaly_score,decision,prediction,error,heatmap\n"
+        "g1,good,0,1.0,,,,\n"
+        "g2,good,0,3.0,,,,\n"
+        "c1,crack,1,2.0,,,,\n"
+        "c2,crack,1,4.0,,,,\n"
+        "u1,uneven,1,5.0,,,,\n"
+        "u2,uneven,1,,,,unreadable image,\n",
+        encoding="utf-8")
+    assert module._by_defect_type(scores) == {"crack": 0.75, "uneven": 1.0}
+    one_type = tmp_path / "one_type.csv"
+    one_type.write_text(scores.read_text(encoding="utf-8").replace("uneven", "crack"), encoding="utf-8")
+    assert module._by_defect_type(one_type) == {}, "a single defect type is the whole test set: nothing to split"
